@@ -1,0 +1,1 @@
+//! PartnerConnector custom resource types.

@@ -1,0 +1,625 @@
+//! The two files the gateway reads, as Rust types: fleet settings (rendered by Helm from the
+//! chart's values) and connectors (rendered by the operator from PartnerConnector resources).
+//!
+//! These types are the single definition shared with the operator, which serialises
+//! [`ConnectorsFile`] and relies on [`ConnectorsFile::validate`] to refuse anything the gateway
+//! would refuse. JSON Schemas are generated from them (`partnergate-gateway schema`).
+//!
+//! Both files are JSON. Paths inside the connectors file (trust bundles, client certificates)
+//! are relative to the fleet's `materialDir` (default: the connectors file's directory); the
+//! operator names them by content hash so a new connectors file never points at an old file.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use ipnet::IpNet;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Fleet-wide settings, the same for every gateway pod.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FleetSettings {
+    /// SMTP listener address.
+    #[serde(default = "defaults::listen")]
+    pub listen: SocketAddr,
+    /// Admin HTTP listener (/healthz, /readyz, /metrics, /status).
+    #[serde(default = "defaults::admin_listen")]
+    pub admin_listen: SocketAddr,
+    /// Name announced in the greeting, EHLO reply and Received: header.
+    pub hostname: String,
+    /// The gateway's own server certificate for STARTTLS (PEM files).
+    pub server_certificate: CertificateFiles,
+    /// Domains the organisation receives mail for. Inbound recipients outside these are
+    /// refused unless the sender is an internal sender relaying outbound.
+    #[serde(default)]
+    pub accepted_domains: Vec<String>,
+    /// Senders allowed to relay to partner (Outbound connector) domains.
+    #[serde(default)]
+    pub internal_senders: InternalSenders,
+    /// The organisation's mail server: next hop for accepted inbound mail.
+    pub upstream: NextHop,
+    /// What happens to mail no Inbound connector claims.
+    #[serde(default)]
+    pub default_inbound: DefaultInbound,
+    /// Where PEM files named in the connectors file live; default: the connectors file's
+    /// directory.
+    #[serde(default)]
+    pub material_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub limits: Limits,
+    #[serde(default)]
+    pub timeouts: Timeouts,
+    /// Peers allowed to send a PROXY protocol v2 header; empty = PROXY protocol off.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// How often Outbound connectors' next hops are probed (seconds, jittered ±10 %); 0 = off.
+    #[serde(default = "defaults::validation_interval_secs")]
+    pub validation_interval_secs: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateFiles {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InternalSenders {
+    /// Client IP ranges of the organisation's own mail servers.
+    #[serde(default)]
+    pub ip_ranges: Vec<IpNet>,
+    /// Verified client-certificate names (RFC 6125 patterns) of internal senders.
+    #[serde(default)]
+    pub certificate_names: Vec<String>,
+    /// CA bundle that internal senders' client certificates must chain to; default: public
+    /// web PKI roots.
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+}
+
+/// A next hop with its TLS requirement (used for `upstream`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NextHop {
+    /// Host name or IP address.
+    pub host: String,
+    #[serde(default = "defaults::smtp_port")]
+    pub port: u16,
+    #[serde(default)]
+    pub tls: TlsLevel,
+    /// Name the certificate must match under DomainValidation; default: `host`.
+    #[serde(default)]
+    pub tls_domain: Option<String>,
+    /// CA bundle for CertificateValidation/DomainValidation; default: public web PKI roots.
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+    /// Client certificate presented to the next hop.
+    #[serde(default)]
+    pub client_certificate: Option<CertificateFiles>,
+}
+
+/// TLS strictness towards a next hop. A required level that is not met is never downgraded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum TlsLevel {
+    /// Plaintext only (upstream on a trusted network, tests).
+    None,
+    /// STARTTLS if offered, no verification.
+    Opportunistic,
+    /// STARTTLS required, no verification.
+    EncryptionOnly,
+    /// STARTTLS required, chain verified against the trust bundle or public roots.
+    CertificateValidation,
+    /// Chain verified and name matches `tlsDomain` (or the host).
+    #[default]
+    DomainValidation,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum DefaultInbound {
+    /// Mail no connector claims is accepted (subject to accepted domains).
+    #[default]
+    Accept,
+    /// Mail no connector claims gets `550 5.7.1`.
+    Reject,
+}
+
+/// Limits, all in one place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Limits {
+    /// Largest message in octets (advertised as SIZE).
+    pub max_message_size: u64,
+    /// Recipients per transaction.
+    pub max_recipients: usize,
+    /// Concurrent connections in total.
+    pub max_connections: usize,
+    /// Concurrent connections from one client IP.
+    pub max_connections_per_ip: usize,
+    /// Longest command line in octets including CRLF (RFC 5321 says 512).
+    pub max_command_line: usize,
+    /// Longest DATA text line in octets including CRLF (RFC 5321 says 1000).
+    pub max_text_line: usize,
+    /// Commands refused in one session before it is closed.
+    pub max_errors: usize,
+}
+
+/// Timeouts in seconds, all in one place.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Waiting for the next command.
+    pub command_secs: u64,
+    /// Waiting for the next chunk of DATA.
+    pub data_secs: u64,
+    /// TLS handshake after STARTTLS.
+    pub tls_handshake_secs: u64,
+    /// Connecting to and each reply from the next hop.
+    pub next_hop_secs: u64,
+    /// The next hop's reply to the final "." of DATA (RFC 5321 suggests 10 minutes).
+    pub next_hop_data_end_secs: u64,
+    /// After SIGTERM, how long sessions may finish before `421 4.3.2`.
+    pub shutdown_grace_secs: u64,
+}
+
+mod defaults {
+    use std::net::SocketAddr;
+
+    pub fn listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 2525))
+    }
+    pub fn admin_listen() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 8080))
+    }
+    pub fn smtp_port() -> u16 {
+        25
+    }
+    pub fn validation_interval_secs() -> u64 {
+        600
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_size: 25 * 1024 * 1024,
+            max_recipients: 100,
+            max_connections: 1000,
+            max_connections_per_ip: 20,
+            max_command_line: 512,
+            max_text_line: 1000,
+            max_errors: 10,
+        }
+    }
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            command_secs: 300,
+            data_secs: 180,
+            tls_handshake_secs: 30,
+            next_hop_secs: 60,
+            next_hop_data_end_secs: 600,
+            shutdown_grace_secs: 30,
+        }
+    }
+}
+
+/// The resolved connector set, rendered by the operator.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectorsFile {
+    #[serde(default)]
+    pub inbound: Vec<InboundConnector>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundConnector>,
+}
+
+/// Which fact identifies the partner an Inbound connector is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum IdentifyBy {
+    #[default]
+    SenderDomain,
+    #[serde(rename = "SenderIP")]
+    SenderIp,
+    Certificate,
+}
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize, JsonSchema,
+)]
+pub enum MinTlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InboundConnector {
+    /// `namespace/name` of the PartnerConnector.
+    pub name: String,
+    /// metadata.generation of the PartnerConnector this was rendered from.
+    #[serde(default)]
+    pub generation: i64,
+    /// Partner domains (envelope sender); `*.x` wildcards, `*` = any.
+    pub domains: Vec<String>,
+    #[serde(default)]
+    pub identify_by: IdentifyBy,
+    #[serde(default)]
+    pub sender_ip_ranges: Vec<IpNet>,
+    #[serde(default = "default_true")]
+    pub require_tls: bool,
+    #[serde(default)]
+    pub min_tls_version: MinTlsVersion,
+    #[serde(default)]
+    pub certificate: Option<CertificateRule>,
+    #[serde(default)]
+    pub restrict_to_ip_ranges: bool,
+    #[serde(default)]
+    pub restrict_to_certificate: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CertificateRule {
+    /// RFC 6125 name (or `*.` pattern) the client certificate must carry.
+    pub subject_name: String,
+    /// CA bundle file (relative to materialDir); default: public web PKI roots.
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundConnector {
+    pub name: String,
+    #[serde(default)]
+    pub generation: i64,
+    /// Recipient domains routed through this connector.
+    pub domains: Vec<String>,
+    /// `host:port` or `[ip]:port`, tried in order.
+    #[serde(default)]
+    pub smart_hosts: Vec<String>,
+    #[serde(default)]
+    pub use_mx: bool,
+    #[serde(default)]
+    pub tls: TlsLevel,
+    #[serde(default)]
+    pub tls_domain: Option<String>,
+    #[serde(default)]
+    pub trust_bundle_file: Option<PathBuf>,
+    #[serde(default)]
+    pub client_certificate: Option<CertificateFiles>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+/// One problem in a config file, with the JSON path of the field it is about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for FieldError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.path, self.message)
+    }
+}
+
+/// Checks a domain pattern: `*`, `*.example.com` or `example.com` (LDH labels, no trailing
+/// dot). Written by hand because the patterns are ours, not a DNS name type any crate models.
+pub fn validate_domain_pattern(pattern: &str) -> Result<(), String> {
+    if pattern == "*" {
+        return Ok(());
+    }
+    let name = pattern.strip_prefix("*.").unwrap_or(pattern);
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("{pattern:?} is not a domain name"));
+    }
+    for label in name.split('.') {
+        let ok = !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        if !ok {
+            return Err(format!(
+                "{pattern:?} is not a domain pattern (expected example.com, *.example.com or *)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn check_domains(errors: &mut Vec<FieldError>, path: &str, domains: &[String]) {
+    if domains.is_empty() {
+        errors.push(FieldError {
+            path: path.to_string(),
+            message: "must list at least one domain".into(),
+        });
+    }
+    for (i, d) in domains.iter().enumerate() {
+        if let Err(message) = validate_domain_pattern(d) {
+            errors.push(FieldError {
+                path: format!("{path}[{i}]"),
+                message,
+            });
+        }
+    }
+}
+
+/// Checks a smart host: `host`, `host:port`, `[ip]` or `[ip]:port`.
+pub fn parse_smart_host(s: &str) -> Result<(String, u16), String> {
+    let bad = || format!("{s:?} is not host:port or [ip]:port");
+    let (host, port) = if let Some(rest) = s.strip_prefix('[') {
+        let (ip, after) = rest.split_once(']').ok_or_else(bad)?;
+        ip.parse::<std::net::IpAddr>().map_err(|_| bad())?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse::<u16>().map_err(|_| bad())?,
+            None if after.is_empty() => 25,
+            None => return Err(bad()),
+        };
+        (ip.to_string(), port)
+    } else {
+        let (host, port) = match s.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse::<u16>().map_err(|_| bad())?),
+            None => (s, 25),
+        };
+        validate_domain_pattern(host).map_err(|_| bad())?;
+        if host.starts_with('*') {
+            return Err(bad());
+        }
+        (host.to_string(), port)
+    };
+    if port == 0 {
+        return Err(bad());
+    }
+    Ok((host, port))
+}
+
+impl FleetSettings {
+    /// Every problem found, each with its field path. Does not read files.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        if self.hostname.trim().is_empty() {
+            errors.push(FieldError {
+                path: "hostname".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        for (i, d) in self.accepted_domains.iter().enumerate() {
+            if let Err(message) = validate_domain_pattern(d) {
+                errors.push(FieldError {
+                    path: format!("acceptedDomains[{i}]"),
+                    message,
+                });
+            }
+        }
+        if self.upstream.host.trim().is_empty() {
+            errors.push(FieldError {
+                path: "upstream.host".into(),
+                message: "must not be empty".into(),
+            });
+        }
+        if self.upstream.tls_domain.is_some() && self.upstream.tls != TlsLevel::DomainValidation {
+            errors.push(FieldError {
+                path: "upstream.tlsDomain".into(),
+                message: "is only used with tls: DomainValidation".into(),
+            });
+        }
+        let l = &self.limits;
+        for (name, value, min) in [
+            ("limits.maxCommandLine", l.max_command_line, 512),
+            ("limits.maxTextLine", l.max_text_line, 1000),
+            ("limits.maxRecipients", l.max_recipients, 1),
+            ("limits.maxConnections", l.max_connections, 1),
+            ("limits.maxConnectionsPerIp", l.max_connections_per_ip, 1),
+        ] {
+            if value < min {
+                errors.push(FieldError {
+                    path: name.into(),
+                    message: format!("must be at least {min}"),
+                });
+            }
+        }
+        if l.max_message_size == 0 {
+            errors.push(FieldError {
+                path: "limits.maxMessageSize".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        let t = &self.timeouts;
+        for (name, value) in [
+            ("timeouts.commandSecs", t.command_secs),
+            ("timeouts.dataSecs", t.data_secs),
+            ("timeouts.tlsHandshakeSecs", t.tls_handshake_secs),
+            ("timeouts.nextHopSecs", t.next_hop_secs),
+            ("timeouts.nextHopDataEndSecs", t.next_hop_data_end_secs),
+        ] {
+            if value == 0 {
+                errors.push(FieldError {
+                    path: name.into(),
+                    message: "must be at least 1".into(),
+                });
+            }
+        }
+        errors
+    }
+
+    /// The directory connector PEM paths are relative to.
+    pub fn material_dir_for(&self, connectors_file: &Path) -> PathBuf {
+        match &self.material_dir {
+            Some(dir) => dir.clone(),
+            None => connectors_file
+                .parent()
+                .map(Path::to_path_buf)
+                .unwrap_or_else(|| PathBuf::from(".")),
+        }
+    }
+}
+
+impl ConnectorsFile {
+    /// Every problem found, each with its field path. Does not read files.
+    pub fn validate(&self) -> Vec<FieldError> {
+        let mut errors = Vec::new();
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.inbound.iter().enumerate() {
+            let p = format!("inbound[{i}]");
+            if !names.insert(("in", c.name.as_str())) {
+                errors.push(FieldError {
+                    path: format!("{p}.name"),
+                    message: format!("duplicate connector name {:?}", c.name),
+                });
+            }
+            check_domains(&mut errors, &format!("{p}.domains"), &c.domains);
+            let needs_ranges = c.identify_by == IdentifyBy::SenderIp || c.restrict_to_ip_ranges;
+            if needs_ranges && c.sender_ip_ranges.is_empty() {
+                errors.push(FieldError {
+                    path: format!("{p}.senderIPRanges"),
+                    message: "required when identifyBy is SenderIP or restrictToIPRanges is set"
+                        .into(),
+                });
+            }
+            let needs_cert = c.identify_by == IdentifyBy::Certificate || c.restrict_to_certificate;
+            match &c.certificate {
+                None if needs_cert => errors.push(FieldError {
+                    path: format!("{p}.certificate.subjectName"),
+                    message:
+                        "required when identifyBy is Certificate or restrictToCertificate is set"
+                            .into(),
+                }),
+                Some(cert) => {
+                    if let Err(message) = validate_domain_pattern(&cert.subject_name) {
+                        errors.push(FieldError {
+                            path: format!("{p}.certificate.subjectName"),
+                            message,
+                        });
+                    }
+                }
+                None => {}
+            }
+        }
+        for (i, c) in self.outbound.iter().enumerate() {
+            let p = format!("outbound[{i}]");
+            if !names.insert(("out", c.name.as_str())) {
+                errors.push(FieldError {
+                    path: format!("{p}.name"),
+                    message: format!("duplicate connector name {:?}", c.name),
+                });
+            }
+            check_domains(&mut errors, &format!("{p}.domains"), &c.domains);
+            if c.smart_hosts.is_empty() && !c.use_mx {
+                errors.push(FieldError {
+                    path: format!("{p}.smartHosts"),
+                    message: "list at least one smart host or set useMX".into(),
+                });
+            }
+            for (j, h) in c.smart_hosts.iter().enumerate() {
+                if let Err(message) = parse_smart_host(h) {
+                    errors.push(FieldError {
+                        path: format!("{p}.smartHosts[{j}]"),
+                        message,
+                    });
+                }
+            }
+            if c.tls_domain.is_some() && c.tls != TlsLevel::DomainValidation {
+                errors.push(FieldError {
+                    path: format!("{p}.tlsDomain"),
+                    message: "is only used with tls: DomainValidation".into(),
+                });
+            }
+        }
+        errors
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn domain_patterns() {
+        for ok in [
+            "*",
+            "example.com",
+            "*.example.com",
+            "a-b.example",
+            "xn--bcher-kva.example",
+        ] {
+            assert!(validate_domain_pattern(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "*.",
+            "a..b",
+            "-a.com",
+            "a_b.com",
+            "ex ample.com",
+            "**.a",
+            "a.*.com",
+        ] {
+            assert!(validate_domain_pattern(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn smart_hosts() {
+        assert_eq!(
+            parse_smart_host("smtp.example.com:2525").unwrap(),
+            ("smtp.example.com".into(), 2525)
+        );
+        assert_eq!(
+            parse_smart_host("smtp.example.com").unwrap(),
+            ("smtp.example.com".into(), 25)
+        );
+        assert_eq!(
+            parse_smart_host("[192.0.2.10]:2525").unwrap(),
+            ("192.0.2.10".into(), 2525)
+        );
+        assert_eq!(
+            parse_smart_host("[2001:db8::1]").unwrap(),
+            ("2001:db8::1".into(), 25)
+        );
+        for bad in [
+            "[nope]:25",
+            "host:0",
+            "host:x",
+            "*.example.com:25",
+            "[::1]x",
+        ] {
+            assert!(parse_smart_host(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn connector_errors_name_fields() {
+        let file: ConnectorsFile = serde_json::from_str(
+            r#"{"inbound":[{"name":"mail/contoso","domains":["bad domain"],"identifyBy":"SenderIP"}],
+                "outbound":[{"name":"mail/fabrikam","domains":["fabrikam.com"],"tls":"Opportunistic","tlsDomain":"x.com"}]}"#,
+        )
+        .unwrap();
+        let paths: Vec<String> = file.validate().into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "inbound[0].domains[0]",
+                "inbound[0].senderIPRanges",
+                "outbound[0].smartHosts",
+                "outbound[0].tlsDomain"
+            ]
+        );
+    }
+}

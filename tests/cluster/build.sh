@@ -1,0 +1,225 @@
+#!/usr/bin/env bash
+# Build (once) and cache the test control plane binaries from published Go modules:
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm.
+# Versions come from versions.env. Binaries are cached outside the repo under
+#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{k8s,etcd,helm}-<version>/bin/
+# and a directory of symlinks to all of them is kept at
+#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/bin/k8s-<v>_etcd-<v>_helm-<v>/
+#
+# Usage:
+#   tests/cluster/build.sh                  build what is missing, print each binary's path
+#   tests/cluster/build.sh --print-bin-dir  same (progress on stderr), then print only the
+#                                           symlink directory on stdout, e.g.
+#                                             BIN=$(tests/cluster/build.sh --print-bin-dir)
+#   tests/cluster/build.sh --check          exit 0 if everything is cached, 1 otherwise (no build)
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=versions.env
+. "$HERE/versions.env"
+
+mode=build
+case "${1:-}" in
+  "") ;;
+  --print-bin-dir) mode=print ;;
+  --check) mode=check ;;
+  -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+  *) echo "build.sh: unknown argument: $1" >&2; exit 2 ;;
+esac
+
+CACHE=${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}
+K8S_DIR=$CACHE/k8s-$K8S_VERSION
+ETCD_DIR=$CACHE/etcd-$ETCD_VERSION
+HELM_DIR=$CACHE/helm-$HELM_VERSION
+BIN_DIR=$CACHE/bin/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+
+# name -> cached path
+declare -A BIN_PATH=([etcd]=$ETCD_DIR/bin/etcd [helm]=$HELM_DIR/bin/helm)
+for b in "${K8S_BINS[@]}"; do BIN_PATH[$b]=$K8S_DIR/bin/$b; done
+ALL_BINS=(etcd "${K8S_BINS[@]}" helm)
+
+all_cached() {
+  local b
+  for b in "${ALL_BINS[@]}"; do [ -x "${BIN_PATH[$b]}" ] || return 1; done
+  for b in "${ALL_BINS[@]}"; do [ "$(readlink "$BIN_DIR/$b" 2>/dev/null)" = "${BIN_PATH[$b]}" ] || return 1; done
+}
+
+if [ "$mode" = check ]; then all_cached; exit; fi
+if [ "$mode" = print ]; then
+  if all_cached; then echo "$BIN_DIR"; exit 0; fi
+  exec 3>&1 1>&2   # progress to stderr, the directory alone to stdout
+fi
+
+# ---- build environment -------------------------------------------------------------------------
+if [ -n "${GO_TOOLCHAIN:-}" ]; then export GOTOOLCHAIN=$GO_TOOLCHAIN; fi
+export CGO_ENABLED=0
+export GOFLAGS="-trimpath -buildvcs=false"
+command -v go >/dev/null || { echo "build.sh: 'go' not found in PATH" >&2; exit 1; }
+GO=(nice -n 10 go)   # a 2-core box shared with Rust builds
+
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build.lock"
+if ! flock -n 9; then
+  echo "build.sh: another build holds $CACHE/.build.lock; waiting ..."
+  flock 9
+fi
+
+TOTAL_START=$SECONDS
+fmt_secs() { printf '%ds' "$1"; }
+
+# build_one NAME VERSION DEST CMD...: skip if DEST is cached, else run CMD (in a subshell with
+# errexit), which must write the binary to "$TMP_OUT"; then move it into place atomically.
+build_one() {
+  local name=$1 version=$2 dest=$3; shift 3
+  if [ -x "$dest" ]; then echo "cached: $name $version -> $dest"; return 0; fi
+  mkdir -p "$(dirname "$dest")"
+  rm -f "$dest".tmp.*   # leftovers of an interrupted build (we hold the lock)
+  TMP_OUT=$(mktemp "$dest.tmp.XXXXXX")
+  local start=$SECONDS rc took log
+  log=$(dirname "$(dirname "$dest")")/build-$name.log
+  printf 'building %s %s ... ' "$name" "$version"
+  set +e
+  ( set -e; "$@" ) >"$log" 2>&1
+  rc=$?
+  set -e
+  took=$((SECONDS - start))
+  if [ "$rc" -ne 0 ] || [ ! -s "$TMP_OUT" ]; then
+    echo "FAILED after $(fmt_secs "$took") (exit $rc)"
+    echo "---- last 40 lines of $log ----"
+    tail -n 40 "$log"
+    rm -f "$TMP_OUT"
+    exit 1
+  fi
+  chmod 0755 "$TMP_OUT"
+  mv -f "$TMP_OUT" "$dest"
+  echo "done in $(fmt_secs "$took")"
+  echo "$(date -u +%FT%TZ) $name $version ${took}s nproc=$(nproc)" >>"$(dirname "$(dirname "$dest")")/build-times.txt"
+}
+
+# ---- etcd --------------------------------------------------------------------------------------
+etcd_prepare() {
+  local src=$ETCD_DIR/src
+  mkdir -p "$src"
+  if [ ! -f "$src/.ready" ]; then
+    cat >"$src/go.mod" <<EOF
+module partnergate.local/etcd-build
+
+go 1.26.0
+
+require go.etcd.io/etcd/server/v3 $ETCD_VERSION
+EOF
+    cat >"$src/tools.go" <<'EOF'
+//go:build tools
+
+package tools
+
+import _ "go.etcd.io/etcd/server/v3"
+EOF
+    rm -f "$src/go.sum"
+    (cd "$src" && "${GO[@]}" mod tidy)
+    touch "$src/.ready"
+  fi
+}
+etcd_build() {
+  etcd_prepare
+  cd "$ETCD_DIR/src"
+  "${GO[@]}" build -ldflags '-s -w' -o "$TMP_OUT" go.etcd.io/etcd/server/v3
+}
+
+# ---- kubernetes --------------------------------------------------------------------------------
+k8s_prepare() {
+  local src=$K8S_DIR/src
+  mkdir -p "$src"
+  [ -f "$src/.ready" ] && return 0
+  local json gomod
+  json=$("${GO[@]}" mod download -json "k8s.io/kubernetes@$K8S_VERSION")
+  gomod=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [ -f "$gomod" ] || { echo "cannot find go.mod of k8s.io/kubernetes@$K8S_VERSION"; return 1; }
+  # Staging modules: replaced with ./staging/src/... in k8s.io/kubernetes' go.mod AND required by it.
+  local replaced required staging
+  replaced=$(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]*=>[[:space:]]*\./staging/.*#\1#p' "$gomod" | sort -u)
+  required=$(sed -n 's#^[[:space:]]*\(k8s\.io/[^[:space:]]*\)[[:space:]]\{1,\}v0\.0\.0\([[:space:]].*\)\{0,1\}$#\1#p' "$gomod" | sort -u)
+  staging=$(comm -12 <(printf '%s\n' "$replaced") <(printf '%s\n' "$required"))
+  [ -n "$staging" ] || { echo "found no staging modules in $gomod"; return 1; }
+  {
+    echo "module partnergate.local/k8s-build"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "godebug default=go1.26"
+    echo
+    echo "require k8s.io/kubernetes $K8S_VERSION"
+    echo
+    echo "replace ("
+    local m
+    for m in $staging; do echo "	$m => $m $K8S_STAGING_VERSION"; done
+    echo ")"
+  } >"$src/go.mod"
+  {
+    echo "//go:build tools"
+    echo
+    echo "package tools"
+    echo
+    echo "import ("
+    local b
+    for b in "${K8S_BINS[@]}"; do echo "	_ \"k8s.io/kubernetes/cmd/$b\""; done
+    echo ")"
+  } >"$src/tools.go"
+  rm -f "$src/go.sum"
+  echo "staging modules replaced with $K8S_STAGING_VERSION: $(echo $staging)"
+  (cd "$src" && "${GO[@]}" mod tidy)
+  touch "$src/.ready"
+}
+k8s_ldflags() {
+  local v=${K8S_VERSION#v} major minor date info pkg flags="-s -w"
+  major=${v%%.*}; minor=${v#*.}; minor=${minor%%.*}
+  # buildDate: the publication time of the module version (reproducible), from its .info.
+  info=$(go env GOMODCACHE)/cache/download/k8s.io/kubernetes/@v/$K8S_VERSION.info
+  date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info" 2>/dev/null)
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
+    flags+=" -X $pkg.gitTreeState=clean"
+    [ -n "$date" ] && flags+=" -X $pkg.buildDate=$date"
+  done
+  echo "$flags"
+}
+k8s_build() {
+  local name=$1
+  k8s_prepare
+  cd "$K8S_DIR/src"
+  "${GO[@]}" build -ldflags "$(k8s_ldflags)" -o "$TMP_OUT" "k8s.io/kubernetes/cmd/$name"
+}
+
+# ---- helm --------------------------------------------------------------------------------------
+helm_build() {
+  local tmpbin gomod cg kmaj kmin flags
+  gomod=$("${GO[@]}" mod download -json "helm.sh/helm/v3@$HELM_VERSION" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  cg=$(sed -n 's#^[[:space:]]*k8s\.io/client-go v0\.\([0-9]*\)\..*#\1#p' "$gomod" | head -n1)
+  flags="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION -X helm.sh/helm/v3/internal/version.gitTreeState=clean"
+  if [ -n "$cg" ]; then   # as helm's Makefile: default Kubernetes version for capabilities/lint
+    kmaj=1; kmin=$cg
+    flags+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=$kmaj -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$kmin"
+    flags+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=$kmaj -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$kmin"
+  fi
+  tmpbin=$(mktemp -d "$HELM_DIR/gobin.XXXXXX")
+  GOBIN=$tmpbin "${GO[@]}" install -ldflags "$flags" "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+  mv -f "$tmpbin/helm" "$TMP_OUT"
+  rmdir "$tmpbin"
+}
+
+# ---- main --------------------------------------------------------------------------------------
+echo "partnergate test control plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION (cache: $CACHE)"
+build_one etcd "$ETCD_VERSION" "${BIN_PATH[etcd]}" etcd_build
+for b in "${K8S_BINS[@]}"; do
+  build_one "$b" "$K8S_VERSION" "${BIN_PATH[$b]}" k8s_build "$b"
+done
+build_one helm "$HELM_VERSION" "${BIN_PATH[helm]}" helm_build
+
+mkdir -p "$BIN_DIR"
+for b in "${ALL_BINS[@]}"; do ln -sfn "${BIN_PATH[$b]}" "$BIN_DIR/$b"; done
+
+echo "all binaries ready in $(fmt_secs $((SECONDS - TOTAL_START))):"
+for b in "${ALL_BINS[@]}"; do printf '  %-24s %s\n' "$b" "${BIN_PATH[$b]}"; done
+echo "bin dir (symlinks): $BIN_DIR"
+if [ "$mode" = print ]; then echo "$BIN_DIR" >&3; fi

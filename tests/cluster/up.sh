@@ -1,0 +1,263 @@
+#!/usr/bin/env bash
+# Start a real Kubernetes control plane on loopback only:
+#   etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
+# Binaries from build.sh (built on first use, cached after). Admin kubeconfig: $STATE/kubeconfig.
+# If the cluster is already up and healthy, says so and exits 0; leftovers of a dead cluster in
+# $STATE are stopped and wiped first. Knobs (env): see common.sh and README.md.
+set -euo pipefail
+. "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
+
+for tool in openssl curl base64; do
+  command -v "$tool" >/dev/null || { echo "up.sh: '$tool' is required" >&2; exit 1; }
+done
+
+if [ -n "${PARTNERGATE_BIN_DIR:-}" ]; then
+  BIN=$PARTNERGATE_BIN_DIR
+else
+  BIN=$("$PG_CLUSTER_DIR/build.sh" --print-bin-dir)
+fi
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+  [ -x "$BIN/$b" ] || { echo "up.sh: $BIN/$b missing (run tests/cluster/build.sh)" >&2; exit 1; }
+done
+
+PKI=$STATE/pki
+LOGS=$STATE/logs
+RUN=$STATE/run
+KUBECONFIG_ADMIN=$STATE/kubeconfig
+API_URL=https://127.0.0.1:$APISERVER_PORT
+
+api_readyz() {  # prints the body; exit status from curl
+  curl -sS --max-time 5 --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" \
+    "$API_URL/readyz" 2>&1
+}
+
+# ---- already up? -------------------------------------------------------------------------------
+if [ -f "$STATE/$STATE_MARKER" ]; then
+  alive=0
+  for c in "${COMPONENTS[@]}"; do [ -n "$(pg_pid "$c")" ] && alive=$((alive + 1)); done
+  if [ "$alive" -eq "${#COMPONENTS[@]}" ] && [ "$(api_readyz)" = ok ]; then
+    pg_log "cluster already up and healthy: $API_URL (KUBECONFIG=$KUBECONFIG_ADMIN)"
+    exit 0
+  fi
+  pg_log "found a stale/partial cluster in $STATE ($alive of ${#COMPONENTS[@]} components alive): stopping and wiping it"
+  pg_stop_all
+  rm -rf "$STATE"
+elif [ -e "$STATE" ] && [ -n "$(ls -A "$STATE" 2>/dev/null)" ]; then
+  echo "up.sh: $STATE exists, is not empty and is not a partnergate cluster state dir; refusing to use it" >&2
+  exit 1
+fi
+
+# ---- ports free? -------------------------------------------------------------------------------
+for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
+  if ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then
+    echo "up.sh: port $p is already in use (set PARTNERGATE_*_PORT to move this cluster)" >&2
+    ss -Hltnp "sport = :$p" >&2 || true
+    exit 1
+  fi
+done
+
+mkdir -p "$PKI" "$LOGS" "$RUN" "$STATE/etcd"
+chmod 0700 "$STATE/etcd"
+touch "$STATE/$STATE_MARKER"
+cat >"$STATE/cluster.env" <<EOF
+# written by tests/cluster/up.sh
+K8S_VERSION=$K8S_VERSION
+ETCD_VERSION=$ETCD_VERSION
+BIN_DIR=$BIN
+KUBECONFIG=$KUBECONFIG_ADMIN
+API_URL=$API_URL
+ETCD_PORT=$ETCD_PORT
+ETCD_PEER_PORT=$ETCD_PEER_PORT
+APISERVER_PORT=$APISERVER_PORT
+KCM_PORT=$KCM_PORT
+SCHEDULER_PORT=$SCHEDULER_PORT
+SERVICE_CIDR=$SERVICE_CIDR
+SERVICE_ACCOUNT_ISSUER=https://kubernetes.default.svc.cluster.local
+EOF
+
+# ---- PKI (openssl) -----------------------------------------------------------------------------
+pg_log "generating CA, certificates and service-account keys in $PKI"
+(
+  cd "$PKI"
+  umask 077
+  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null
+  openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=partnergate-test-ca" \
+    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+    -out ca.crt 2>/dev/null
+
+  # leaf NAME SUBJECT EXTKEYUSAGE [SAN]
+  leaf() {
+    local name=$1 subj=$2 eku=$3 san=${4:-}
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$name.key" 2>/dev/null
+    openssl req -new -key "$name.key" -subj "$subj" -out "$name.csr" 2>/dev/null
+    {
+      echo "basicConstraints=critical,CA:FALSE"
+      echo "keyUsage=critical,digitalSignature,keyEncipherment"
+      echo "extendedKeyUsage=$eku"
+      echo "authorityKeyIdentifier=keyid"
+      echo "subjectKeyIdentifier=hash"
+      [ -n "$san" ] && echo "subjectAltName=$san"
+    } >"$name.ext"
+    openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -CAserial ca.srl \
+      -days 3650 -sha256 -extfile "$name.ext" -out "$name.crt" 2>/dev/null
+    rm -f "$name.csr" "$name.ext"
+  }
+  leaf apiserver "/CN=kube-apiserver" serverAuth \
+    "IP:127.0.0.1,IP:10.96.0.1,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  leaf apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" clientAuth
+  leaf admin "/O=system:masters/CN=partnergate-admin" clientAuth
+  leaf kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
+  leaf kube-scheduler "/CN=system:kube-scheduler" clientAuth
+  leaf kcm-serving "/CN=kube-controller-manager" serverAuth "IP:127.0.0.1,DNS:localhost"
+  leaf scheduler-serving "/CN=kube-scheduler" serverAuth "IP:127.0.0.1,DNS:localhost"
+
+  # Service-account token signing key pair (RS256).
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
+  openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
+  chmod 0644 ./*.crt sa.pub
+)
+
+b64() { base64 -w0 <"$1"; }
+write_kubeconfig() {  # FILE USER CERT KEY
+  local f=$1 user=$2 crt=$3 key=$4
+  umask 077
+  cat >"$f" <<EOF
+apiVersion: v1
+kind: Config
+clusters:
+- name: partnergate
+  cluster:
+    server: $API_URL
+    certificate-authority-data: $(b64 "$PKI/ca.crt")
+users:
+- name: $user
+  user:
+    client-certificate-data: $(b64 "$crt")
+    client-key-data: $(b64 "$key")
+contexts:
+- name: $user@partnergate
+  context:
+    cluster: partnergate
+    user: $user
+    namespace: default
+current-context: $user@partnergate
+EOF
+  umask 022
+}
+write_kubeconfig "$KUBECONFIG_ADMIN" partnergate-admin "$PKI/admin.crt" "$PKI/admin.key"
+write_kubeconfig "$STATE/kube-controller-manager.kubeconfig" system:kube-controller-manager \
+  "$PKI/kube-controller-manager.crt" "$PKI/kube-controller-manager.key"
+write_kubeconfig "$STATE/kube-scheduler.kubeconfig" system:kube-scheduler \
+  "$PKI/kube-scheduler.crt" "$PKI/kube-scheduler.key"
+
+# ---- start / wait helpers ----------------------------------------------------------------------
+start() {  # NAME ARGS... : start $BIN/NAME in its own session, log to $LOGS/NAME.log, pid to $RUN
+  local name=$1; shift
+  setsid "$BIN/$name" "$@" >"$LOGS/$name.log" 2>&1 </dev/null &
+  echo $! >"$RUN/$name.pid"
+  pg_log "started $name (pid $!, log $LOGS/$name.log)"
+}
+
+fail() {  # NAME MESSAGE
+  echo "up.sh: $1: $2" >&2
+  echo "---- last 40 lines of $LOGS/$1.log ----" >&2
+  tail -n 40 "$LOGS/$1.log" >&2 || true
+  echo "---- (state kept in $STATE for inspection; tests/cluster/down.sh removes it) ----" >&2
+  exit 1
+}
+
+wait_for() {  # NAME CHECK-COMMAND... : poll CHECK until it succeeds, the process dies, or timeout
+  local name=$1; shift
+  local deadline=$((SECONDS + UP_TIMEOUT)) start=$SECONDS
+  until "$@" >/dev/null 2>&1; do
+    [ -n "$(pg_pid "$name")" ] || fail "$name" "process exited during startup"
+    [ $SECONDS -lt $deadline ] || fail "$name" "not healthy after ${UP_TIMEOUT}s (check: $*)"
+    sleep 0.5
+  done
+  pg_log "$name is healthy ($((SECONDS - start))s)"
+}
+
+# ---- etcd --------------------------------------------------------------------------------------
+start etcd \
+  --name=partnergate \
+  --data-dir="$STATE/etcd" \
+  --listen-client-urls="http://127.0.0.1:$ETCD_PORT" \
+  --advertise-client-urls="http://127.0.0.1:$ETCD_PORT" \
+  --listen-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-advertise-peer-urls="http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster="partnergate=http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster-state=new \
+  --unsafe-no-fsync=true \
+  --log-level=warn
+etcd_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | grep -q '"health":"true"'; }
+wait_for etcd etcd_healthy
+
+# ---- kube-apiserver ----------------------------------------------------------------------------
+SA_ISSUER=https://kubernetes.default.svc.cluster.local
+start kube-apiserver \
+  --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
+  --bind-address=127.0.0.1 \
+  --advertise-address=127.0.0.1 \
+  --secure-port="$APISERVER_PORT" \
+  --tls-cert-file="$PKI/apiserver.crt" \
+  --tls-private-key-file="$PKI/apiserver.key" \
+  --client-ca-file="$PKI/ca.crt" \
+  --kubelet-client-certificate="$PKI/apiserver-kubelet-client.crt" \
+  --kubelet-client-key="$PKI/apiserver-kubelet-client.key" \
+  --kubelet-certificate-authority="$PKI/ca.crt" \
+  --authorization-mode=Node,RBAC \
+  --enable-admission-plugins=NodeRestriction \
+  --allow-privileged=true \
+  --service-cluster-ip-range="$SERVICE_CIDR" \
+  --service-account-issuer="$SA_ISSUER" \
+  --service-account-key-file="$PKI/sa.pub" \
+  --service-account-signing-key-file="$PKI/sa.key" \
+  --api-audiences="$SA_ISSUER" \
+  --endpoint-reconciler-type=none \
+  --profiling=false
+api_ready() { [ "$(api_readyz)" = ok ]; }
+wait_for kube-apiserver api_ready
+
+# ---- kube-controller-manager -------------------------------------------------------------------
+start kube-controller-manager \
+  --kubeconfig="$STATE/kube-controller-manager.kubeconfig" \
+  --authentication-kubeconfig="$STATE/kube-controller-manager.kubeconfig" \
+  --authorization-kubeconfig="$STATE/kube-controller-manager.kubeconfig" \
+  --bind-address=127.0.0.1 \
+  --secure-port="$KCM_PORT" \
+  --tls-cert-file="$PKI/kcm-serving.crt" \
+  --tls-private-key-file="$PKI/kcm-serving.key" \
+  --client-ca-file="$PKI/ca.crt" \
+  --leader-elect=false \
+  --use-service-account-credentials=true \
+  --root-ca-file="$PKI/ca.crt" \
+  --service-account-private-key-file="$PKI/sa.key" \
+  --service-cluster-ip-range="$SERVICE_CIDR" \
+  --controllers=deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-token-controller,serviceaccount-controller,endpoints-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,job-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,pod-garbage-collector-controller,service-cidr-controller \
+  --profiling=false
+kcm_healthy() { curl -fsS --max-time 2 --cacert "$PKI/ca.crt" "https://127.0.0.1:$KCM_PORT/healthz" | grep -qx ok; }
+wait_for kube-controller-manager kcm_healthy
+
+# ---- kube-scheduler ----------------------------------------------------------------------------
+start kube-scheduler \
+  --kubeconfig="$STATE/kube-scheduler.kubeconfig" \
+  --authentication-kubeconfig="$STATE/kube-scheduler.kubeconfig" \
+  --authorization-kubeconfig="$STATE/kube-scheduler.kubeconfig" \
+  --bind-address=127.0.0.1 \
+  --secure-port="$SCHEDULER_PORT" \
+  --tls-cert-file="$PKI/scheduler-serving.crt" \
+  --tls-private-key-file="$PKI/scheduler-serving.key" \
+  --client-ca-file="$PKI/ca.crt" \
+  --leader-elect=false \
+  --profiling=false
+sched_healthy() { curl -fsS --max-time 2 --cacert "$PKI/ca.crt" "https://127.0.0.1:$SCHEDULER_PORT/healthz" | grep -qx ok; }
+wait_for kube-scheduler sched_healthy
+
+# ---- ready for clients -------------------------------------------------------------------------
+# Pods need the namespace's "default" ServiceAccount (created by the controller-manager).
+sa_ready() { "$BIN/kubectl" --kubeconfig="$KUBECONFIG_ADMIN" -n default get serviceaccount default; }
+wait_for kube-controller-manager sa_ready
+
+pg_log "cluster up: $API_URL"
+echo "export KUBECONFIG=$KUBECONFIG_ADMIN"
+echo "export PATH=$BIN:\$PATH"
