@@ -24,3 +24,35 @@ unit: build
 
 clean:
 	$(CARGO) clean
+
+# --- image & chart ---
+# `make image`: static release binaries -> OCI image archive target/image/partnergate.tar
+# (no Docker, no registry; tests/image/build-oci.py). `make chart-test`: lint, render and assert
+# the Helm chart (needs helm from tests/cluster/build.sh). `make chart-crds`: copy the generated
+# CRD into the chart (tests/chart/test.sh fails when the copy drifts).
+IMAGE_TARGET ?= x86_64-unknown-linux-gnu
+IMAGE_BINS := target/$(IMAGE_TARGET)/release
+IMAGE_ARCHIVE := target/image/partnergate.tar
+
+.PHONY: image image-bins image-test image-selftest chart-crds chart-test
+
+image-bins:
+	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --locked \
+	  --target $(IMAGE_TARGET) -p partnergate-gateway -p partnergate-operator
+
+image: image-bins
+	python3 tests/image/build-oci.py --gateway $(IMAGE_BINS)/partnergate-gateway \
+	  --operator $(IMAGE_BINS)/partnergate-operator --out $(IMAGE_ARCHIVE)
+
+image-test: image
+	tests/image/test.sh $(IMAGE_ARCHIVE)
+
+## image-selftest: the archive builder and validator on tiny stand-in binaries (seconds)
+image-selftest:
+	tests/image/test.sh --selftest
+
+chart-crds:
+	cp crds/partnerconnector.yaml charts/partnergate/files/crds/partnerconnector.yaml
+
+chart-test:
+	tests/chart/test.sh

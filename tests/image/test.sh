@@ -60,6 +60,23 @@ out=$(python3 "$HERE/validate-oci.py" "$ARCHIVE" "$ROOTFS")
 echo "${out%$'\n'*}"
 entry=$(printf '%s\n' "$out" | tail -n1 | python3 -c 'import json,sys; print(json.load(sys.stdin)[0])')
 
+# Independent readers, when installed (Debian: apt-get install umoci skopeo).
+if command -v skopeo >/dev/null; then
+  skopeo inspect --config oci-archive:"$ARCHIVE" | python3 -c '
+import json, sys
+c = json.load(sys.stdin)["config"]
+assert c["User"].split(":")[0] == "65532" and c["Entrypoint"], c'
+  echo "skopeo: reads the archive (config User and Entrypoint as expected)"
+fi
+if command -v umoci >/dev/null; then
+  mkdir "$WORK/layout"
+  tar -xf "$ARCHIVE" -C "$WORK/layout"
+  tag=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$WORK/layout/index.json")
+  umoci unpack --image "$WORK/layout:$tag" "$WORK/bundle" >/dev/null
+  cmp -s "$WORK/bundle/rootfs$entry" "$ROOTFS$entry" || { echo "FAIL: umoci unpacked a different $entry"; exit 1; }
+  echo "umoci: unpacks the layout to the same rootfs"
+fi
+
 # run CMD... inside the image's rootfs.
 if [ "$(id -u)" = 0 ] && command -v chroot >/dev/null; then
   run() { chroot --userspec=65532:65532 "$ROOTFS" "$@"; }
