@@ -1,0 +1,171 @@
+# Shared bring-up for the end-to-end suite (tests/e2e/run.sh) and `make demo`
+# (tests/e2e/demo.sh). Sourced, not executed. Everything runs on loopback:
+#   - a real control plane (tests/cluster: etcd, kube-apiserver, controller-manager, scheduler)
+#   - the process kubelet (tests/kubelet) running the chart's pods as local processes on
+#     127.0.10.0/24 pod IPs
+#   - the chart installed with helm, the real operator and gateways
+#   - Postfix's smtp-sink as the organisation's mail server (127.0.0.1:$E2E_SINK_PORT)
+# Certificates are generated here with openssl; Secrets are written exactly the way
+# cert-manager writes them (type kubernetes.io/tls, tls.crt/tls.key/ca.crt, annotations).
+
+E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$E2E_DIR/../.." && pwd)
+E2E_WORK=${E2E_WORK:-/tmp/partnergate-e2e}
+E2E_SINK_PORT=${E2E_SINK_PORT:-2626}
+E2E_PARTNER_PORT=${E2E_PARTNER_PORT:-2627}
+export PARTNERGATE_CLUSTER_STATE=${PARTNERGATE_CLUSTER_STATE:-/tmp/partnergate-cluster}
+export KUBECONFIG=$PARTNERGATE_CLUSTER_STATE/kubeconfig
+NS=partnergate
+
+e2e_log() { printf '\033[1m[%s] %s\033[0m\n' "$(date +%T)" "$*"; }
+e2e_fail() { printf '\033[31mFAIL: %s\033[0m\n' "$*" >&2; e2e_dump; exit 1; }
+
+e2e_dump() {
+  [ -n "${E2E_NO_DUMP:-}" ] && return 0
+  echo "---- pods ----" >&2
+  kubectl get pods -A -o wide >&2 2>/dev/null || true
+  kubectl get pc -A >&2 2>/dev/null || true
+  for f in "$E2E_WORK"/kubelet.log "$PARTNERGATE_CLUSTER_STATE"/kubelet/pods/*/*.log; do
+    [ -f "$f" ] || continue
+    echo "---- tail $f ----" >&2
+    tail -n 25 "$f" >&2
+  done
+}
+
+# Tools: kubectl and helm from the cached Go builds, our binaries from cargo.
+e2e_tools() {
+  local bin
+  bin=$("$REPO/tests/cluster/build.sh" --print-bin-dir)
+  export PATH="$bin:$PATH"
+  e2e_log "building partnergate binaries (cargo build)"
+  (cd "$REPO" && cargo build --workspace --bins -q)
+  BIN_DIR=$REPO/target/debug
+}
+
+# Certificates for the whole suite, made once per run.
+e2e_certs() {
+  local d=$E2E_WORK/pki
+  mkdir -p "$d"
+  _ca() { # name cn
+    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
+      -subj "/CN=$2" -keyout "$d/$1.key" -out "$d/$1.crt" \
+      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
+  }
+  _leaf() { # name ca san cn days
+    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$4" \
+      -keyout "$d/$1.key" -out "$d/$1.csr" 2>/dev/null
+    openssl x509 -req -in "$d/$1.csr" -CA "$d/$2.crt" -CAkey "$d/$2.key" -CAcreateserial \
+      -days "${5:-30}" -out "$d/$1.crt" \
+      -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3") 2>/dev/null
+  }
+  _ca org-ca "partnergate e2e org CA"
+  _ca contoso-ca "Contoso partner CA"
+  _ca fabrikam-ca "Fabrikam partner CA"
+  _leaf gateway org-ca "DNS:mx.org.test,DNS:partnergate-gateway.$NS.svc" mx.org.test
+  _leaf gateway-rotated org-ca "DNS:mx.org.test,DNS:partnergate-gateway.$NS.svc" mx2.org.test
+  _leaf contoso-mail contoso-ca "DNS:mail.contoso.test" mail.contoso.test
+  _leaf contoso-wrong contoso-ca "DNS:mail.evil.test" mail.evil.test
+  _leaf fabrikam-smtp fabrikam-ca "DNS:smtp.fabrikam.test" smtp.fabrikam.test
+  _leaf org-client org-ca "DNS:relay.org.test" relay.org.test
+}
+
+# A kubernetes.io/tls Secret exactly as cert-manager writes it.
+e2e_tls_secret() { # namespace name certname
+  local d=$E2E_WORK/pki
+  kubectl -n "$1" create secret tls "$2" --cert="$d/$3.crt" --key="$d/$3.key" \
+    --dry-run=client -o json |
+    python3 -c '
+import json, sys, base64
+s = json.load(sys.stdin)
+s["data"]["ca.crt"] = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
+s["metadata"]["annotations"] = {
+    "cert-manager.io/certificate-name": sys.argv[2],
+    "cert-manager.io/issuer-name": "e2e-ca", "cert-manager.io/issuer-kind": "Issuer",
+    "cert-manager.io/issuer-group": "cert-manager.io",
+    "cert-manager.io/common-name": sys.argv[3], "cert-manager.io/alt-names": sys.argv[3]}
+print(json.dumps(s))' "$d/org-ca.crt" "$2" "$3" | kubectl apply -f - >/dev/null
+}
+
+# The organisation's mail server: Postfix's smtp-sink dumping each message to a file.
+e2e_sink() {
+  mkdir -p "$E2E_WORK/sink"
+  pkill -f "smtp-sink.*:$E2E_SINK_PORT" 2>/dev/null || true
+  (cd "$E2E_WORK/sink" && exec smtp-sink -u root -R "$E2E_WORK/sink" -d "mail." \
+    "127.0.0.1:$E2E_SINK_PORT" 100 >"$E2E_WORK/sink.log" 2>&1) &
+  echo $! >"$E2E_WORK/sink.pid"
+}
+e2e_sink_count() { find "$E2E_WORK/sink" -name 'mail.*' -type f 2>/dev/null | wc -l; }
+e2e_sink_grep() { grep -rl -- "$1" "$E2E_WORK/sink" 2>/dev/null | head -n1; }
+
+e2e_kubelet() {
+  pkill -f "process-kubelet.*$PARTNERGATE_CLUSTER_STATE" 2>/dev/null || true
+  "$BIN_DIR/process-kubelet" --kubeconfig "$KUBECONFIG" --node-name local-node \
+    --state-dir "$PARTNERGATE_CLUSTER_STATE/kubelet" --bin-dir "$BIN_DIR" \
+    >"$E2E_WORK/kubelet.log" 2>&1 &
+  echo $! >"$E2E_WORK/kubelet.pid"
+  local i
+  for i in $(seq 60); do
+    kubectl get node local-node >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  e2e_fail "process kubelet did not register its node (see $E2E_WORK/kubelet.log)"
+}
+
+e2e_install_chart() {
+  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl create namespace mail --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  e2e_tls_secret "$NS" partnergate-gateway-tls gateway
+  helm upgrade --install partnergate "$REPO/charts/partnergate" -n "$NS" \
+    -f "$E2E_DIR/values-e2e.yaml" --wait --timeout 180s >/dev/null ||
+    e2e_fail "helm install"
+}
+
+# Everything up, from scratch.
+e2e_up() {
+  rm -rf "$E2E_WORK"
+  mkdir -p "$E2E_WORK"
+  e2e_tools
+  e2e_log "starting the local control plane"
+  "$REPO/tests/cluster/up.sh" >"$E2E_WORK/cluster-up.log" 2>&1 || {
+    cat "$E2E_WORK/cluster-up.log" >&2
+    e2e_fail "tests/cluster/up.sh"
+  }
+  e2e_certs
+  e2e_sink
+  e2e_log "starting the process kubelet"
+  e2e_kubelet
+  e2e_log "helm install charts/partnergate"
+  e2e_install_chart
+  kubectl -n mail create secret generic contoso-ca --from-file=ca.crt="$E2E_WORK/pki/contoso-ca.crt" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl -n mail create configmap fabrikam-ca --from-file=ca.crt="$E2E_WORK/pki/fabrikam-ca.crt" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  e2e_tls_secret mail partnergate-client-tls org-client
+}
+
+e2e_down() {
+  helm uninstall partnergate -n "$NS" >/dev/null 2>&1 || true
+  for p in kubelet sink; do
+    [ -f "$E2E_WORK/$p.pid" ] && kill "$(cat "$E2E_WORK/$p.pid")" 2>/dev/null || true
+  done
+  "$REPO/tests/cluster/down.sh" >/dev/null 2>&1 || true
+}
+
+# Pod IPs of the ready gateway pods.
+e2e_gateway_ips() {
+  kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway \
+    -o jsonpath='{range .items[?(@.status.podIP)]}{.status.podIP}{"\n"}{end}'
+}
+
+# swaks against a gateway pod; prints the last server reply line ("250 2.0.0 ...").
+# usage: e2e_swaks <gateway-ip or ip:port> <source-ip> <from> <to> [swaks args...]
+e2e_swaks() {
+  local gw=$1 src=$2 from=$3 to=$4
+  shift 4
+  local out
+  [[ $gw == *:* ]] || gw=$gw:2525
+  out=$(swaks --server "$gw" --local-interface "$src" --from "$from" --to "$to" \
+    --header "Subject: partnergate e2e" --body "hello from $from" --timeout 30 "$@" 2>&1)
+  printf '%s\n' "$out" >>"$E2E_WORK/swaks.log"
+  printf '%s\n' "$out" | grep -E '^<[-~*]+ +[0-9]{3} ' | tail -n1 | sed -E 's/^<[-~*]+ +//'
+}

@@ -1,0 +1,186 @@
+#!/usr/bin/env bash
+# End-to-end suite on the local control plane: the real chart, operator and gateways (as pods
+# run by the process kubelet), real Postfix partners, swaks and openssl. See tests/e2e/env.sh.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=env.sh
+. "$HERE/env.sh"
+# shellcheck source=postfix.sh
+. "$HERE/postfix.sh"
+
+passed=0
+pass() { passed=$((passed + 1)); printf '\033[32mok\033[0m %s\n' "$*"; }
+expect_reply() { # got want what
+  [[ "$1" == "$2"* ]] || e2e_fail "$3: expected '$2...', got '${1:-<no reply>}'"
+  pass "$3 -> $1"
+}
+cleanup() {
+  local rc=$?
+  e2e_postfix_down contoso
+  e2e_postfix_down fabrikam
+  [ -n "${E2E_KEEP:-}" ] || e2e_down
+  exit $rc
+}
+trap cleanup EXIT
+
+wait_for() { # seconds description command...
+  local t=$1 what=$2 i
+  shift 2
+  for i in $(seq $((t * 2))); do
+    "$@" >/dev/null 2>&1 && return 0
+    sleep 0.5
+  done
+  e2e_fail "timed out after ${t}s waiting for: $what"
+}
+
+status_lists() { # gateway-ip connector
+  curl -fsS "http://$1:8080/status" | grep -q "\"$2\""
+}
+
+e2e_up
+PKI=$E2E_WORK/pki
+wait_for 120 "2 ready gateway pods" \
+  bash -c "[ \$(kubectl -n $NS get pods -l app.kubernetes.io/component=gateway -o jsonpath='{.items[*].status.conditions[?(@.type==\"Ready\")].status}' | tr ' ' '\n' | grep -c True) -ge 2 ]"
+mapfile -t GW < <(e2e_gateway_ips)
+[ ${#GW[@]} -ge 2 ] || e2e_fail "expected 2 gateway pod IPs, got: ${GW[*]:-none}"
+for ip in "${GW[@]}"; do
+  [[ $ip == 127.* ]] || e2e_fail "gateway pod IP $ip is outside 127.0.0.0/8"
+done
+pass "chart installed: gateways at ${GW[*]}"
+
+# --- apply-time validation (CEL) ---
+if out=$(kubectl apply -f - 2>&1 <<'YAML'
+apiVersion: partnergate.io/v1alpha1
+kind: PartnerConnector
+metadata: {name: broken, namespace: mail}
+spec:
+  direction: Inbound
+  domains: ["contoso.test"]
+  inbound: {identifyBy: SenderIP}
+YAML
+); then
+  e2e_fail "a SenderIP connector without senderIPRanges was accepted"
+fi
+grep -q senderIPRanges <<<"$out" || e2e_fail "CEL rejection does not name the field: $out"
+pass "kubectl apply refuses identifyBy: SenderIP without senderIPRanges ($(tail -n1 <<<"$out" | cut -c1-120))"
+
+# --- connectors become Ready ---
+kubectl apply -f "$HERE/manifests/contoso.yaml" -f "$HERE/manifests/fabrikam.yaml" -f "$HERE/manifests/northwind.yaml" >/dev/null
+kubectl -n mail wait --for=condition=Ready pc/contoso pc/fabrikam pc/northwind --timeout=120s >/dev/null ||
+  e2e_fail "kubectl wait --for=condition=Ready"
+pass "kubectl wait --for=condition=Ready pc/contoso pc/fabrikam pc/northwind"
+for ip in "${GW[@]}"; do status_lists "$ip" mail/contoso || e2e_fail "gateway $ip /status lacks mail/contoso"; done
+pass "every gateway's /status lists mail/contoso"
+
+CONTOSO_TLS=(--tls --tls-cert "$PKI/contoso-mail.crt" --tls-key "$PKI/contoso-mail.key")
+WRONG_TLS=(--tls --tls-cert "$PKI/contoso-wrong.crt" --tls-key "$PKI/contoso-wrong.key")
+
+# --- inbound rules, on every gateway pod ---
+for ip in "${GW[@]}"; do
+  id="e2e-accept-$ip-$RANDOM"
+  got=$(e2e_swaks "$ip" 127.0.0.20 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}" --header "X-E2E-Id: $id" \
+    --header "X-Partnergate-Connector: spoofed")
+  expect_reply "$got" "250" "[$ip] contoso over STARTTLS with mail.contoso.test certificate"
+  f=$(e2e_sink_grep "$id")
+  [ -n "$f" ] || e2e_fail "[$ip] accepted message $id is not at the sink"
+  grep -qi '^X-Partnergate-Connector: mail/contoso' "$f" || e2e_fail "[$ip] no X-Partnergate-Connector header for mail/contoso in $f"
+  ! grep -qi '^X-Partnergate-Connector: spoofed' "$f" || e2e_fail "[$ip] spoofed X-Partnergate-Connector header survived"
+  grep -qi '^Received: ' "$f" || e2e_fail "[$ip] no Received: header"
+  pass "[$ip] sink has the message with Received: and X-Partnergate-Connector: mail/contoso, spoof removed"
+
+  got=$(e2e_swaks "$ip" 127.0.0.20 alice@contoso.test bob@org.test)
+  expect_reply "$got" "530 5.7.0" "[$ip] contoso in plaintext"
+  got=$(e2e_swaks "$ip" 127.0.0.20 alice@contoso.test bob@org.test "${WRONG_TLS[@]}")
+  expect_reply "$got" "550 5.7.1" "[$ip] contoso with a certificate for mail.evil.test"
+  got=$(e2e_swaks "$ip" 127.0.0.22 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}")
+  expect_reply "$got" "550 5.7.1" "[$ip] contoso from 127.0.0.22 (outside senderIPRanges)"
+done
+
+# --- Contoso's real Postfix relays to the gateway with its client certificate ---
+e2e_postfix_up contoso 127.0.0.21 2628 "
+relayhost = [${GW[0]}]:2525
+smtp_bind_address = 127.0.0.20
+smtp_tls_security_level = encrypt
+smtp_tls_cert_file = $PKI/contoso-mail.crt
+smtp_tls_key_file = $PKI/contoso-mail.key
+smtp_tls_CAfile = $PKI/org-ca.crt" || e2e_fail "contoso postfix did not start"
+id="e2e-postfix-$RANDOM"
+got=$(e2e_swaks 127.0.0.21:2628 127.0.0.1 carol@contoso.test dave@org.test --header "X-E2E-Id: $id")
+expect_reply "$got" "250" "contoso postfix queued a message for org.test"
+e2e_postfix_wait_log contoso "status=sent \(250" 60 ||
+  e2e_fail "contoso postfix did not deliver through the gateway: $(tail -n 5 "$(e2e_postfix_log contoso)")"
+wait_for 20 "postfix-relayed message at the sink" test -n "$(e2e_sink_grep "$id")"
+pass "Postfix (smtp_tls_security_level=encrypt, client cert, bind 127.0.0.20) -> gateway -> sink"
+
+# --- outbound: DomainValidation to Fabrikam's Postfix, with our client certificate ---
+e2e_postfix_up fabrikam 127.0.0.30 "$E2E_PARTNER_PORT" "
+relay_domains = fabrikam.test northwind.test
+default_transport = discard:partner test
+relay_transport = discard:partner test
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $PKI/fabrikam-smtp.crt
+smtpd_tls_key_file = $PKI/fabrikam-smtp.key
+smtpd_tls_ask_ccert = yes
+smtpd_tls_CAfile = $PKI/org-ca.crt" || e2e_fail "fabrikam postfix did not start"
+got=$(e2e_swaks "${GW[0]}" 127.0.0.40 relay@org.test erin@fabrikam.test)
+expect_reply "$got" "250" "internal sender -> erin@fabrikam.test (DomainValidation smtp.fabrikam.test)"
+e2e_postfix_wait_log fabrikam "discard.*erin@fabrikam.test.*status=sent" 30 ||
+  e2e_fail "fabrikam postfix did not receive the message"
+grep -q "Trusted TLS connection established from" "$(e2e_postfix_log fabrikam)" ||
+  e2e_fail "fabrikam postfix did not see our trusted client certificate"
+pass "fabrikam postfix received it over TLS and verified our client certificate"
+got=$(e2e_swaks "${GW[0]}" 127.0.0.40 relay@org.test frank@northwind.test)
+expect_reply "$got" "451 4.7.5" "internal sender -> northwind.test (certificate not valid for smtp.northwind.test)"
+! grep -q "frank@northwind.test" "$(e2e_postfix_log fabrikam)" || e2e_fail "northwind mail reached the partner despite the name mismatch"
+got=$(e2e_swaks "${GW[0]}" 127.0.0.22 someone@elsewhere.test erin@fabrikam.test)
+expect_reply "$got" "550 5.7.1" "non-internal sender -> fabrikam.test (relaying denied)"
+
+# --- certificate rotation while a sender streams messages ---
+log=$E2E_WORK/rotation.log
+(
+  for i in $(seq 1 30); do
+    e2e_swaks "${GW[0]}" 127.0.0.20 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}" --header "X-E2E-Id: rot-$i"
+    sleep 0.2
+  done
+) >"$log" 2>&1 &
+streamer=$!
+sleep 1
+e2e_tls_secret "$NS" partnergate-gateway-tls gateway-rotated
+wait $streamer
+bad=$(grep -vc '^250' "$log" || true)
+[ "$bad" -eq 0 ] || e2e_fail "certificate rotation: $bad of 30 sessions failed: $(grep -v '^250' "$log" | head -3)"
+served() { echo QUIT | openssl s_client -starttls smtp -connect "${GW[0]}:2525" 2>/dev/null | openssl x509 -noout -subject 2>/dev/null; }
+wait_for 60 "the rotated certificate is served" bash -c "$(declare -f served); served | grep -q mx2.org.test"
+pass "certificate rotated during 30 sessions: 30 x 250, new certificate (CN=mx2.org.test) served"
+
+# --- operator killed: status converges after restart ---
+pkill -f 'partnergate-operator' || e2e_fail "no operator process to kill"
+kubectl -n mail patch pc contoso --type merge -p '{"spec":{"domains":["contoso.test","*.contoso.test"]}}' >/dev/null
+gen=$(kubectl -n mail get pc contoso -o jsonpath='{.metadata.generation}')
+wait_for 120 "Ready with observedGeneration $gen after operator restart" bash -c \
+  "kubectl -n mail get pc contoso -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].observedGeneration}{\" \"}{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx '$gen True'"
+got=$(e2e_swaks "${GW[0]}" 127.0.0.20 alice@sub.contoso.test bob@org.test "${CONTOSO_TLS[@]}")
+expect_reply "$got" "250" "operator killed and restarted: generation $gen Ready, *.contoso.test accepted"
+
+# --- deleting the connector removes its rules ---
+kubectl -n mail delete pc contoso --wait=true >/dev/null
+for ip in "${GW[@]}"; do
+  wait_for 60 "gateway $ip drops mail/contoso" bash -c "! curl -fsS http://$ip:8080/status | grep -q '\"mail/contoso\"'"
+done
+got=$(e2e_swaks "${GW[0]}" 127.0.0.22 alice@contoso.test bob@org.test)
+expect_reply "$got" "250" "connector deleted: contoso mail in plaintext from anywhere is accepted (defaultInbound: Accept)"
+
+# --- helm upgrade and uninstall ---
+helm upgrade partnergate "$REPO/charts/partnergate" -n "$NS" -f "$HERE/values-e2e.yaml" \
+  --set gateway.settings.limits.maxRecipients=2 --wait --timeout 180s >/dev/null || e2e_fail "helm upgrade"
+wait_for 120 "gateways rolled with the new fleet settings" bash -c \
+  "[ \$(kubectl -n $NS get pods -l app.kubernetes.io/component=gateway --no-headers 2>/dev/null | wc -l) -eq 2 ] && \
+   kubectl -n $NS get cm partnergate-gateway-fleet -o jsonpath='{.data.fleet\.json}' | grep -q '\"maxRecipients\": 2'"
+pass "helm upgrade rolled the fleet settings"
+helm uninstall partnergate -n "$NS" --wait --timeout 120s >/dev/null || e2e_fail "helm uninstall"
+wait_for 60 "gateway and operator pods gone" bash -c "[ -z \"\$(kubectl -n $NS get pods --no-headers 2>/dev/null)\" ]"
+kubectl get crd partnerconnectors.partnergate.io >/dev/null || e2e_fail "the CRD did not survive uninstall"
+pass "helm uninstall removed the pods and kept the CRD (and with it the connectors)"
+
+echo
+echo "e2e: $passed checks passed"
