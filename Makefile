@@ -2,7 +2,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps build lint unit crd-check demo clean
+.PHONY: test deps build lint unit crd-check demo e2e cluster-up cluster-down clean
 
 ## test: everything CI runs (installs what it needs first)
 test: deps lint unit
@@ -21,6 +21,22 @@ lint:
 ## unit: unit tests plus the gateway's real-peer tests (swaks, openssl, postfix on loopback)
 unit: build
 	$(CARGO) test --workspace
+
+## demo: the whole system on a local control plane (left running; `make cluster-down` stops it)
+demo: deps
+	tests/e2e/demo.sh
+
+## e2e: the end-to-end suite on the local control plane
+e2e: deps
+	tests/e2e/run.sh
+
+## cluster-up / cluster-down: the bare local control plane (tests/cluster)
+cluster-up:
+	tests/cluster/build.sh
+	tests/cluster/up.sh
+
+cluster-down:
+	tests/e2e/down.sh
 
 clean:
 	$(CARGO) clean

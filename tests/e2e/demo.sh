@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# `make demo`: the whole system on a local control plane, left running for you to explore.
+# Builds what is missing (Go-built control plane cached in ~/.cache/partnergate, cargo builds),
+# installs the chart, applies an inbound and an outbound connector, sends three mails and shows
+# what happened. `make cluster-down` stops everything.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=env.sh
+. "$HERE/env.sh"
+# shellcheck source=postfix.sh
+. "$HERE/postfix.sh"
+PKI=$E2E_WORK/pki
+
+e2e_up
+e2e_log "applying PartnerConnectors: contoso (inbound: TLS + certificate mail.contoso.test + 127.0.0.20), fabrikam (outbound: DomainValidation)"
+kubectl apply -f "$HERE/manifests/contoso.yaml" -f "$HERE/manifests/fabrikam.yaml"
+kubectl -n mail wait --for=condition=Ready pc/contoso pc/fabrikam --timeout=180s
+mapfile -t GW < <(e2e_gateway_ips)
+gw=${GW[0]}
+
+show() { printf '  %-70s -> \033[1m%s\033[0m\n' "$1" "$2"; }
+echo
+e2e_log "three mails from contoso.test to bob@org.test through gateway pod $gw:2525"
+show "1. STARTTLS + client certificate mail.contoso.test, from 127.0.0.20" \
+  "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --tls \
+      --tls-cert "$PKI/contoso-mail.crt" --tls-key "$PKI/contoso-mail.key" --header 'Subject: demo 1')"
+show "2. plaintext, from 127.0.0.20" \
+  "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --header 'Subject: demo 2')"
+show "3. STARTTLS + certificate for mail.evil.test, from 127.0.0.20" \
+  "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --tls \
+      --tls-cert "$PKI/contoso-wrong.crt" --tls-key "$PKI/contoso-wrong.key" --header 'Subject: demo 3')"
+echo
+e2e_log "kubectl get pc -A"
+kubectl get pc -A
+echo
+e2e_log "what the organisation's mail server (smtp-sink on 127.0.0.1:$E2E_SINK_PORT) received"
+for f in $(find "$E2E_WORK/sink" -name 'mail.*' -type f | sort); do
+  echo "--- $f"
+  grep -E '^(X-Mail-From|X-Rcpt-To|Received|X-Partnergate-Connector|Subject):' "$f" | sed 's/^/  /'
+done
+cat <<MSG
+
+The system is still running. To explore:
+  export KUBECONFIG=$KUBECONFIG
+  export PATH=$(dirname "$(command -v kubectl)"):\$PATH     # kubectl and helm built for this cluster
+  kubectl get pc -A; kubectl describe pc -n mail contoso
+  kubectl -n $NS get pods -o wide                       # gateway pods on 127.0.10.x
+  curl -s http://$gw:8080/status                        # what a gateway has loaded
+  swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\
+        --tls-cert $PKI/contoso-mail.crt --tls-key $PKI/contoso-mail.key
+  logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log, $E2E_WORK/kubelet.log
+Stop everything with: make cluster-down
+MSG
