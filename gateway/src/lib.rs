@@ -1,4 +1,19 @@
 //! partnergate gateway: an SMTP server that terminates STARTTLS, applies partner connector
 //! rules and relays accepted mail inline to the next hop.
 
+pub mod admin;
+pub mod certs;
 pub mod config;
+pub mod data;
+pub mod metrics;
+pub mod policy;
+pub mod proxy;
+pub mod relay;
+pub mod reload;
+pub mod reply;
+pub mod runtime;
+pub mod server;
+pub mod session;
+pub mod stream;
+pub mod telemetry;
+pub mod tls;

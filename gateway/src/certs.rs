@@ -1,0 +1,259 @@
+//! Certificate material: PEM loading (rustls-pki-types `PemObject`), the facts we report about a
+//! certificate, client-certificate chain verification with rustls-webpki, and RFC 6125 name
+//! matching between a configured pattern and a certificate's names.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+
+/// Trust anchors of one bundle. `Arc<[..]>` so sessions share them without copying.
+pub type Anchors = Arc<[TrustAnchor<'static>]>;
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(&bytes).collect();
+    let certs = certs.map_err(|e| format!("{}: not valid PEM: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no CERTIFICATE found", path.display()));
+    }
+    for c in &certs {
+        cert_info(c).map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    // Never echo key bytes: the error names the file only.
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|_| format!("{}: no usable PEM private key found", path.display()))
+}
+
+pub fn load_anchors(path: &Path) -> Result<Anchors, String> {
+    let certs = load_certs(path)?;
+    let mut anchors = Vec::with_capacity(certs.len());
+    for c in &certs {
+        let a = webpki::anchor_from_trusted_cert(c)
+            .map_err(|e| format!("{}: not usable as a trust anchor: {e}", path.display()))?;
+        anchors.push(a.to_owned());
+    }
+    Ok(anchors.into())
+}
+
+pub fn public_roots() -> Anchors {
+    webpki_roots::TLS_SERVER_ROOTS.to_vec().into()
+}
+
+/// What we report about one certificate (status, logs, rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertInfo {
+    pub subject: String,
+    /// Unix seconds.
+    pub not_after: i64,
+    /// SAN dNSNames, or the subject CNs when the certificate has no dNSName (RFC 6125 6.4.4).
+    pub names: Vec<String>,
+}
+
+pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
+    use x509_parser::prelude::*;
+    let (_, cert) =
+        X509Certificate::from_der(der.as_ref()).map_err(|e| format!("bad certificate: {e}"))?;
+    let mut names = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    if names.is_empty() {
+        for cn in cert.subject().iter_common_name() {
+            if let Ok(s) = cn.as_str() {
+                names.push(s.to_string());
+            }
+        }
+    }
+    Ok(CertInfo {
+        subject: cert.subject().to_string(),
+        not_after: cert.validity().not_after.timestamp(),
+        names,
+    })
+}
+
+fn normalise(name: &str) -> String {
+    name.trim().trim_end_matches('.').to_ascii_lowercase()
+}
+
+/// RFC 6125 matching of a configured name or `*.` pattern against one certificate name (which
+/// may itself be a `*.` wildcard). Wildcards cover exactly one left-most label; partial-label
+/// wildcards (`f*.example.com`) are not honoured, as RFC 6125 6.4.3 allows.
+pub fn name_matches(pattern: &str, cert_name: &str) -> bool {
+    let p = normalise(pattern);
+    let c = normalise(cert_name);
+    if p.is_empty() || c.is_empty() {
+        return false;
+    }
+    let one_label_under = |name: &str, base: &str| -> bool {
+        name.split_once('.')
+            .is_some_and(|(label, rest)| !label.is_empty() && label != "*" && rest == base)
+    };
+    match (p.strip_prefix("*."), c.strip_prefix("*.")) {
+        (None, None) => p == c && !c.contains('*'),
+        // A wildcard certificate must cover at least two labels (no `*.com`).
+        (None, Some(cbase)) => cbase.contains('.') && one_label_under(&p, cbase),
+        (Some(pbase), None) => !c.contains('*') && one_label_under(&c, pbase),
+        (Some(pbase), Some(cbase)) => pbase == cbase,
+    }
+}
+
+/// Verifies `chain` (leaf first) against `anchors`. Partner MTAs commonly present their server
+/// certificate as client certificate, and public CAs have stopped adding the clientAuth EKU, so
+/// serverAuth is accepted too.
+pub fn verify_chain(
+    chain: &[CertificateDer<'static>],
+    anchors: &[TrustAnchor<'static>],
+    client: bool,
+) -> Result<(), webpki::Error> {
+    let Some((leaf, intermediates)) = chain.split_first() else {
+        return Err(webpki::Error::BadDer);
+    };
+    let ee = webpki::EndEntityCert::try_from(leaf)?;
+    let now = UnixTime::now();
+    let try_usage = |usage: webpki::KeyUsage| {
+        ee.verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            anchors,
+            intermediates,
+            now,
+            usage,
+            None,
+            None,
+        )
+        .map(|_| ())
+    };
+    if client {
+        match try_usage(webpki::KeyUsage::client_auth()) {
+            Err(webpki::Error::RequiredEkuNotFoundContext(_)) => {
+                try_usage(webpki::KeyUsage::server_auth())
+            }
+            other => other,
+        }
+    } else {
+        try_usage(webpki::KeyUsage::server_auth())
+    }
+}
+
+/// The trust bundles a config refers to, keyed by their path as written in the config
+/// (`None` = public web PKI roots).
+#[derive(Debug, Clone)]
+pub struct TrustStore {
+    pub bundles: HashMap<PathBuf, Anchors>,
+    pub public: Anchors,
+}
+
+impl TrustStore {
+    pub fn anchors(&self, bundle: Option<&Path>) -> Option<&Anchors> {
+        match bundle {
+            None => Some(&self.public),
+            Some(p) => self.bundles.get(p),
+        }
+    }
+}
+
+/// The client certificate a session received, with chain verification done lazily per bundle
+/// (a config may hold many bundles; a session needs one or two) and cached.
+#[derive(Debug)]
+pub struct PeerCert {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub info: CertInfo,
+    store: Arc<TrustStore>,
+    cache: Mutex<HashMap<Option<PathBuf>, bool>>,
+}
+
+impl PeerCert {
+    pub fn new(chain: Vec<CertificateDer<'static>>, store: Arc<TrustStore>) -> Option<PeerCert> {
+        let info = cert_info(chain.first()?).ok()?;
+        Some(PeerCert {
+            chain,
+            info,
+            store,
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+impl crate::policy::CertFacts for PeerCert {
+    fn names(&self) -> &[String] {
+        &self.info.names
+    }
+
+    fn subject(&self) -> &str {
+        &self.info.subject
+    }
+
+    fn trusted_by(&self, bundle: Option<&Path>) -> bool {
+        let key = bundle.map(Path::to_path_buf);
+        if let Ok(cache) = self.cache.lock()
+            && let Some(v) = cache.get(&key)
+        {
+            return *v;
+        }
+        let ok = match self.store.anchors(bundle) {
+            Some(anchors) => verify_chain(&self.chain, anchors, true).is_ok(),
+            None => false,
+        };
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.insert(key, ok);
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc6125_names() {
+        assert!(name_matches("mail.contoso.com", "mail.contoso.com"));
+        assert!(name_matches("mail.contoso.com", "MAIL.Contoso.com."));
+        assert!(!name_matches("mail.contoso.com", "smtp.contoso.com"));
+        assert!(name_matches("mail.contoso.com", "*.contoso.com"));
+        assert!(!name_matches("a.mail.contoso.com", "*.contoso.com"));
+        assert!(!name_matches("contoso.com", "*.contoso.com"));
+        assert!(!name_matches("contoso.com", "*.com"));
+        assert!(name_matches("*.contoso.com", "mx1.contoso.com"));
+        assert!(!name_matches("*.contoso.com", "a.b.contoso.com"));
+        assert!(!name_matches("*.contoso.com", "contoso.com"));
+        assert!(name_matches("*.contoso.com", "*.contoso.com"));
+        assert!(!name_matches("*.contoso.com", "*.fabrikam.com"));
+        assert!(!name_matches("mail.contoso.com", "m*.contoso.com"));
+        assert!(!name_matches("", "x"));
+    }
+
+    #[test]
+    fn chain_verification_with_private_ca() {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair};
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf_params = CertificateParams::new(vec!["mail.contoso.com".to_string()]).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
+
+        let ca_der = ca.der().clone();
+        let anchor = webpki::anchor_from_trusted_cert(&ca_der)
+            .unwrap()
+            .to_owned();
+        let chain = vec![leaf.der().clone()];
+        assert!(verify_chain(&chain, &[anchor], true).is_ok());
+        assert!(verify_chain(&chain, &public_roots(), true).is_err());
+        let info = cert_info(&chain[0]).unwrap();
+        assert_eq!(info.names, ["mail.contoso.com"]);
+    }
+}

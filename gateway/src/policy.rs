@@ -1,0 +1,925 @@
+//! The decisions of ARCHITECTURE section 3/4 as pure functions of (fleet, connector set, session
+//! facts, envelope). No I/O: the session gathers facts, calls these, and writes the reply.
+
+use std::net::IpAddr;
+use std::path::Path;
+
+use crate::certs::name_matches;
+use crate::config::{
+    ConnectorsFile, DefaultInbound, FleetSettings, IdentifyBy, InboundConnector, InternalSenders,
+    MinTlsVersion,
+};
+use crate::reply::{Reply, fixed};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    Tls12,
+    Tls13,
+}
+
+impl TlsVersion {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TlsVersion::Tls12 => "1.2",
+            TlsVersion::Tls13 => "1.3",
+        }
+    }
+}
+
+pub fn tls_str(v: Option<TlsVersion>) -> &'static str {
+    v.map_or("none", TlsVersion::as_str)
+}
+
+/// What the rules need to know about the client certificate. A trait so the rules stay pure:
+/// the session's implementation verifies chains lazily, tests use a table.
+pub trait CertFacts {
+    /// SAN dNSNames (or CN when there is no SAN).
+    fn names(&self) -> &[String];
+    fn subject(&self) -> &str;
+    /// Whether the chain verifies against this bundle (`None` = public web PKI roots).
+    fn trusted_by(&self, bundle: Option<&Path>) -> bool;
+}
+
+/// Session facts at MAIL FROM.
+#[derive(Clone, Copy)]
+pub struct Facts<'a> {
+    pub client_ip: IpAddr,
+    pub tls: Option<TlsVersion>,
+    pub cert: Option<&'a dyn CertFacts>,
+}
+
+/// Which rule produced a refusal; the names appear in logs and in the `rule` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    SenderDomain,
+    RequireTls,
+    MinTlsVersion,
+    RestrictToIpRanges,
+    RestrictToCertificate,
+    DefaultInbound,
+    RelayingDenied,
+    RouteSplit,
+    TooManyRecipients,
+}
+
+impl Rule {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Rule::SenderDomain => "senderDomain",
+            Rule::RequireTls => "requireTls",
+            Rule::MinTlsVersion => "minTlsVersion",
+            Rule::RestrictToIpRanges => "restrictToIPRanges",
+            Rule::RestrictToCertificate => "restrictToCertificate",
+            Rule::DefaultInbound => "defaultInbound",
+            Rule::RelayingDenied => "relayingDenied",
+            Rule::RouteSplit => "routeSplit",
+            Rule::TooManyRecipients => "maxRecipients",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub rule: Rule,
+    pub reply: Reply,
+}
+
+fn refuse(rule: Rule, code: u16, esc: [u16; 3], text: String) -> Refusal {
+    Refusal {
+        rule,
+        reply: Reply::owned(code, esc, text),
+    }
+}
+
+/// Result of the MAIL FROM decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SenderDecision {
+    /// Name of the claiming Inbound connector.
+    pub connector: Option<String>,
+    /// The verified client-certificate name that matched the connector's `subjectName`.
+    pub verified_name: Option<String>,
+    /// The client is one of the fleet's internal senders.
+    pub internal: bool,
+    /// `Err` = refuse MAIL FROM with this reply.
+    pub outcome: Result<(), Refusal>,
+}
+
+/// Lower-cased domain of an address; `None` for the null reverse-path `<>`.
+pub fn address_domain(address: &str) -> Option<String> {
+    let (_, domain) = address.rsplit_once('@')?;
+    let d = domain.trim().trim_end_matches('.').to_lowercase();
+    (!d.is_empty()).then_some(d)
+}
+
+/// How specifically a domain pattern matches: exact beats any wildcard, a longer wildcard beats
+/// a shorter one, `*` is last. `*.example.com` covers every subdomain depth but not
+/// `example.com` itself. `None` = no match.
+pub fn domain_match(pattern: &str, domain: &str) -> Option<(u8, usize)> {
+    let p = pattern.trim_end_matches('.').to_lowercase();
+    if p == "*" {
+        return Some((0, 0));
+    }
+    if let Some(base) = p.strip_prefix("*.") {
+        let matches = domain
+            .strip_suffix(base)
+            .is_some_and(|head| head.len() > 1 && head.ends_with('.'));
+        return matches.then_some((1, base.len()));
+    }
+    (p == domain).then_some((2, p.len()))
+}
+
+fn best_domain_match(patterns: &[String], domain: &str) -> Option<(u8, usize)> {
+    patterns
+        .iter()
+        .filter_map(|p| domain_match(p, domain))
+        .max()
+}
+
+/// The certificate name that matches `subject_name` if the chain is trusted by the connector's
+/// bundle.
+fn verified_cert_name(c: &InboundConnector, facts: &Facts) -> Option<String> {
+    let rule = c.certificate.as_ref()?;
+    let cert = facts.cert?;
+    if !cert.trusted_by(rule.trust_bundle_file.as_deref()) {
+        return None;
+    }
+    cert.names()
+        .iter()
+        .find(|n| name_matches(&rule.subject_name, n))
+        .cloned()
+}
+
+/// Finds the connector that claims the transaction (Certificate > SenderIP > SenderDomain, most
+/// specific first; ties go to the earlier connector, as the operator orders them oldest first).
+pub fn claim<'c>(
+    connectors: &'c [InboundConnector],
+    facts: &Facts,
+    sender_domain: Option<&str>,
+) -> Option<&'c InboundConnector> {
+    // 1. Certificate: an exact subjectName beats a wildcard one.
+    let mut best: Option<(bool, &InboundConnector)> = None;
+    for c in connectors
+        .iter()
+        .filter(|c| c.identify_by == IdentifyBy::Certificate)
+    {
+        if verified_cert_name(c, facts).is_some() {
+            let exact = c
+                .certificate
+                .as_ref()
+                .is_some_and(|r| !r.subject_name.starts_with("*."));
+            if best.is_none_or(|(b, _)| exact && !b) {
+                best = Some((exact, c));
+            }
+        }
+    }
+    if let Some((_, c)) = best {
+        return Some(c);
+    }
+    // 2. SenderIP: longest prefix.
+    let mut best: Option<(u8, &InboundConnector)> = None;
+    for c in connectors
+        .iter()
+        .filter(|c| c.identify_by == IdentifyBy::SenderIp)
+    {
+        let len = c
+            .sender_ip_ranges
+            .iter()
+            .filter(|n| n.contains(&facts.client_ip))
+            .map(|n| n.prefix_len())
+            .max();
+        if let Some(len) = len
+            && best.is_none_or(|(b, _)| len > b)
+        {
+            best = Some((len, c));
+        }
+    }
+    if let Some((_, c)) = best {
+        return Some(c);
+    }
+    // 3. SenderDomain. The null sender (bounces) has no domain: only `*` can claim it.
+    let mut best: Option<((u8, usize), &InboundConnector)> = None;
+    for c in connectors
+        .iter()
+        .filter(|c| c.identify_by == IdentifyBy::SenderDomain)
+    {
+        let rank = match sender_domain {
+            Some(d) => best_domain_match(&c.domains, d),
+            None => c.domains.iter().any(|p| p == "*").then_some((0, 0)),
+        };
+        if let Some(rank) = rank
+            && best.is_none_or(|(b, _)| rank > b)
+        {
+            best = Some((rank, c));
+        }
+    }
+    best.map(|(_, c)| c)
+}
+
+pub fn is_internal(internal: &InternalSenders, facts: &Facts) -> bool {
+    if internal
+        .ip_ranges
+        .iter()
+        .any(|n| n.contains(&facts.client_ip))
+    {
+        return true;
+    }
+    let Some(cert) = facts.cert else {
+        return false;
+    };
+    if internal.certificate_names.is_empty() {
+        return false;
+    }
+    let named = cert.names().iter().any(|n| {
+        internal
+            .certificate_names
+            .iter()
+            .any(|p| name_matches(p, n))
+    });
+    named && cert.trusted_by(internal.trust_bundle_file.as_deref())
+}
+
+/// The section 3 rule table for a claiming connector; first failure wins.
+fn connector_rules(
+    c: &InboundConnector,
+    facts: &Facts,
+    sender_domain: Option<&str>,
+    verified_name: Option<&str>,
+) -> Result<(), Refusal> {
+    let by_ip_or_cert = c.identify_by != IdentifyBy::SenderDomain;
+    // The null sender (a bounce) carries no domain to check; RFC 5321 4.5.5 requires that
+    // bounces be accepted, so only the transport rules below apply to it.
+    if by_ip_or_cert
+        && let Some(domain) = sender_domain
+        && best_domain_match(&c.domains, domain).is_none()
+    {
+        return Err(refuse(
+            Rule::SenderDomain,
+            550,
+            [5, 7, 1],
+            format!(
+                "Sender domain {domain} is not allowed for partner connector {}",
+                c.name
+            ),
+        ));
+    }
+    if c.require_tls && facts.tls.is_none() {
+        return Err(refuse(
+            Rule::RequireTls,
+            530,
+            [5, 7, 0],
+            "Must issue a STARTTLS command first".into(),
+        ));
+    }
+    if let Some(v) = facts.tls {
+        let need = match c.min_tls_version {
+            MinTlsVersion::Tls12 => TlsVersion::Tls12,
+            MinTlsVersion::Tls13 => TlsVersion::Tls13,
+        };
+        if v < need {
+            return Err(refuse(
+                Rule::MinTlsVersion,
+                550,
+                [5, 7, 1],
+                format!(
+                    "TLS {} is below the minimum TLS {} required for partner connector {}",
+                    v.as_str(),
+                    need.as_str(),
+                    c.name
+                ),
+            ));
+        }
+    }
+    if c.restrict_to_ip_ranges
+        && !c
+            .sender_ip_ranges
+            .iter()
+            .any(|n| n.contains(&facts.client_ip))
+    {
+        return Err(refuse(
+            Rule::RestrictToIpRanges,
+            550,
+            [5, 7, 1],
+            format!(
+                "Client IP {} is outside the IP ranges of partner connector {}",
+                facts.client_ip, c.name
+            ),
+        ));
+    }
+    if c.restrict_to_certificate && verified_name.is_none() {
+        let why = match facts.cert {
+            None => "no client certificate was presented",
+            Some(cert) => {
+                let bundle = c
+                    .certificate
+                    .as_ref()
+                    .and_then(|r| r.trust_bundle_file.as_deref());
+                if !cert.trusted_by(bundle) {
+                    "the client certificate is not trusted"
+                } else {
+                    "the client certificate name does not match"
+                }
+            }
+        };
+        return Err(refuse(
+            Rule::RestrictToCertificate,
+            550,
+            [5, 7, 1],
+            format!(
+                "Partner connector {} requires a valid client certificate: {why}",
+                c.name
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The MAIL FROM decision: claim, then the claiming connector's rules, or the fleet default.
+pub fn decide_sender(
+    fleet: &FleetSettings,
+    connectors: &ConnectorsFile,
+    facts: &Facts,
+    sender: &str,
+) -> SenderDecision {
+    let domain = address_domain(sender);
+    let internal = is_internal(&fleet.internal_senders, facts);
+    match claim(&connectors.inbound, facts, domain.as_deref()) {
+        Some(c) => {
+            let verified_name = verified_cert_name(c, facts);
+            let outcome = connector_rules(c, facts, domain.as_deref(), verified_name.as_deref());
+            SenderDecision {
+                connector: Some(c.name.clone()),
+                verified_name,
+                internal,
+                outcome,
+            }
+        }
+        None => {
+            // Internal senders are the organisation itself, not unrecognised partners.
+            let outcome = if fleet.default_inbound == DefaultInbound::Reject && !internal {
+                Err(refuse(
+                    Rule::DefaultInbound,
+                    550,
+                    [5, 7, 1],
+                    "Sender is not a recognised partner".into(),
+                ))
+            } else {
+                Ok(())
+            };
+            SenderDecision {
+                connector: None,
+                verified_name: None,
+                internal,
+                outcome,
+            }
+        }
+    }
+}
+
+/// Where an accepted recipient's mail goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Route {
+    Upstream,
+    /// Index into `ConnectorsFile::outbound` of the config the session started with.
+    Outbound(usize),
+}
+
+/// The RCPT TO decision. `route` is the route fixed by an earlier recipient of this
+/// transaction, `accepted` how many recipients were accepted so far.
+pub fn decide_recipient(
+    fleet: &FleetSettings,
+    connectors: &ConnectorsFile,
+    internal: bool,
+    recipient: &str,
+    route: Option<&Route>,
+    accepted: usize,
+) -> Result<Route, Refusal> {
+    let denied = || {
+        refuse(
+            Rule::RelayingDenied,
+            550,
+            [5, 7, 1],
+            "Relaying denied: recipient domain is not accepted here".into(),
+        )
+    };
+    let domain = address_domain(recipient).ok_or_else(denied)?;
+    let wanted = if best_domain_match(&fleet.accepted_domains, &domain).is_some() {
+        Route::Upstream
+    } else if internal {
+        let best = connectors
+            .outbound
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| best_domain_match(&c.domains, &domain).map(|r| (r, i)))
+            .fold(None::<((u8, usize), usize)>, |acc, (r, i)| match acc {
+                Some((br, _)) if br >= r => acc,
+                _ => Some((r, i)),
+            });
+        match best {
+            Some((_, i)) => Route::Outbound(i),
+            None => return Err(denied()),
+        }
+    } else {
+        return Err(denied());
+    };
+    if let Some(r) = route
+        && *r != wanted
+    {
+        return Err(Refusal {
+            rule: Rule::RouteSplit,
+            reply: fixed::ROUTE_SPLIT,
+        });
+    }
+    if accepted >= fleet.limits.max_recipients {
+        return Err(Refusal {
+            rule: Rule::TooManyRecipients,
+            reply: fixed::TOO_MANY_RECIPIENTS,
+        });
+    }
+    Ok(wanted)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{CertificateRule, OutboundConnector};
+    use std::path::PathBuf;
+
+    struct TestCert {
+        names: Vec<String>,
+        trusted: Vec<Option<PathBuf>>,
+    }
+
+    impl CertFacts for TestCert {
+        fn names(&self) -> &[String] {
+            &self.names
+        }
+        fn subject(&self) -> &str {
+            "CN=test"
+        }
+        fn trusted_by(&self, bundle: Option<&Path>) -> bool {
+            self.trusted.contains(&bundle.map(Path::to_path_buf))
+        }
+    }
+
+    fn cert(names: &[&str], trusted: &[Option<&str>]) -> TestCert {
+        TestCert {
+            names: names.iter().map(|s| s.to_string()).collect(),
+            trusted: trusted.iter().map(|t| t.map(PathBuf::from)).collect(),
+        }
+    }
+
+    fn fleet() -> FleetSettings {
+        serde_json::from_str(
+            r#"{"hostname":"gw.example.org",
+                "serverCertificate":{"certFile":"c","keyFile":"k"},
+                "acceptedDomains":["example.org","*.example.org"],
+                "internalSenders":{"ipRanges":["10.0.0.0/8"],"certificateNames":["relay.example.org"]},
+                "upstream":{"host":"127.0.0.1"}}"#,
+        )
+        .unwrap()
+    }
+
+    fn inbound(name: &str, domains: &[&str]) -> InboundConnector {
+        InboundConnector {
+            name: name.into(),
+            generation: 1,
+            domains: domains.iter().map(|s| s.to_string()).collect(),
+            identify_by: IdentifyBy::SenderDomain,
+            sender_ip_ranges: vec![],
+            require_tls: false,
+            min_tls_version: MinTlsVersion::Tls12,
+            certificate: None,
+            restrict_to_ip_ranges: false,
+            restrict_to_certificate: false,
+        }
+    }
+
+    fn by_ip(name: &str, domains: &[&str], ranges: &[&str]) -> InboundConnector {
+        let mut c = inbound(name, domains);
+        c.identify_by = IdentifyBy::SenderIp;
+        c.sender_ip_ranges = ranges.iter().map(|r| r.parse().unwrap()).collect();
+        c
+    }
+
+    fn by_cert(
+        name: &str,
+        domains: &[&str],
+        subject: &str,
+        bundle: Option<&str>,
+    ) -> InboundConnector {
+        let mut c = inbound(name, domains);
+        c.identify_by = IdentifyBy::Certificate;
+        c.certificate = Some(CertificateRule {
+            subject_name: subject.into(),
+            trust_bundle_file: bundle.map(PathBuf::from),
+        });
+        c
+    }
+
+    fn facts<'a>(ip: &str, tls: Option<TlsVersion>, cert: Option<&'a dyn CertFacts>) -> Facts<'a> {
+        Facts {
+            client_ip: ip.parse().unwrap(),
+            tls,
+            cert,
+        }
+    }
+
+    fn set(inbound: Vec<InboundConnector>) -> ConnectorsFile {
+        ConnectorsFile {
+            inbound,
+            outbound: vec![],
+        }
+    }
+
+    fn code(d: &SenderDecision) -> Option<(u16, String, Rule)> {
+        d.outcome
+            .as_ref()
+            .err()
+            .map(|r| (r.reply.code, r.reply.esc_string(), r.rule))
+    }
+
+    const TLS13: Option<TlsVersion> = Some(TlsVersion::Tls13);
+    const TLS12: Option<TlsVersion> = Some(TlsVersion::Tls12);
+
+    #[test]
+    fn sender_domain_claims_exact_over_wildcard_over_star() {
+        let cs = vec![
+            inbound("star", &["*"]),
+            inbound("short", &["*.contoso.com"]),
+            inbound("long", &["*.eu.contoso.com"]),
+            inbound("exact", &["mail.eu.contoso.com"]),
+        ];
+        let f = facts("192.0.2.1", None, None);
+        let name = |d: &str| claim(&cs, &f, Some(d)).map(|c| c.name.as_str());
+        assert_eq!(name("mail.eu.contoso.com"), Some("exact"));
+        assert_eq!(name("x.eu.contoso.com"), Some("long"));
+        assert_eq!(name("eu.contoso.com"), Some("short"));
+        assert_eq!(name("contoso.com"), Some("star"));
+        assert_eq!(claim(&cs, &f, None).map(|c| c.name.as_str()), Some("star"));
+        let no_star = &cs[1..];
+        assert_eq!(claim(no_star, &f, Some("fabrikam.com")), None);
+        assert_eq!(claim(no_star, &f, None), None);
+    }
+
+    #[test]
+    fn sender_ip_claims_longest_prefix_v4_and_v6() {
+        let cs = vec![
+            by_ip("wide", &["*"], &["203.0.113.0/24", "2001:db8::/32"]),
+            by_ip("narrow", &["*"], &["203.0.113.128/25", "2001:db8:1::/48"]),
+        ];
+        let name = |ip: &str| claim(&cs, &facts(ip, None, None), None).map(|c| c.name.as_str());
+        assert_eq!(name("203.0.113.200"), Some("narrow"));
+        assert_eq!(name("203.0.113.5"), Some("wide"));
+        assert_eq!(name("2001:db8:1::25"), Some("narrow"));
+        assert_eq!(name("2001:db8:2::25"), Some("wide"));
+        assert_eq!(name("2001:db9::1"), None);
+        assert_eq!(name("198.51.100.1"), None);
+    }
+
+    #[test]
+    fn certificate_beats_ip_beats_domain() {
+        let c = cert(&["mail.contoso.com"], &[Some("ca.pem")]);
+        let cs = vec![
+            inbound("domain", &["contoso.com"]),
+            by_ip("ip", &["contoso.com"], &["203.0.113.0/24"]),
+            by_cert("cert", &["contoso.com"], "mail.contoso.com", Some("ca.pem")),
+        ];
+        let with_cert = facts("203.0.113.9", TLS13, Some(&c));
+        let claimed = |f: &Facts| claim(&cs, f, Some("contoso.com")).map(|c| c.name.clone());
+        assert_eq!(claimed(&with_cert).as_deref(), Some("cert"));
+        assert_eq!(
+            claimed(&facts("203.0.113.9", TLS13, None)).as_deref(),
+            Some("ip")
+        );
+        assert_eq!(
+            claimed(&facts("198.51.100.9", TLS13, None)).as_deref(),
+            Some("domain")
+        );
+        // An untrusted chain or a wrong name does not claim by certificate.
+        let untrusted = cert(&["mail.contoso.com"], &[None]);
+        assert_eq!(
+            claimed(&facts("203.0.113.9", TLS13, Some(&untrusted))).as_deref(),
+            Some("ip")
+        );
+        let wrong = cert(&["mx.fabrikam.com"], &[Some("ca.pem")]);
+        assert_eq!(
+            claimed(&facts("203.0.113.9", TLS13, Some(&wrong))).as_deref(),
+            Some("ip")
+        );
+    }
+
+    #[test]
+    fn certificate_exact_subject_beats_wildcard_and_public_roots_default() {
+        let c = cert(&["mail.contoso.com"], &[None]);
+        let cs = vec![
+            by_cert("wild", &["*"], "*.contoso.com", None),
+            by_cert("exact", &["*"], "mail.contoso.com", None),
+        ];
+        let f = facts("192.0.2.1", TLS13, Some(&c));
+        assert_eq!(claim(&cs, &f, None).map(|c| c.name.as_str()), Some("exact"));
+        let wild = cert(&["mx9.contoso.com"], &[None]);
+        let f = facts("192.0.2.1", TLS13, Some(&wild));
+        assert_eq!(claim(&cs, &f, None).map(|c| c.name.as_str()), Some("wild"));
+    }
+
+    #[test]
+    fn row1_sender_domain_not_allowed_for_ip_or_cert_identified() {
+        let cs = set(vec![by_ip(
+            "mail/contoso",
+            &["contoso.com", "*.contoso.com"],
+            &["203.0.113.0/24"],
+        )]);
+        let f = facts("203.0.113.9", TLS13, None);
+        let d = decide_sender(&fleet(), &cs, &f, "a@fabrikam.com");
+        assert_eq!(code(&d), Some((550, "5.7.1".into(), Rule::SenderDomain)));
+        assert_eq!(d.connector.as_deref(), Some("mail/contoso"));
+        assert!(
+            decide_sender(&fleet(), &cs, &f, "a@contoso.com")
+                .outcome
+                .is_ok()
+        );
+        assert!(
+            decide_sender(&fleet(), &cs, &f, "a@x.contoso.com")
+                .outcome
+                .is_ok()
+        );
+        assert!(
+            decide_sender(&fleet(), &cs, &f, "").outcome.is_ok(),
+            "bounces pass"
+        );
+        let star = set(vec![by_ip("mail/any", &["*"], &["203.0.113.0/24"])]);
+        assert!(
+            decide_sender(&fleet(), &star, &f, "a@fabrikam.com")
+                .outcome
+                .is_ok()
+        );
+        let c = cert(&["mail.contoso.com"], &[None]);
+        let cs = set(vec![by_cert(
+            "mail/c",
+            &["contoso.com"],
+            "mail.contoso.com",
+            None,
+        )]);
+        let f = facts("192.0.2.1", TLS13, Some(&c));
+        let d = decide_sender(&fleet(), &cs, &f, "a@fabrikam.com");
+        assert_eq!(code(&d), Some((550, "5.7.1".into(), Rule::SenderDomain)));
+    }
+
+    #[test]
+    fn row2_require_tls() {
+        let mut c = inbound("mail/contoso", &["contoso.com"]);
+        c.require_tls = true;
+        let cs = set(vec![c]);
+        let d = decide_sender(
+            &fleet(),
+            &cs,
+            &facts("192.0.2.1", None, None),
+            "a@contoso.com",
+        );
+        assert_eq!(code(&d), Some((530, "5.7.0".into(), Rule::RequireTls)));
+        let text = d.outcome.unwrap_err().reply.text;
+        assert_eq!(text, "Must issue a STARTTLS command first");
+        let d = decide_sender(
+            &fleet(),
+            &cs,
+            &facts("192.0.2.1", TLS12, None),
+            "a@contoso.com",
+        );
+        assert!(d.outcome.is_ok());
+    }
+
+    #[test]
+    fn row3_min_tls_version() {
+        let mut c = inbound("mail/contoso", &["contoso.com"]);
+        c.require_tls = true;
+        c.min_tls_version = MinTlsVersion::Tls13;
+        let cs = set(vec![c]);
+        let d = decide_sender(
+            &fleet(),
+            &cs,
+            &facts("192.0.2.1", TLS12, None),
+            "a@contoso.com",
+        );
+        assert_eq!(code(&d), Some((550, "5.7.1".into(), Rule::MinTlsVersion)));
+        let d = decide_sender(
+            &fleet(),
+            &cs,
+            &facts("192.0.2.1", TLS13, None),
+            "a@contoso.com",
+        );
+        assert!(d.outcome.is_ok());
+        // Rule order: plaintext fails requireTls first.
+        let d = decide_sender(
+            &fleet(),
+            &cs,
+            &facts("192.0.2.1", None, None),
+            "a@contoso.com",
+        );
+        assert_eq!(code(&d).map(|c| c.2), Some(Rule::RequireTls));
+    }
+
+    #[test]
+    fn row4_restrict_to_ip_ranges_v4_and_v6() {
+        let mut c = inbound("mail/contoso", &["contoso.com"]);
+        c.restrict_to_ip_ranges = true;
+        c.sender_ip_ranges = vec![
+            "203.0.113.0/24".parse().unwrap(),
+            "2001:db8:1::/48".parse().unwrap(),
+        ];
+        let cs = set(vec![c]);
+        for (ip, ok) in [
+            ("203.0.113.7", true),
+            ("198.51.100.7", false),
+            ("2001:db8:1:ffff::1", true),
+            ("2001:db8:2::1", false),
+            ("::ffff:198.51.100.7", false),
+        ] {
+            let d = decide_sender(&fleet(), &cs, &facts(ip, TLS13, None), "a@contoso.com");
+            if ok {
+                assert!(d.outcome.is_ok(), "{ip}");
+            } else {
+                assert_eq!(
+                    code(&d),
+                    Some((550, "5.7.1".into(), Rule::RestrictToIpRanges)),
+                    "{ip}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn row5_restrict_to_certificate() {
+        let mut c = inbound("mail/contoso", &["contoso.com"]);
+        c.restrict_to_certificate = true;
+        c.certificate = Some(CertificateRule {
+            subject_name: "*.contoso.com".into(),
+            trust_bundle_file: Some("ca.pem".into()),
+        });
+        let cs = set(vec![c]);
+        let ok = cert(&["mx1.contoso.com"], &[Some("ca.pem")]);
+        let untrusted = cert(&["mx1.contoso.com"], &[None]);
+        let wrong_name = cert(&["mx1.fabrikam.com"], &[Some("ca.pem")]);
+        let run = |c: Option<&dyn CertFacts>| {
+            decide_sender(
+                &fleet(),
+                &cs,
+                &facts("192.0.2.1", TLS13, c),
+                "a@contoso.com",
+            )
+        };
+        let d = run(Some(&ok));
+        assert!(d.outcome.is_ok());
+        assert_eq!(d.verified_name.as_deref(), Some("mx1.contoso.com"));
+        for (c, why) in [
+            (None, "no client certificate"),
+            (Some(&untrusted as &dyn CertFacts), "not trusted"),
+            (Some(&wrong_name as &dyn CertFacts), "does not match"),
+        ] {
+            let d = run(c);
+            let r = d.outcome.unwrap_err();
+            assert_eq!((r.reply.code, r.rule), (550, Rule::RestrictToCertificate));
+            assert!(r.reply.text.contains(why), "{}", r.reply.text);
+        }
+    }
+
+    #[test]
+    fn row6_default_inbound_reject() {
+        let mut f = fleet();
+        f.default_inbound = DefaultInbound::Reject;
+        let cs = set(vec![inbound("mail/contoso", &["contoso.com"])]);
+        let d = decide_sender(&f, &cs, &facts("192.0.2.1", TLS13, None), "a@fabrikam.com");
+        assert_eq!(code(&d), Some((550, "5.7.1".into(), Rule::DefaultInbound)));
+        assert_eq!(d.connector, None);
+        // Accept (the default) lets it through; internal senders are never "unrecognised".
+        assert!(
+            decide_sender(
+                &fleet(),
+                &cs,
+                &facts("192.0.2.1", None, None),
+                "a@fabrikam.com"
+            )
+            .outcome
+            .is_ok()
+        );
+        let d = decide_sender(&f, &cs, &facts("10.1.2.3", None, None), "a@example.org");
+        assert!(d.outcome.is_ok() && d.internal);
+    }
+
+    #[test]
+    fn rule_order_first_failure_wins() {
+        let mut c = by_ip("mail/contoso", &["contoso.com"], &["203.0.113.0/24"]);
+        c.require_tls = true;
+        c.restrict_to_certificate = true;
+        c.certificate = Some(CertificateRule {
+            subject_name: "mail.contoso.com".into(),
+            trust_bundle_file: None,
+        });
+        let cs = set(vec![c]);
+        let f = facts("203.0.113.1", None, None);
+        let d = decide_sender(&fleet(), &cs, &f, "a@fabrikam.com");
+        assert_eq!(code(&d).map(|c| c.2), Some(Rule::SenderDomain));
+        let d = decide_sender(&fleet(), &cs, &f, "a@contoso.com");
+        assert_eq!(code(&d).map(|c| c.2), Some(Rule::RequireTls));
+        let f = facts("203.0.113.1", TLS13, None);
+        let d = decide_sender(&fleet(), &cs, &f, "a@contoso.com");
+        assert_eq!(code(&d).map(|c| c.2), Some(Rule::RestrictToCertificate));
+    }
+
+    #[test]
+    fn row7_relaying_denied_and_routes() {
+        let f = fleet();
+        let mut cs = set(vec![]);
+        cs.outbound.push(OutboundConnector {
+            name: "mail/fabrikam".into(),
+            generation: 1,
+            domains: vec!["fabrikam.com".into()],
+            smart_hosts: vec!["smtp.fabrikam.com:25".into()],
+            use_mx: false,
+            tls: crate::config::TlsLevel::DomainValidation,
+            tls_domain: None,
+            trust_bundle_file: None,
+            client_certificate: None,
+        });
+        cs.outbound.push(OutboundConnector {
+            name: "mail/any".into(),
+            domains: vec!["*".into()],
+            ..cs.outbound[0].clone()
+        });
+        let r = |internal: bool, rcpt: &str| decide_recipient(&f, &cs, internal, rcpt, None, 0);
+        assert_eq!(r(false, "u@example.org"), Ok(Route::Upstream));
+        assert_eq!(r(false, "u@Sub.Example.org"), Ok(Route::Upstream));
+        let denied = r(false, "u@fabrikam.com").unwrap_err();
+        assert_eq!(
+            (denied.reply.code, denied.reply.esc_string(), denied.rule),
+            (550, "5.7.1".into(), Rule::RelayingDenied)
+        );
+        assert_eq!(r(true, "u@fabrikam.com"), Ok(Route::Outbound(0)));
+        assert_eq!(r(true, "u@elsewhere.net"), Ok(Route::Outbound(1)));
+        assert_eq!(r(true, "u@example.org"), Ok(Route::Upstream));
+        assert!(r(false, "postmaster").is_err());
+        // Internal without any outbound connector for the domain: denied.
+        let empty = set(vec![]);
+        assert!(decide_recipient(&f, &empty, true, "u@elsewhere.net", None, 0).is_err());
+        // Internal by verified certificate name.
+        let c = cert(&["relay.example.org"], &[None]);
+        assert!(is_internal(
+            &f.internal_senders,
+            &facts("192.0.2.1", TLS13, Some(&c))
+        ));
+        let c = cert(&["relay.example.org"], &[Some("x")]);
+        assert!(!is_internal(
+            &f.internal_senders,
+            &facts("192.0.2.1", TLS13, Some(&c))
+        ));
+    }
+
+    #[test]
+    fn route_split_and_recipient_limit() {
+        let mut f = fleet();
+        f.limits.max_recipients = 2;
+        let mut cs = set(vec![]);
+        cs.outbound.push(OutboundConnector {
+            name: "mail/fabrikam".into(),
+            generation: 1,
+            domains: vec!["fabrikam.com".into()],
+            smart_hosts: vec!["smtp.fabrikam.com".into()],
+            use_mx: false,
+            tls: crate::config::TlsLevel::Opportunistic,
+            tls_domain: None,
+            trust_bundle_file: None,
+            client_certificate: None,
+        });
+        let split = decide_recipient(&f, &cs, true, "u@fabrikam.com", Some(&Route::Upstream), 1)
+            .unwrap_err();
+        assert_eq!(
+            (split.reply.code, split.reply.esc_string(), split.rule),
+            (452, "4.5.3".into(), Rule::RouteSplit)
+        );
+        let limit = decide_recipient(&f, &cs, true, "u@example.org", Some(&Route::Upstream), 2)
+            .unwrap_err();
+        assert_eq!(
+            (limit.reply.code, limit.rule),
+            (452, Rule::TooManyRecipients)
+        );
+        assert!(
+            decide_recipient(&f, &cs, true, "u@example.org", Some(&Route::Upstream), 1).is_ok()
+        );
+    }
+
+    #[test]
+    fn domain_matching() {
+        assert_eq!(domain_match("contoso.com", "contoso.com"), Some((2, 11)));
+        assert_eq!(
+            domain_match("*.contoso.com", "a.b.contoso.com"),
+            Some((1, 11))
+        );
+        assert_eq!(domain_match("*.contoso.com", "contoso.com"), None);
+        assert_eq!(domain_match("*.contoso.com", "xcontoso.com"), None);
+        assert_eq!(domain_match("*", "anything"), Some((0, 0)));
+        assert_eq!(
+            address_domain("User@Contoso.COM"),
+            Some("contoso.com".into())
+        );
+        assert_eq!(address_domain(""), None);
+    }
+}

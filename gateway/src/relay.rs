@@ -1,0 +1,421 @@
+//! The inline relay's client side: one SMTP connection to a next hop (upstream or an Outbound
+//! connector's smart host), with the hop's TLS level enforced and never downgraded.
+
+use std::time::Duration;
+
+use rustls_pki_types::ServerName;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::config::{Timeouts, TlsLevel};
+use crate::policy::TlsVersion;
+use crate::reply::Reply;
+use crate::runtime::{Hop, Target};
+use crate::stream::Conn;
+
+/// Longest reply line we accept from a next hop (RFC 5321 says 512; be lenient).
+const MAX_REPLY_LINE: usize = 4096;
+const MAX_REPLY_LINES: usize = 100;
+const WRITE_CHUNK: usize = 32 * 1024;
+
+/// One reply from a next hop. Parsed by hand rather than with smtp-proto's `ResponseReceiver`
+/// because we need every line's text for mirroring and a bounded, timed read from a tokio
+/// stream; the grammar (`ddd-text` … `ddd text`) is three lines of code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HopReply {
+    pub code: u16,
+    pub esc: Option<[u16; 3]>,
+    pub lines: Vec<String>,
+}
+
+impl HopReply {
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The reply to send our client: same code and enhanced code (a class default when the
+    /// next hop has none), the next hop's text.
+    pub fn mirror(&self, default_detail: [u16; 2]) -> Reply {
+        let esc = self
+            .esc
+            .unwrap_or([self.code / 100, default_detail[0], default_detail[1]]);
+        let esc = if (2..=5).contains(&(self.code / 100)) && self.code / 100 != 3 {
+            esc
+        } else {
+            [0, 0, 0]
+        };
+        Reply::owned(self.code, esc, self.lines.join("\n"))
+    }
+}
+
+/// Splits an `x.y.z ` enhanced status code off a reply line's text.
+fn split_esc(text: &str) -> (Option<[u16; 3]>, &str) {
+    let (head, rest) = text.split_once(' ').unwrap_or((text, ""));
+    let parts: Vec<&str> = head.split('.').collect();
+    if parts.len() == 3 {
+        let nums: Vec<Option<u16>> = parts.iter().map(|p| p.parse().ok()).collect();
+        if let [Some(a), Some(b), Some(c)] = nums[..]
+            && (2..=5).contains(&a)
+        {
+            return (Some([a, b, c]), rest);
+        }
+    }
+    (None, text)
+}
+
+pub fn unreachable(label: &str, why: &str) -> Reply {
+    Reply::owned(
+        451,
+        [4, 4, 1],
+        format!("Next hop {label} unreachable: {why}; try again later"),
+    )
+}
+
+pub fn tls_failure(label: &str, why: &str) -> Reply {
+    Reply::owned(
+        451,
+        [4, 7, 5],
+        format!("TLS to next hop {label} failed: {why}"),
+    )
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Capabilities {
+    pub starttls: bool,
+    pub size: bool,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+}
+
+pub struct NextHop {
+    conn: Conn<TcpStream>,
+    rbuf: Vec<u8>,
+    wbuf: Vec<u8>,
+    pub label: String,
+    pub caps: Capabilities,
+    pub tls: Option<TlsVersion>,
+    reply_timeout: Duration,
+    data_end_timeout: Duration,
+}
+
+impl NextHop {
+    /// Opens a connection to the first target of `hop` that greets us and meets its TLS level.
+    pub async fn open(hop: &Hop, helo: &str, t: &Timeouts) -> Result<NextHop, Reply> {
+        if hop.targets.is_empty() {
+            let why = if hop.use_mx {
+                "MX routing (useMX) is not supported by this gateway version; configure smartHosts"
+            } else {
+                "no smart hosts configured"
+            };
+            return Err(unreachable(&hop.label, why));
+        }
+        let mut last = None;
+        for target in &hop.targets {
+            match Self::open_target(hop, target, helo, t).await {
+                Ok(c) => return Ok(c),
+                Err(reply) => {
+                    tracing::warn!(next_hop = %hop.label, host = %target.host, port = target.port, reply = %reply, "next hop attempt failed");
+                    last = Some(reply);
+                }
+            }
+        }
+        Err(last.unwrap_or_else(|| unreachable(&hop.label, "no usable host")))
+    }
+
+    async fn open_target(
+        hop: &Hop,
+        target: &Target,
+        helo: &str,
+        t: &Timeouts,
+    ) -> Result<NextHop, Reply> {
+        let secs = Duration::from_secs(t.next_hop_secs);
+        let addr = format!("{}:{}", target.host, target.port);
+        let where_ = format!("{}:{}", target.host, target.port);
+        let tcp = match timeout(secs, TcpStream::connect(addr.as_str())).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(unreachable(
+                    &hop.label,
+                    &format!("connect to {where_} failed ({e})"),
+                ));
+            }
+            Err(_) => {
+                return Err(unreachable(
+                    &hop.label,
+                    &format!("connect to {where_} timed out"),
+                ));
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let mut c = NextHop {
+            conn: Conn::Plain(tcp),
+            rbuf: Vec::new(),
+            wbuf: Vec::new(),
+            label: hop.label.clone(),
+            caps: Capabilities::default(),
+            tls: None,
+            reply_timeout: secs,
+            data_end_timeout: Duration::from_secs(t.next_hop_data_end_secs),
+        };
+        let lost = |e: std::io::Error| unreachable(&hop.label, &format!("{where_}: {e}"));
+        let greeting = c.read_reply().await.map_err(lost)?;
+        if greeting.code != 220 {
+            return Err(unreachable(
+                &hop.label,
+                &format!("{where_} greeted with {}", greeting.code),
+            ));
+        }
+        c.ehlo(helo).await.map_err(lost)?;
+        if hop.level == TlsLevel::None {
+            return Ok(c);
+        }
+        if !c.caps.starttls {
+            if hop.level == TlsLevel::Opportunistic {
+                return Ok(c);
+            }
+            return Err(tls_failure(
+                &hop.label,
+                &format!("{where_} does not offer STARTTLS"),
+            ));
+        }
+        c.send(b"STARTTLS\r\n").await.map_err(lost)?;
+        let r = c.read_reply().await.map_err(lost)?;
+        if r.code != 220 {
+            return Err(tls_failure(
+                &hop.label,
+                &format!("{where_} refused STARTTLS with {}", r.code),
+            ));
+        }
+        let Conn::Plain(tcp) = c.conn.take_inner() else {
+            return Err(unreachable(&hop.label, "internal state error"));
+        };
+        // Anything the server sent after its 220 is not trusted (the client-side twin of
+        // CVE-2011-0411).
+        c.rbuf.clear();
+        let name = ServerName::try_from(target.server_name.clone())
+            .map_err(|_| tls_failure(&hop.label, "invalid TLS server name"))?;
+        let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
+        let tls = match timeout(
+            Duration::from_secs(t.tls_handshake_secs),
+            connector.connect(name, tcp),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(tls_failure(
+                    &hop.label,
+                    &format!("{where_}: {}", crate::tls::describe_tls_error(&e)),
+                ));
+            }
+            Err(_) => {
+                return Err(tls_failure(
+                    &hop.label,
+                    &format!("{where_}: handshake timed out"),
+                ));
+            }
+        };
+        c.tls = match tls.get_ref().1.protocol_version() {
+            Some(rustls::ProtocolVersion::TLSv1_3) => Some(TlsVersion::Tls13),
+            Some(rustls::ProtocolVersion::TLSv1_2) => Some(TlsVersion::Tls12),
+            _ => return Err(tls_failure(&hop.label, "TLS below 1.2")),
+        };
+        c.conn = Conn::ClientTls(Box::new(tls));
+        c.ehlo(helo).await.map_err(lost)?;
+        Ok(c)
+    }
+
+    async fn ehlo(&mut self, helo: &str) -> std::io::Result<()> {
+        self.send(format!("EHLO {helo}\r\n").as_bytes()).await?;
+        let r = self.read_reply().await?;
+        if r.code != 250 {
+            self.send(format!("HELO {helo}\r\n").as_bytes()).await?;
+            let r = self.read_reply().await?;
+            if r.code != 250 {
+                return Err(std::io::Error::other(format!(
+                    "HELO refused with {}",
+                    r.code
+                )));
+            }
+            self.caps = Capabilities::default();
+            return Ok(());
+        }
+        // A keyword check over the lines we already split; smtp-proto's EhloResponse parser
+        // would need the raw bytes re-assembled for no gain.
+        let mut caps = Capabilities::default();
+        for line in r.lines.iter().skip(1) {
+            let kw = line
+                .split_whitespace()
+                .next()
+                .unwrap_or("")
+                .to_ascii_uppercase();
+            match kw.as_str() {
+                "STARTTLS" => caps.starttls = true,
+                "SIZE" => caps.size = true,
+                "8BITMIME" => caps.eightbit = true,
+                "SMTPUTF8" => caps.smtputf8 = true,
+                _ => {}
+            }
+        }
+        self.caps = caps;
+        Ok(())
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.wbuf.extend_from_slice(bytes);
+        self.flush().await
+    }
+
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if self.wbuf.is_empty() {
+            return Ok(());
+        }
+        let fut = async {
+            self.conn.write_all(&self.wbuf).await?;
+            self.conn.flush().await
+        };
+        match timeout(self.reply_timeout, fut).await {
+            Ok(r) => {
+                self.wbuf.clear();
+                r
+            }
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "write timed out",
+            )),
+        }
+    }
+
+    /// Buffered write for DATA; flushed in chunks so the message is streamed, not held.
+    pub async fn write_data(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.wbuf.extend_from_slice(bytes);
+        if self.wbuf.len() >= WRITE_CHUNK {
+            self.flush().await?;
+        }
+        Ok(())
+    }
+
+    pub async fn read_reply(&mut self) -> std::io::Result<HopReply> {
+        let t = self.reply_timeout;
+        self.read_reply_within(t).await
+    }
+
+    async fn read_reply_within(&mut self, t: Duration) -> std::io::Result<HopReply> {
+        match timeout(t, self.read_reply_inner()).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "reply timed out",
+            )),
+        }
+    }
+
+    async fn read_reply_inner(&mut self) -> std::io::Result<HopReply> {
+        let mut lines = Vec::new();
+        let mut esc = None;
+        loop {
+            let line = self.read_line().await?;
+            let bad = || std::io::Error::new(std::io::ErrorKind::InvalidData, "malformed reply");
+            let text = String::from_utf8_lossy(&line);
+            let text = text.trim_end_matches(['\r', '\n']);
+            if text.len() < 3 || !text.is_char_boundary(3) {
+                return Err(bad());
+            }
+            let code: u16 = text[..3].parse().map_err(|_| bad())?;
+            let sep = text.as_bytes().get(3).copied().unwrap_or(b' ');
+            let rest = text.get(4..).unwrap_or("");
+            let (e, t) = split_esc(rest);
+            if esc.is_none() {
+                esc = e;
+            }
+            lines.push(t.to_string());
+            if lines.len() > MAX_REPLY_LINES {
+                return Err(bad());
+            }
+            if sep != b'-' {
+                if !(200..600).contains(&code) {
+                    return Err(bad());
+                }
+                return Ok(HopReply { code, esc, lines });
+            }
+        }
+    }
+
+    async fn read_line(&mut self) -> std::io::Result<Vec<u8>> {
+        loop {
+            if let Some(i) = self.rbuf.iter().position(|b| *b == b'\n') {
+                return Ok(self.rbuf.drain(..=i).collect());
+            }
+            if self.rbuf.len() > MAX_REPLY_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "reply line too long",
+                ));
+            }
+            let mut tmp = [0u8; 4096];
+            let n = self.conn.read(&mut tmp).await?;
+            if n == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "connection closed",
+                ));
+            }
+            self.rbuf.extend_from_slice(&tmp[..n]);
+        }
+    }
+
+    /// Sends a command and reads its reply.
+    pub async fn command(&mut self, line: &str) -> std::io::Result<HopReply> {
+        self.send(line.as_bytes()).await?;
+        self.read_reply().await
+    }
+
+    /// Ends DATA with the terminator and waits (longer) for the final reply.
+    pub async fn finish_data(&mut self) -> std::io::Result<HopReply> {
+        self.wbuf.extend_from_slice(b".\r\n");
+        self.flush().await?;
+        let t = self.data_end_timeout;
+        self.read_reply_within(t).await
+    }
+
+    /// Polite close; errors do not matter any more.
+    pub async fn quit(mut self) {
+        let _ = timeout(Duration::from_secs(5), async {
+            if self.send(b"QUIT\r\n").await.is_ok() {
+                let _ = self.read_reply().await;
+            }
+            let _ = self.conn.shutdown().await;
+        })
+        .await;
+    }
+
+    /// Drops the connection without ending DATA, so the next hop discards the partial message.
+    pub fn abort(self) {
+        drop(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn enhanced_codes_are_split_and_mirrored() {
+        assert_eq!(split_esc("5.7.1 denied"), (Some([5, 7, 1]), "denied"));
+        assert_eq!(split_esc("hello"), (None, "hello"));
+        assert_eq!(split_esc("1.2.3 x"), (None, "1.2.3 x"));
+        let r = HopReply {
+            code: 550,
+            esc: None,
+            lines: vec!["no such user".into()],
+        };
+        assert_eq!(r.mirror([1, 1]).to_string(), "550 5.1.1 no such user");
+        let r = HopReply {
+            code: 452,
+            esc: Some([4, 2, 2]),
+            lines: vec!["full".into()],
+        };
+        assert_eq!(r.mirror([0, 0]).esc_string(), "4.2.2");
+    }
+}

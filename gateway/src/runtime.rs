@@ -1,0 +1,425 @@
+//! The runtime config: both files parsed and validated, every PEM file loaded, rustls configs
+//! built. One immutable value per successful load; sessions hold the `Arc` they started with.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+
+use crate::certs::{
+    Anchors, TrustStore, cert_info, load_anchors, load_certs, load_key, public_roots,
+};
+use crate::config::{
+    CertificateFiles, ConnectorsFile, FieldError, FleetSettings, TlsLevel, parse_smart_host,
+};
+
+/// The two files the gateway is started with.
+#[derive(Debug, Clone)]
+pub struct ConfigPaths {
+    pub fleet: PathBuf,
+    pub connectors: PathBuf,
+}
+
+/// One next hop host with its TLS client config (the DomainValidation name can differ per host).
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub host: String,
+    pub port: u16,
+    pub tls: Arc<rustls::ClientConfig>,
+    /// SNI / name sent in the handshake.
+    pub server_name: String,
+}
+
+/// Where a route's mail goes and how strictly its TLS is checked.
+#[derive(Debug, Clone)]
+pub struct Hop {
+    /// Label for logs and replies: `upstream` or the Outbound connector's name.
+    pub label: String,
+    pub level: TlsLevel,
+    pub targets: Vec<Target>,
+    pub use_mx: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertStatus {
+    /// `server`, `upstream`, or the file name as written in the config.
+    pub file: String,
+    pub subject: String,
+    pub not_after: i64,
+}
+
+pub struct Runtime {
+    pub fleet: FleetSettings,
+    pub connectors: ConnectorsFile,
+    /// Hex sha256 of the connectors file bytes.
+    pub hash: String,
+    pub loaded_at: OffsetDateTime,
+    pub server_tls: Arc<rustls::ServerConfig>,
+    pub trust: Arc<TrustStore>,
+    pub upstream: Hop,
+    /// Same order as `connectors.outbound`.
+    pub outbound: Vec<Hop>,
+    pub certificates: Vec<CertStatus>,
+}
+
+impl std::fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Runtime")
+            .field("hash", &self.hash)
+            .field("loaded_at", &self.loaded_at)
+            .finish_non_exhaustive()
+    }
+}
+
+fn err(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+    FieldError {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+fn resolve(base: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        base.join(p)
+    }
+}
+
+/// Directory fleet-file paths are relative to.
+pub fn fleet_base(paths: &ConfigPaths) -> PathBuf {
+    paths
+        .fleet
+        .parent()
+        .map(Path::to_path_buf)
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// Where connector PEM paths are resolved: `materialDir` (relative to the fleet file's
+/// directory) or the connectors file's directory.
+pub fn material_dir(fleet: &FleetSettings, paths: &ConfigPaths) -> PathBuf {
+    let base = fleet_base(paths);
+    match &fleet.material_dir {
+        Some(d) => resolve(&base, d),
+        None => {
+            let d = fleet.material_dir_for(&paths.connectors);
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        }
+    }
+}
+
+/// Parses both files without reading PEM material.
+pub fn parse_files(
+    paths: &ConfigPaths,
+) -> Result<(FleetSettings, ConnectorsFile, Vec<u8>), Vec<FieldError>> {
+    let mut errors = Vec::new();
+    let fleet_path = paths.fleet.display().to_string();
+    let conn_path = paths.connectors.display().to_string();
+    let fleet = match std::fs::read(&paths.fleet) {
+        Ok(b) => match serde_json::from_slice::<FleetSettings>(&b) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                errors.push(err(fleet_path, format!("invalid fleet settings: {e}")));
+                None
+            }
+        },
+        Err(e) => {
+            errors.push(err(fleet_path, format!("cannot read: {e}")));
+            None
+        }
+    };
+    let connectors = match std::fs::read(&paths.connectors) {
+        Ok(b) => match serde_json::from_slice::<ConnectorsFile>(&b) {
+            Ok(c) => Some((c, b)),
+            Err(e) => {
+                errors.push(err(conn_path, format!("invalid connectors file: {e}")));
+                None
+            }
+        },
+        Err(e) => {
+            errors.push(err(conn_path, format!("cannot read: {e}")));
+            None
+        }
+    };
+    if let Some(f) = &fleet {
+        errors.extend(f.validate());
+    }
+    if let Some((c, _)) = &connectors {
+        errors.extend(c.validate());
+    }
+    match (fleet, connectors) {
+        (Some(f), Some((c, bytes))) if errors.is_empty() => Ok((f, c, bytes)),
+        _ => Err(errors),
+    }
+}
+
+fn load_pair(
+    base: &Path,
+    files: &CertificateFiles,
+    field: &str,
+    errors: &mut Vec<FieldError>,
+) -> Option<(
+    Vec<rustls_pki_types::CertificateDer<'static>>,
+    rustls_pki_types::PrivateKeyDer<'static>,
+)> {
+    let chain = load_certs(&resolve(base, &files.cert_file))
+        .map_err(|e| errors.push(err(format!("{field}.certFile"), e)))
+        .ok();
+    let key = load_key(&resolve(base, &files.key_file))
+        .map_err(|e| errors.push(err(format!("{field}.keyFile"), e)))
+        .ok();
+    Some((chain?, key?))
+}
+
+fn earliest(file: String, chain: &[rustls_pki_types::CertificateDer<'_>]) -> Option<CertStatus> {
+    chain
+        .iter()
+        .filter_map(|c| cert_info(c).ok())
+        .min_by_key(|i| i.not_after)
+        .map(|i| CertStatus {
+            file,
+            subject: i.subject,
+            not_after: i.not_after,
+        })
+}
+
+/// Loads everything; every problem is returned with its field path.
+pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
+    let (fleet, connectors, bytes) = parse_files(paths)?;
+    let mut errors = Vec::new();
+    let base = fleet_base(paths);
+    let material = material_dir(&fleet, paths);
+    let mut certificates = Vec::new();
+
+    let server_tls = match load_pair(
+        &base,
+        &fleet.server_certificate,
+        "serverCertificate",
+        &mut errors,
+    ) {
+        Some((chain, key)) => {
+            certificates.extend(earliest("server".into(), &chain[..1]));
+            match crate::tls::server_config(chain, key) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    errors.push(err("serverCertificate", e));
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+
+    // Trust bundles named by rules that check client certificates.
+    let mut bundles: HashMap<PathBuf, Anchors> = HashMap::new();
+    let mut want = |rel: &Path, root: &Path, field: String, errors: &mut Vec<FieldError>| {
+        if bundles.contains_key(rel) {
+            return;
+        }
+        let full = resolve(root, rel);
+        match load_anchors(&full) {
+            Ok(a) => {
+                if let Ok(chain) = load_certs(&full) {
+                    certificates.extend(earliest(rel.display().to_string(), &chain));
+                }
+                bundles.insert(rel.to_path_buf(), a);
+            }
+            Err(e) => errors.push(err(field, e)),
+        }
+    };
+    if let Some(b) = &fleet.internal_senders.trust_bundle_file {
+        want(
+            b,
+            &base,
+            "internalSenders.trustBundleFile".into(),
+            &mut errors,
+        );
+    }
+    for (i, c) in connectors.inbound.iter().enumerate() {
+        if let Some(b) = c
+            .certificate
+            .as_ref()
+            .and_then(|r| r.trust_bundle_file.as_ref())
+        {
+            want(
+                b,
+                &material,
+                format!("inbound[{i}].certificate.trustBundleFile"),
+                &mut errors,
+            );
+        }
+    }
+    let public = public_roots();
+
+    let hop_anchors = |bundle: &Option<PathBuf>,
+                       root: &Path,
+                       field: &str,
+                       errors: &mut Vec<FieldError>|
+     -> Anchors {
+        match bundle {
+            None => public.clone(),
+            Some(b) => load_anchors(&resolve(root, b)).unwrap_or_else(|e| {
+                errors.push(err(field, e));
+                public.clone()
+            }),
+        }
+    };
+
+    // Upstream.
+    let up = &fleet.upstream;
+    let anchors = hop_anchors(
+        &up.trust_bundle_file,
+        &base,
+        "upstream.trustBundleFile",
+        &mut errors,
+    );
+    let client_cert = up
+        .client_certificate
+        .as_ref()
+        .and_then(|c| load_pair(&base, c, "upstream.clientCertificate", &mut errors));
+    if let Some((chain, _)) = &client_cert {
+        certificates.extend(earliest("upstream-client".into(), chain));
+    }
+    let name = up.tls_domain.clone().unwrap_or_else(|| up.host.clone());
+    let upstream = match crate::tls::client_config(up.tls, anchors, name.clone(), client_cert) {
+        Ok(tls) => Some(Hop {
+            label: "upstream".into(),
+            level: up.tls,
+            targets: vec![Target {
+                host: up.host.clone(),
+                port: up.port,
+                tls,
+                server_name: sni_name(&name, &up.host),
+            }],
+            use_mx: false,
+        }),
+        Err(e) => {
+            errors.push(err("upstream", e));
+            None
+        }
+    };
+
+    // Outbound connectors.
+    let mut outbound = Vec::new();
+    for (i, c) in connectors.outbound.iter().enumerate() {
+        let p = format!("outbound[{i}]");
+        let anchors = hop_anchors(
+            &c.trust_bundle_file,
+            &material,
+            &format!("{p}.trustBundleFile"),
+            &mut errors,
+        );
+        let client_cert = c.client_certificate.as_ref().and_then(|cc| {
+            load_pair(
+                &material,
+                cc,
+                &format!("{p}.clientCertificate"),
+                &mut errors,
+            )
+        });
+        let mut targets = Vec::new();
+        for h in &c.smart_hosts {
+            let Ok((host, port)) = parse_smart_host(h) else {
+                continue;
+            };
+            let name = c.tls_domain.clone().unwrap_or_else(|| host.clone());
+            match crate::tls::client_config(
+                c.tls,
+                anchors.clone(),
+                name.clone(),
+                client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.clone(), k.clone_key())),
+            ) {
+                Ok(tls) => targets.push(Target {
+                    server_name: sni_name(&name, &host),
+                    host,
+                    port,
+                    tls,
+                }),
+                Err(e) => errors.push(err(format!("{p}.smartHosts"), e)),
+            }
+        }
+        outbound.push(Hop {
+            label: c.name.clone(),
+            level: c.tls,
+            targets,
+            use_mx: c.use_mx,
+        });
+    }
+
+    match (server_tls, upstream) {
+        (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(Runtime {
+            fleet,
+            connectors,
+            hash: hex::encode(Sha256::digest(&bytes)),
+            loaded_at: OffsetDateTime::now_utc(),
+            server_tls,
+            trust: Arc::new(TrustStore { bundles, public }),
+            upstream,
+            outbound,
+            certificates,
+        }),
+        _ => Err(errors),
+    }
+}
+
+/// The name sent as SNI: the DomainValidation name unless it is a wildcard pattern, then the
+/// host.
+fn sni_name(name: &str, host: &str) -> String {
+    if name.starts_with("*.") {
+        host.to_string()
+    } else {
+        name.to_string()
+    }
+}
+
+/// Every file a config depends on, for the reload watcher.
+pub fn watched_files(paths: &ConfigPaths) -> Vec<PathBuf> {
+    let mut files = vec![paths.fleet.clone(), paths.connectors.clone()];
+    let Ok((fleet, connectors, _)) = parse_files(paths) else {
+        return files;
+    };
+    let base = fleet_base(paths);
+    let material = material_dir(&fleet, paths);
+    files.push(resolve(&base, &fleet.server_certificate.cert_file));
+    files.push(resolve(&base, &fleet.server_certificate.key_file));
+    for b in fleet
+        .internal_senders
+        .trust_bundle_file
+        .iter()
+        .chain(fleet.upstream.trust_bundle_file.iter())
+    {
+        files.push(resolve(&base, b));
+    }
+    if let Some(c) = &fleet.upstream.client_certificate {
+        files.push(resolve(&base, &c.cert_file));
+        files.push(resolve(&base, &c.key_file));
+    }
+    for c in &connectors.inbound {
+        if let Some(b) = c
+            .certificate
+            .as_ref()
+            .and_then(|r| r.trust_bundle_file.as_ref())
+        {
+            files.push(resolve(&material, b));
+        }
+    }
+    for c in &connectors.outbound {
+        if let Some(b) = &c.trust_bundle_file {
+            files.push(resolve(&material, b));
+        }
+        if let Some(cc) = &c.client_certificate {
+            files.push(resolve(&material, &cc.cert_file));
+            files.push(resolve(&material, &cc.key_file));
+        }
+    }
+    files
+}
