@@ -221,6 +221,13 @@ def main():
     check(probe["args"][:2] == ["probe", "--host"] and "--starttls" in probe["args"]
           and probe["args"][2] == "partnergate-gateway.partnergate.svc.cluster.local"
           and probe["args"][3:5] == ["--port", "25"], f"test pod args {probe['args']}")
+    mprobe = [d for d in mx if d["kind"] == "Pod"][0]
+    check_pod_security("max test pod", mprobe, want_token=False)
+    margs = mprobe["spec"]["containers"][0]["args"]
+    check(margs[margs.index("--ca") + 1] == "/etc/partnergate/test-ca/ca.crt"
+          and margs[margs.index("--tls-server-name") + 1] == "mx.example.com", f"max: test pod args {margs}")
+    check(mprobe["spec"]["volumes"][0]["secret"]["items"] == [{"key": "ca.crt", "path": "ca.crt"}],
+          "max: the test pod may only mount ca.crt of the server certificate Secret")
     print("ok   gateway pods: no SA token, non-root, read-only root FS, caps dropped, seccomp; mounts, ports, probes; test pod")
 
     # --- operator
