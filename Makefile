@@ -50,7 +50,7 @@ IMAGE_TARGET ?= x86_64-unknown-linux-gnu
 IMAGE_BINS := target/$(IMAGE_TARGET)/release
 IMAGE_ARCHIVE := target/image/partnergate.tar
 
-.PHONY: image image-bins image-test image-selftest chart-crds chart-test
+.PHONY: image image-bins image-test image-selftest chart-crds chart-test chart-cluster-test
 
 image-bins:
 	RUSTFLAGS='-C target-feature=+crt-static' $(CARGO) build --release --locked \
@@ -72,3 +72,8 @@ chart-crds:
 
 chart-test:
 	tests/chart/test.sh
+
+## chart-cluster-test: the chart on a throwaway real API server (tests/cluster): install under
+## Pod Security restricted, the operator's RBAC as the API server sees it, upgrade, uninstall
+chart-cluster-test:
+	tests/chart/cluster.sh
