@@ -9,6 +9,7 @@
 
 #![allow(dead_code, unused_imports)]
 
+pub mod fixture;
 pub mod gateway;
 pub mod net;
 pub mod peers;
@@ -17,13 +18,14 @@ pub mod postfix;
 pub mod sink;
 pub mod smtp;
 
+pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound};
 pub use gateway::{Gateway, GatewaySpec};
 pub use net::Net;
 pub use peers::{Openssl, Python, Swaks};
 pub use pki::{CertPair, Pki};
 pub use postfix::{Postfix, PostfixOptions};
 pub use sink::{Recorded, Sink, SinkOptions};
-pub use smtp::{ClientTls, Reply, SmtpConn, Transcript, assert_reply};
+pub use smtp::{ClientTls, Reply, SmtpConn, Transcript, assert_reply, message};
 
 use std::time::{Duration, Instant};
 
