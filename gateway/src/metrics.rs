@@ -64,7 +64,7 @@ impl Metrics {
         let rejections = Family::<RejectionLabels, Counter>::default();
         let tls_handshakes = Family::<TlsLabels, Counter>::default();
         let relay_duration =
-            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0].into_iter());
+            Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]);
         let config_reloads = Family::<ResultLabels, Counter>::default();
         let certificate_expiry = Family::<SecretLabels, Gauge>::default();
         registry.register(
