@@ -65,8 +65,14 @@ impl Swaks {
         self.arg("--quit-after", stage)
     }
 
+    /// Adds a header (`--add-header`), keeping swaks' own.
     pub fn header(self, h: &str) -> Swaks {
         self.arg("--add-header", h)
+    }
+
+    /// Sets a header, replacing swaks' own of that name (`--header`).
+    pub fn set_header(self, h: &str) -> Swaks {
+        self.arg("--header", h)
     }
 
     /// Message data (LF line ends are fine; swaks sends CRLF).
