@@ -125,6 +125,9 @@ spec:
       readinessProbe:
         httpGet: {path: /readyz, port: 8080}
         periodSeconds: 1
+      lifecycle:
+        preStop:
+          sleep: {seconds: 1}
       volumeMounts:
         - {name: demo, mountPath: /etc/demo, readOnly: true}
   volumes:
@@ -238,6 +241,27 @@ for ip in "${IPS[@]}"; do
   ! grep -q '^KUBECONFIG=' <<<"$E" || die "automountServiceAccountToken: false pod got a KUBECONFIG"
 done
 ok "2 Ready pods on ${IPS[*]} (same port 8080, distinct IPs)"
+
+step "failing liveness probe restarts the process"
+kn apply -f - >/dev/null <<'EOF'
+apiVersion: v1
+kind: Pod
+metadata: {name: unlively}
+spec:
+  automountServiceAccountToken: false
+  terminationGracePeriodSeconds: 2
+  containers:
+    - name: echo
+      image: partnergate/partnergate:test
+      command: ["kubelet-test-echo"]
+      livenessProbe:
+        httpGet: {path: /no-such-path, port: 8080}
+        periodSeconds: 1
+        failureThreshold: 2
+EOF
+live_restarted() { [ "$(kn get pod unlively -o jsonpath='{.status.containerStatuses[0].restartCount}')" -ge 1 ]; }
+wait_until "unlively restarted by its liveness probe" 60 live_restarted
+kn delete pod unlively --timeout=30s >/dev/null
 
 step "pod with image nginx stays Pending with an Event"
 kn run nginx --image=nginx:1.27 --restart=Always >/dev/null

@@ -185,8 +185,15 @@ pub async fn heartbeat_loop(ctx: std::sync::Arc<Ctx>) {
                     &Patch::Merge(node_status(&ctx, &transition)),
                 )
                 .await;
-            if let Err(e) = r {
-                warn!(error = %e, "node status update failed");
+            match r {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {
+                    warn!("node object disappeared: registering it again");
+                    if let Err(e) = register(&ctx).await {
+                        warn!(error = %e, "node re-registration failed");
+                    }
+                }
+                Err(e) => warn!(error = %e, "node status update failed"),
             }
         }
     }

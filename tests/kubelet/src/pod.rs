@@ -74,6 +74,8 @@ struct Worker {
     probe_ok: i32,
     probe_fail: i32,
     next_probe: Instant,
+    live_fail: i32,
+    next_live: Instant,
     written: HashMap<String, Payload>,
     tokens: HashMap<String, Token>,
     volumes_ok: bool,
@@ -118,6 +120,8 @@ pub async fn run(
         probe_ok: 0,
         probe_fail: 0,
         next_probe: Instant::now(),
+        live_fail: 0,
+        next_live: Instant::now(),
         written: HashMap::new(),
         tokens: HashMap::new(),
         volumes_ok: false,
@@ -823,6 +827,14 @@ impl Worker {
             .unwrap_or(0)
             .max(0) as u64;
         self.next_probe = Instant::now() + Duration::from_secs(delay);
+        let live_delay = c
+            .liveness_probe
+            .as_ref()
+            .and_then(|p| p.initial_delay_seconds)
+            .unwrap_or(0)
+            .max(0) as u64;
+        self.live_fail = 0;
+        self.next_live = Instant::now() + Duration::from_secs(live_delay);
         let msg = format!("Started container {} (process {pid}, pod IP {ip})", c.name);
         self.event(pod, "Normal", "Started", &msg).await;
         Ok(())
@@ -888,6 +900,7 @@ impl Worker {
     }
 
     async fn probe(&mut self, pod: &Pod) {
+        self.liveness(pod).await;
         if self.proc.is_none() {
             self.ready = false;
             return;
@@ -938,9 +951,58 @@ impl Worker {
         }
     }
 
+    /// Liveness probe: `failureThreshold` consecutive failures kill the process (SIGTERM, grace,
+    /// SIGKILL); it is then restarted like after a crash.
+    async fn liveness(&mut self, pod: &Pod) {
+        if self.proc.is_none() || Instant::now() < self.next_live {
+            return;
+        }
+        let Some(c) = first_container(pod) else {
+            return;
+        };
+        let Some(pr) = c.liveness_probe.clone() else {
+            return;
+        };
+        let period = pr.period_seconds.unwrap_or(10).max(1) as u64;
+        self.next_live = Instant::now() + Duration::from_secs(period);
+        let ip = self.ip.map(|i| i.to_string()).unwrap_or_default();
+        match probe::run(&pr, c, &ip).await {
+            Ok(()) => self.live_fail = 0,
+            Err(msg) => {
+                self.live_fail += 1;
+                self.event(
+                    pod,
+                    "Warning",
+                    "Unhealthy",
+                    &format!("Liveness probe failed: {msg}"),
+                )
+                .await;
+                if self.live_fail >= pr.failure_threshold.unwrap_or(3).max(1) {
+                    let name = c.name.clone();
+                    self.event(
+                        pod,
+                        "Normal",
+                        "Killing",
+                        &format!("Container {name} failed liveness probe, will be restarted"),
+                    )
+                    .await;
+                    let grace = pod
+                        .spec
+                        .as_ref()
+                        .and_then(|s| s.termination_grace_period_seconds)
+                        .unwrap_or(30)
+                        .max(1) as u64;
+                    self.stop(Duration::from_secs(grace)).await;
+                    self.check_exit(pod).await;
+                }
+            }
+        }
+    }
+
     /// SIGTERM to the process group, up to `grace` to exit, then SIGKILL.
     async fn stop(&mut self, grace: Duration) {
-        let Some(mut p) = self.proc.take() else {
+        let key = self.key();
+        let Some(p) = self.proc.as_mut() else {
             return;
         };
         if p.pid > 0 {
@@ -950,9 +1012,9 @@ impl Worker {
             }
         }
         match tokio::time::timeout(grace, p.child.wait()).await {
-            Ok(_) => info!(pod = %self.key(), pid = p.pid, "process stopped"),
+            Ok(_) => info!(pod = %key, pid = p.pid, "process stopped"),
             Err(_) => {
-                warn!(pod = %self.key(), pid = p.pid, ?grace, "process ignored SIGTERM: SIGKILL");
+                warn!(pod = %key, pid = p.pid, ?grace, "process ignored SIGTERM: SIGKILL");
                 if p.pid > 0 {
                     // SAFETY: as above.
                     unsafe {
@@ -970,6 +1032,37 @@ impl Worker {
             }
         }
         self.ready = false;
+    }
+
+    /// Runs the container's preStop hook (sleep or httpGet; exec is skipped), bounded by `grace`.
+    /// Returns the time it took.
+    async fn pre_stop(&self, pod: &Pod, grace: Duration) -> Duration {
+        let started = Instant::now();
+        let Some(c) = first_container(pod) else {
+            return Duration::ZERO;
+        };
+        let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.clone()) else {
+            return Duration::ZERO;
+        };
+        if let Some(sl) = &h.sleep {
+            let d = Duration::from_secs(sl.seconds.max(0) as u64).min(grace);
+            info!(pod = %self.key(), ?d, "preStop sleep");
+            tokio::time::sleep(d).await;
+        } else if h.http_get.is_some() || h.tcp_socket.is_some() {
+            let pr = k8s_openapi::api::core::v1::Probe {
+                http_get: h.http_get.clone(),
+                tcp_socket: h.tcp_socket.clone(),
+                timeout_seconds: Some(grace.as_secs().clamp(1, 30) as i32),
+                ..Default::default()
+            };
+            let ip = self.ip.map(|i| i.to_string()).unwrap_or_default();
+            if let Err(e) = probe::run(&pr, c, &ip).await {
+                warn!(pod = %self.key(), error = %e, "preStop hook failed");
+            }
+        } else if h.exec.is_some() {
+            warn!(pod = %self.key(), "exec preStop hooks are not run by process-kubelet");
+        }
+        started.elapsed()
     }
 
     fn release_ip(&mut self) {
@@ -1015,7 +1108,10 @@ impl Worker {
             self.ready = false;
             self.waiting = None;
             self.report_status(pod).await;
-            self.stop(Duration::from_secs(grace.max(1))).await;
+            let grace = Duration::from_secs(grace.max(1));
+            let spent = self.pre_stop(pod, grace).await;
+            self.stop(grace.saturating_sub(spent).max(Duration::from_secs(1)))
+                .await;
         }
         let dp = DeleteParams {
             grace_period_seconds: Some(0),

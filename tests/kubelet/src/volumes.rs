@@ -65,7 +65,7 @@ pub fn project_keys(
 
 fn timestamp_dir_name() -> String {
     let now = jiff::Timestamp::now();
-    format!("..{}", now.strftime("%Y_%m_%d_%H_%M_%S.%f"))
+    format!("..{}", now.strftime("%Y_%m_%d_%H_%M_%S.%9f"))
 }
 
 fn top_level(p: &str) -> &str {
