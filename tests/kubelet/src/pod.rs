@@ -133,6 +133,14 @@ pub async fn run(
         start_time: Timestamp::now().to_string(),
         emitted: HashSet::new(),
     };
+    // A kubelet restart keeps counting restarts where the previous one left off.
+    w.restart_count = first
+        .status
+        .as_ref()
+        .and_then(|s| s.container_statuses.as_ref())
+        .and_then(|cs| cs.first())
+        .map(|c| c.restart_count)
+        .unwrap_or(0);
     info!(pod = %w.key(), "pod worker started");
     let mut rx_open = true;
     loop {
