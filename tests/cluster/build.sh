@@ -179,7 +179,8 @@ k8s_ldflags() {
   date=$(sed -n 's/.*"Time":"\([^"]*\)".*/\1/p' "$info" 2>/dev/null)
   for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
     flags+=" -X $pkg.gitVersion=$K8S_VERSION -X $pkg.gitMajor=$major -X $pkg.gitMinor=$minor"
-    flags+=" -X $pkg.gitTreeState=clean"
+    # The proxy's module zip carries no commit id: blank the "$Format:%H$" placeholder.
+    flags+=" -X $pkg.gitTreeState=clean -X $pkg.gitCommit="
     [ -n "$date" ] && flags+=" -X $pkg.buildDate=$date"
   done
   echo "$flags"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke test of the test control plane: build.sh -> up.sh -> checks -> down.sh.
 # Exits non-zero on any failure (the components' log tails are printed first).
+# PARTNERGATE_SMOKE_KEEP=1 keeps the state dir (logs, certs) after stopping the cluster.
 # Uses its own state dir and ports by default, so it never tears down a cluster you are using:
 #   PARTNERGATE_CLUSTER_STATE=/tmp/partnergate-cluster-smoke, ports = defaults + 1.
 set -euo pipefail
@@ -16,7 +17,14 @@ export PARTNERGATE_SCHEDULER_PORT=${PARTNERGATE_SCHEDULER_PORT:-10560}
 
 T0=$SECONDS
 step() { printf '\n==> %s\n' "$*"; }
-die() { echo "smoke: FAIL: $*" >&2; exit 1; }
+die() {
+  echo "smoke: FAIL: $*" >&2
+  if [ -n "${KUBECONFIG:-}" ]; then
+    kubectl get nodes,pods -A -o wide >&2 || true
+    kubectl get events -A --sort-by=.lastTimestamp 2>/dev/null | tail -n 20 >&2 || true
+  fi
+  exit 1
+}
 # wait_until DESCRIPTION TIMEOUT CMD...: retry CMD every 0.5 s until it succeeds
 wait_until() {
   local what=$1 timeout=$2; shift 2
@@ -43,7 +51,7 @@ cleanup() {
     done
   fi
   step "down"
-  "$HERE/down.sh"
+  if [ "${PARTNERGATE_SMOKE_KEEP:-0}" = 1 ]; then "$HERE/down.sh" --keep; else "$HERE/down.sh"; fi
   rm -rf "${WORK:-}"
   if [ "$rc" -eq 0 ]; then echo "smoke: PASS ($((SECONDS - T0))s)"; else echo "smoke: FAILED (exit $rc)" >&2; fi
   exit "$rc"
@@ -60,7 +68,8 @@ step "server version"
 k get --raw /version | tee "$WORK/version.json"
 grep -q "\"gitVersion\": *\"$K8S_VERSION\"" "$WORK/version.json" || die "/version is not $K8S_VERSION"
 k version
-k version -o json | grep -q "\"gitVersion\": *\"$K8S_VERSION\"" || die "kubectl is not $K8S_VERSION"
+kv=$(k version --client -o json)
+grep -q "\"gitVersion\": *\"$K8S_VERSION\"" <<<"$kv" || die "kubectl is not $K8S_VERSION"
 
 NS=pg-smoke
 step "namespace $NS + Deployment"
@@ -70,8 +79,8 @@ wait_until "ConfigMap $NS/kube-root-ca.crt (root CA publisher)" 60 k -n "$NS" ge
 k -n "$NS" create deployment web --image=partnergate.invalid/smoke:0 --replicas=1 --port=25
 has_rs() { [ -n "$(k -n "$NS" get replicaset -l app=web -o name)" ]; }
 wait_until "ReplicaSet created by the deployment controller" 60 has_rs
-k -n "$NS" get replicaset -l app=web -o jsonpath='{.items[0].metadata.ownerReferences[0].kind}' | grep -qx Deployment \
-  || die "ReplicaSet not owned by the Deployment"
+owner=$(k -n "$NS" get replicaset -l app=web -o jsonpath='{.items[0].metadata.ownerReferences[0].kind}')
+[ "$owner" = Deployment ] || die "ReplicaSet owned by '$owner', expected the Deployment"
 has_pod() { [ -n "$(k -n "$NS" get pod -l app=web -o name)" ]; }
 wait_until "Pod created by the replicaset controller" 60 has_pod
 POD=$(k -n "$NS" get pod -l app=web -o jsonpath='{.items[0].metadata.name}')
@@ -118,10 +127,12 @@ echo "ok: token authenticates as $who"
 
 step "helm"
 helm version
-helm version --template '{{.Version}}' | grep -qx "$HELM_VERSION" || die "helm is not $HELM_VERSION"
+hv=$(helm version --template '{{.Version}}')
+[ "$hv" = "$HELM_VERSION" ] || die "helm is '$hv', expected $HELM_VERSION"
 helm create "$WORK/smokechart" >/dev/null
 helm install smoke "$WORK/smokechart" -n "$NS" --set image.repository=partnergate.invalid/smoke --set image.tag=0
-helm status smoke -n "$NS" | grep -qx 'STATUS: deployed' || die "helm release not deployed"
+hs=$(helm status smoke -n "$NS")
+grep -qx 'STATUS: deployed' <<<"$hs" || die "helm release not deployed"
 wait_until "Deployment smoke-smokechart from the chart" 60 k -n "$NS" get deployment smoke-smokechart
 helm uninstall smoke -n "$NS" --wait --timeout 60s
 

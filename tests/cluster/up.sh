@@ -49,7 +49,8 @@ fi
 
 # ---- ports free? -------------------------------------------------------------------------------
 for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
-  if ss -Hltn "sport = :$p" 2>/dev/null | grep -q .; then
+  listeners=$(ss -Hltn "sport = :$p" 2>/dev/null || true)
+  if [ -n "$listeners" ]; then
     echo "up.sh: port $p is already in use (set PARTNERGATE_*_PORT to move this cluster)" >&2
     ss -Hltnp "sport = :$p" >&2 || true
     exit 1
@@ -80,14 +81,19 @@ pg_log "generating CA, certificates and service-account keys in $PKI"
 (
   cd "$PKI"
   umask 077
-  openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out ca.key 2>/dev/null
-  openssl req -x509 -new -key ca.key -sha256 -days 3650 -subj "/CN=partnergate-test-ca" \
-    -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
-    -out ca.crt 2>/dev/null
+  # ca NAME CN: a self-signed CA
+  ca() {
+    openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1.key" 2>/dev/null
+    openssl req -x509 -new -key "$1.key" -sha256 -days 3650 -subj "/CN=$2" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign,digitalSignature" \
+      -out "$1.crt" 2>/dev/null
+  }
+  ca ca partnergate-test-ca               # cluster CA: serving certs + client certs
+  ca front-proxy-ca partnergate-front-proxy-ca   # request-header (aggregation) CA
 
-  # leaf NAME SUBJECT EXTKEYUSAGE [SAN]
+  # leaf NAME SUBJECT EXTKEYUSAGE [SAN] (signed by $CA, default ca)
   leaf() {
-    local name=$1 subj=$2 eku=$3 san=${4:-}
+    local name=$1 subj=$2 eku=$3 san=${4:-} cacert=${CA:-ca}
     openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$name.key" 2>/dev/null
     openssl req -new -key "$name.key" -subj "$subj" -out "$name.csr" 2>/dev/null
     {
@@ -98,7 +104,7 @@ pg_log "generating CA, certificates and service-account keys in $PKI"
       echo "subjectKeyIdentifier=hash"
       [ -n "$san" ] && echo "subjectAltName=$san"
     } >"$name.ext"
-    openssl x509 -req -in "$name.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -CAserial ca.srl \
+    openssl x509 -req -in "$name.csr" -CA "$cacert.crt" -CAkey "$cacert.key" -CAcreateserial -CAserial "$cacert.srl" \
       -days 3650 -sha256 -extfile "$name.ext" -out "$name.crt" 2>/dev/null
     rm -f "$name.csr" "$name.ext"
   }
@@ -110,6 +116,7 @@ pg_log "generating CA, certificates and service-account keys in $PKI"
   leaf kube-scheduler "/CN=system:kube-scheduler" clientAuth
   leaf kcm-serving "/CN=kube-controller-manager" serverAuth "IP:127.0.0.1,DNS:localhost"
   leaf scheduler-serving "/CN=kube-scheduler" serverAuth "IP:127.0.0.1,DNS:localhost"
+  CA=front-proxy-ca leaf front-proxy-client "/CN=front-proxy-client" clientAuth
 
   # Service-account token signing key pair (RS256).
   openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
@@ -162,7 +169,8 @@ fail() {  # NAME MESSAGE
   echo "up.sh: $1: $2" >&2
   echo "---- last 40 lines of $LOGS/$1.log ----" >&2
   tail -n 40 "$LOGS/$1.log" >&2 || true
-  echo "---- (state kept in $STATE for inspection; tests/cluster/down.sh removes it) ----" >&2
+  echo "---- stopping what was started; state kept in $STATE for inspection (down.sh removes it) ----" >&2
+  pg_stop_all >&2
   exit 1
 }
 
@@ -193,6 +201,10 @@ etcd_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | g
 wait_for etcd etcd_healthy
 
 # ---- kube-apiserver ----------------------------------------------------------------------------
+# Notes: --endpoint-reconciler-type=none because Endpoints may not hold loopback IPs (the
+# "kubernetes" Service has no endpoints; in-cluster clients must be pointed at 127.0.0.1:$APISERVER_PORT
+# via KUBERNETES_SERVICE_HOST/PORT). Default admission plugins + NodeRestriction; none needs anything
+# external. The service CIDR is configuration only: nothing routes or listens there.
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
 start kube-apiserver \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
@@ -213,12 +225,24 @@ start kube-apiserver \
   --service-account-key-file="$PKI/sa.pub" \
   --service-account-signing-key-file="$PKI/sa.key" \
   --api-audiences="$SA_ISSUER" \
+  --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" \
+  --requestheader-allowed-names=front-proxy-client \
+  --requestheader-username-headers=X-Remote-User \
+  --requestheader-group-headers=X-Remote-Group \
+  --requestheader-extra-headers-prefix=X-Remote-Extra- \
+  --proxy-client-cert-file="$PKI/front-proxy-client.crt" \
+  --proxy-client-key-file="$PKI/front-proxy-client.key" \
   --endpoint-reconciler-type=none \
   --profiling=false
 api_ready() { [ "$(api_readyz)" = ok ]; }
 wait_for kube-apiserver api_ready
 
 # ---- kube-controller-manager -------------------------------------------------------------------
+# Controllers: the workload/SA/endpoint/namespace ones tests need, plus root-ca publisher (the
+# kube-root-ca.crt ConfigMap of projected SA volumes), clusterrole aggregation, pod GC, service-cidr,
+# and node-lifecycle (removes the node.kubernetes.io/not-ready taint that admission puts on a new
+# Node once it reports Ready, and marks it NotReady/unreachable when its status/Lease go stale, like
+# a real cluster: a process kubelet must post status and renew its Lease in kube-node-lease).
 start kube-controller-manager \
   --kubeconfig="$STATE/kube-controller-manager.kubeconfig" \
   --authentication-kubeconfig="$STATE/kube-controller-manager.kubeconfig" \
@@ -233,7 +257,7 @@ start kube-controller-manager \
   --root-ca-file="$PKI/ca.crt" \
   --service-account-private-key-file="$PKI/sa.key" \
   --service-cluster-ip-range="$SERVICE_CIDR" \
-  --controllers=deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-token-controller,serviceaccount-controller,endpoints-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,job-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,pod-garbage-collector-controller,service-cidr-controller \
+  --controllers=deployment-controller,replicaset-controller,garbage-collector-controller,serviceaccount-token-controller,serviceaccount-controller,endpoints-controller,endpointslice-controller,endpointslice-mirroring-controller,namespace-controller,job-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,pod-garbage-collector-controller,service-cidr-controller,node-lifecycle-controller \
   --profiling=false
 kcm_healthy() { curl -fsS --max-time 2 --cacert "$PKI/ca.crt" "https://127.0.0.1:$KCM_PORT/healthz" | grep -qx ok; }
 wait_for kube-controller-manager kcm_healthy
