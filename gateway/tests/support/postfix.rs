@@ -272,7 +272,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                     .map(|line| {
                         let after = line.split("status=").nth(1).unwrap_or("");
                         let status = after
-                            .split(|c: char| c == ' ' || c == ',')
+                            .split([' ', ','])
                             .next()
                             .unwrap_or("")
                             .to_string();
