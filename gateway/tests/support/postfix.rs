@@ -271,11 +271,7 @@ postlog   unix-dgram n  -       n       -       1       postlogd
                     .find(|l| l.contains(&needle) && l.contains("status="))
                     .map(|line| {
                         let after = line.split("status=").nth(1).unwrap_or("");
-                        let status = after
-                            .split([' ', ','])
-                            .next()
-                            .unwrap_or("")
-                            .to_string();
+                        let status = after.split([' ', ',']).next().unwrap_or("").to_string();
                         let detail = after
                             .find('(')
                             .map(|i| after[i + 1..].trim_end_matches(')').to_string())
