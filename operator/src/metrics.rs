@@ -1,0 +1,150 @@
+//! Operator metrics (prometheus-client), served on `--listen` at /metrics.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabel {
+    pub error: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SecretLabel {
+    pub secret: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<ErrorLabel, Counter>,
+    pub reconcile_duration: Histogram,
+    pub renders: Family<ResultLabel, Counter>,
+    pub render_duration: Histogram,
+    pub config_applies: Counter,
+    pub connectors_rendered: Gauge,
+    pub leader: Gauge,
+    pub gateway_pods_ready: Gauge,
+    pub certificate_expiry: Family<SecretLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("partnergate_operator");
+        let reconciles = Counter::default();
+        registry.register(
+            "reconciliations",
+            "Connector reconciliations",
+            reconciles.clone(),
+        );
+        let reconcile_errors = Family::<ErrorLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed connector reconciliations by error kind",
+            reconcile_errors.clone(),
+        );
+        let reconcile_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of one connector reconciliation",
+            reconcile_duration.clone(),
+        );
+        let renders = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "renders",
+            "Renders of the whole connector set (result: applied, unchanged, error)",
+            renders.clone(),
+        );
+        let render_duration = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "render_duration_seconds",
+            "Duration of one render including fetches and apply",
+            render_duration.clone(),
+        );
+        let config_applies = Counter::default();
+        registry.register(
+            "config_applies",
+            "Server-side applies of the rendered ConfigMap and Secret",
+            config_applies.clone(),
+        );
+        let connectors_rendered = Gauge::default();
+        registry.register(
+            "connectors_rendered",
+            "Connectors in the last rendered config",
+            connectors_rendered.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        let gateway_pods_ready = Gauge::default();
+        registry.register(
+            "gateway_pods_ready",
+            "Ready gateway pods seen by the last poll",
+            gateway_pods_ready.clone(),
+        );
+        let certificate_expiry = Family::<SecretLabel, Gauge>::default();
+        registry.register(
+            "certificate_expiry_timestamp_seconds",
+            "notAfter of the gateway's server certificate (unix seconds)",
+            certificate_expiry.clone(),
+        );
+        Metrics {
+            registry: Arc::new(registry),
+            reconciles,
+            reconcile_errors,
+            reconcile_duration,
+            renders,
+            render_duration,
+            config_applies,
+            connectors_rendered,
+            leader,
+            gateway_pods_ready,
+            certificate_expiry,
+        }
+    }
+
+    /// OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn encodes() {
+        let m = super::Metrics::new();
+        m.reconciles.inc();
+        m.reconcile_duration.observe(0.01);
+        let text = m.encode();
+        assert!(
+            text.contains("partnergate_operator_reconciliations_total 1"),
+            "{text}"
+        );
+        assert!(text.contains("partnergate_operator_reconcile_duration_seconds_bucket"));
+    }
+}
