@@ -91,7 +91,9 @@ impl DataFilter {
         if !ends_crlf || body.iter().any(|b| *b == b'\r' || *b == b'\n') {
             self.fail(DataError::BareLineEnding);
         }
-        self.prev_crlf = ends_crlf && !body.contains(&b'\r');
+        // Only the bytes `<CRLF>.<CRLF>` end DATA: a bare CR inside a line does not change
+        // whether that line ended in CRLF.
+        self.prev_crlf = ends_crlf;
         self.size = self.size.saturating_add(line.len() as u64);
         if self.size > self.max_size {
             self.fail(DataError::TooBig);
@@ -186,9 +188,10 @@ mod tests {
         assert_eq!(f.push_line(b"x\r.\r\n"), Action::Drop);
         assert_eq!(
             f.push_line(b".\r\n"),
-            Action::Drop,
-            "line ended in bare CR + CRLF"
+            Action::End,
+            "a literal <CRLF>.<CRLF>"
         );
+        assert_eq!(f.error, Some(DataError::BareLineEnding));
     }
 
     #[test]
