@@ -253,7 +253,8 @@ pub struct InboundConnector {
     pub domains: Vec<String>,
     #[serde(default)]
     pub identify_by: IdentifyBy,
-    #[serde(default)]
+    /// Also accepted as `senderIPRanges`, the CRD's spelling.
+    #[serde(default, alias = "senderIPRanges")]
     pub sender_ip_ranges: Vec<IpNet>,
     #[serde(default = "default_true")]
     pub require_tls: bool,
@@ -261,7 +262,8 @@ pub struct InboundConnector {
     pub min_tls_version: MinTlsVersion,
     #[serde(default)]
     pub certificate: Option<CertificateRule>,
-    #[serde(default)]
+    /// Also accepted as `restrictToIPRanges`, the CRD's spelling.
+    #[serde(default, alias = "restrictToIPRanges")]
     pub restrict_to_ip_ranges: bool,
     #[serde(default)]
     pub restrict_to_certificate: bool,
