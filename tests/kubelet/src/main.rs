@@ -96,7 +96,14 @@ fn der_to_pem(der: &[u8]) -> String {
     out
 }
 
-async fn build_ctx(args: Args) -> anyhow::Result<Arc<Ctx>> {
+async fn build_ctx(mut args: Args) -> anyhow::Result<Arc<Ctx>> {
+    // Pods run with their own working directory: make every path absolute.
+    let cwd = std::env::current_dir().context("current dir")?;
+    for d in args.bin_dirs.iter_mut() {
+        *d = std::fs::canonicalize(&*d).unwrap_or_else(|_| cwd.join(&*d));
+    }
+    args.state_dir =
+        std::fs::canonicalize(&args.state_dir).unwrap_or_else(|_| cwd.join(&args.state_dir));
     let loopback: Ipv4Net = "127.0.0.0/8".parse().context("parse 127.0.0.0/8")?;
     if !loopback.contains(&args.pod_cidr) {
         bail!("--pod-cidr {} is not inside 127.0.0.0/8", args.pod_cidr);

@@ -377,7 +377,9 @@ impl Worker {
                 Ok(()) => self.volumes_ok = true,
                 Err(e) => {
                     let msg = format!("{e:#}");
-                    warn!(pod = %self.key(), error = %msg, "volume setup failed");
+                    if self.emitted.insert(format!("volume-error\n{msg}")) {
+                        warn!(pod = %self.key(), error = %msg, "volume setup failed (retrying every 1.5 s)");
+                    }
                     if self.proc.is_none() && !self.volumes_ok {
                         self.waiting = Some(("ContainerCreating".into(), msg.clone()));
                     }
