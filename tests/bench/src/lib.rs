@@ -1,0 +1,321 @@
+//! Shared pieces of the benchmark binaries: PEM loading, rustls client and server
+//! configurations, latency summaries.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
+
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{}: no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+pub fn load_key(path: &Path) -> Result<PrivateKeyDer<'static>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| anyhow!("{}: {e}", path.display()))
+}
+
+/// Which TLS versions the client offers.
+pub fn versions(v: &str) -> Result<&'static [&'static rustls::SupportedProtocolVersion]> {
+    const V13: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS13];
+    const V12: &[&rustls::SupportedProtocolVersion] = &[&rustls::version::TLS12];
+    const ANY: &[&rustls::SupportedProtocolVersion] =
+        &[&rustls::version::TLS13, &rustls::version::TLS12];
+    match v {
+        "1.3" => Ok(V13),
+        "1.2" => Ok(V12),
+        "any" => Ok(ANY),
+        other => bail!("--tls-version must be 1.3, 1.2 or any, not {other}"),
+    }
+}
+
+/// Accepts any server certificate (handshake signatures are still checked).
+#[derive(Debug)]
+struct NoVerify {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Client configuration: `ca` = verify against that bundle (else no verification), optional
+/// client certificate, session resumption off so every session is a full handshake.
+pub fn client_config(
+    version: &str,
+    ca: Option<&Path>,
+    client_cert: Option<(&Path, &Path)>,
+) -> Result<Arc<rustls::ClientConfig>> {
+    let provider = provider();
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions(version)?)
+        .map_err(|e| anyhow!("{e}"))?;
+    let builder = match ca {
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for c in load_certs(path)? {
+                roots
+                    .add(c)
+                    .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+            }
+            builder.with_root_certificates(roots)
+        }
+        None => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify {
+                algs: provider.signature_verification_algorithms,
+            })),
+    };
+    let mut cfg = match client_cert {
+        Some((cert, key)) => builder
+            .with_client_auth_cert(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| anyhow!("client certificate: {e}"))?,
+        None => builder.with_no_client_auth(),
+    };
+    cfg.resumption = rustls::client::Resumption::disabled();
+    Ok(Arc::new(cfg))
+}
+
+/// Requests a client certificate and accepts any chain, like the gateway's STARTTLS server.
+#[derive(Debug)]
+struct AcceptAnyClientCert {
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl ClientCertVerifier for AcceptAnyClientCert {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// Server configuration shaped like the gateway's: TLS 1.3 and 1.2, client certificate
+/// requested (when `request_client_cert`) but never required, default session cache.
+pub fn server_config(
+    cert: &Path,
+    key: &Path,
+    request_client_cert: bool,
+) -> Result<Arc<rustls::ServerConfig>> {
+    let provider = provider();
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(versions("any")?)
+        .map_err(|e| anyhow!("{e}"))?;
+    let builder = if request_client_cert {
+        builder.with_client_cert_verifier(Arc::new(AcceptAnyClientCert {
+            algs: provider.signature_verification_algorithms,
+        }))
+    } else {
+        builder.with_no_client_auth()
+    };
+    let cfg = builder
+        .with_single_cert(load_certs(cert)?, load_key(key)?)
+        .map_err(|e| anyhow!("server certificate: {e}"))?;
+    Ok(Arc::new(cfg))
+}
+
+/// Percentile summary of microsecond samples, reported in milliseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Summary {
+    pub count: usize,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+fn pick(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let rank = (p * sorted.len() as f64).ceil() as usize;
+    let idx = rank.clamp(1, sorted.len()) - 1;
+    f64::from(sorted[idx]) / 1000.0
+}
+
+/// Sorts `samples` (microseconds) in place and summarises them.
+pub fn summarize(samples: &mut [u32]) -> Summary {
+    samples.sort_unstable();
+    let count = samples.len();
+    let mean_ms = if count == 0 {
+        0.0
+    } else {
+        samples.iter().map(|&v| f64::from(v)).sum::<f64>() / count as f64 / 1000.0
+    };
+    Summary {
+        count,
+        mean_ms,
+        p50_ms: pick(samples, 0.50),
+        p90_ms: pick(samples, 0.90),
+        p99_ms: pick(samples, 0.99),
+        p999_ms: pick(samples, 0.999),
+        max_ms: samples
+            .last()
+            .map(|&v| f64::from(v) / 1000.0)
+            .unwrap_or(0.0),
+    }
+}
+
+impl Summary {
+    pub fn to_json(&self) -> serde_json::Value {
+        let r = |v: f64| (v * 1000.0).round() / 1000.0;
+        serde_json::json!({
+            "count": self.count,
+            "mean": r(self.mean_ms),
+            "p50": r(self.p50_ms),
+            "p90": r(self.p90_ms),
+            "p99": r(self.p99_ms),
+            "p999": r(self.p999_ms),
+            "max": r(self.max_ms),
+        })
+    }
+}
+
+/// Builds a message of about `size` octets (headers included): CRLF lines, none starting with
+/// a dot, ending with CRLF, followed by the end-of-data line.
+pub fn build_message(size: usize, from: &str, to: &str) -> Vec<u8> {
+    let mut m = format!(
+        "From: <{from}>\r\nTo: <{to}>\r\nSubject: partnergate benchmark\r\n\
+         Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench@loadgen.test>\r\n\r\n"
+    )
+    .into_bytes();
+    const LINE: &[u8] =
+        b"The quick brown fox jumps over the lazy dog; 0123456789 abcdefghijklmnopqrstuvw";
+    while m.len() + 2 < size {
+        let room = size - m.len() - 2;
+        let take = room.min(LINE.len());
+        m.extend_from_slice(&LINE[..take]);
+        m.extend_from_slice(b"\r\n");
+    }
+    if !m.ends_with(b"\r\n") {
+        m.extend_from_slice(b"\r\n");
+    }
+    m.extend_from_slice(b".\r\n");
+    m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles() {
+        let mut v: Vec<u32> = (1..=1000).map(|i| i * 1000).collect();
+        let s = summarize(&mut v);
+        assert_eq!(s.count, 1000);
+        assert_eq!(s.p50_ms, 500.0);
+        assert_eq!(s.p99_ms, 990.0);
+        assert_eq!(s.p999_ms, 999.0);
+        assert_eq!(s.max_ms, 1000.0);
+        assert_eq!(summarize(&mut []).p99_ms, 0.0);
+    }
+
+    #[test]
+    fn message_shape() {
+        for size in [10, 100, 10240, 65536] {
+            let m = build_message(size, "a@b.test", "c@d.test");
+            assert!(m.ends_with(b"\r\n.\r\n"));
+            let body = &m[..m.len() - 3];
+            assert!(body.len() >= size.min(body.len()));
+            if size > 300 {
+                assert!(body.len().abs_diff(size) <= 2, "{size} -> {}", body.len());
+            }
+            for line in body.split(|&b| b == b'\n') {
+                assert!(!line.starts_with(b"."));
+            }
+            // every LF is preceded by CR
+            for (i, &b) in body.iter().enumerate() {
+                if b == b'\n' {
+                    assert_eq!(body[i - 1], b'\r');
+                }
+            }
+        }
+    }
+}
