@@ -813,3 +813,134 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Flow::Continue
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{ConfigPaths, load};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn runtime(dir: &std::path::Path) -> Arc<Runtime> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.join("fleet.json"),
+            r#"{"hostname":"gw.test","serverCertificate":{"certFile":"c.pem","keyFile":"k.pem"},
+                "acceptedDomains":["example.org"],"limits":{"maxErrors":4,"maxMessageSize":1000},
+                "upstream":{"host":"127.0.0.1","port":1,"tls":"None"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("connectors.json"), "{}").unwrap();
+        Arc::new(
+            load(&ConfigPaths {
+                fleet: dir.join("fleet.json"),
+                connectors: dir.join("connectors.json"),
+            })
+            .unwrap(),
+        )
+    }
+
+    /// Runs one session over an in-memory pipe; returns the first line of every reply.
+    async fn talk(input: &[u8]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, deadline) = watch::channel(false);
+        let ctx = SessionCtx {
+            runtime: runtime(dir.path()),
+            metrics: Arc::new(Metrics::new()),
+            deadline,
+            client_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(Session::new(server, ctx).run());
+        client.write_all(input).await.unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        task.await.unwrap();
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn codes(replies: &[String]) -> Vec<&str> {
+        replies.iter().map(|r| &r[..r.len().min(9)]).collect()
+    }
+
+    #[tokio::test]
+    async fn sequence_and_refused_commands() {
+        let r = talk(b"MAIL FROM:<a@b.org>\r\nEHLO c.test\r\nVRFY x\r\nMAIL FROM:<a@b.org> SIZE=5000\r\nMAIL FROM:<a@b.org>\r\nMAIL FROM:<a@b.org>\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "503 5.5.1",
+                "250 START",
+                "502 5.5.1",
+                "552 5.3.4",
+                "250 2.1.0",
+                "503 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn relaying_denied_no_recipients_and_unreachable_upstream() {
+        let r = talk(b"EHLO c.test\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<x@elsewhere.net>\r\nDATA\r\nRCPT TO:<x@example.org>\r\nBDAT 0 LAST\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "250 START",
+                "250 2.1.0",
+                "550 5.7.1",
+                "554 5.5.1",
+                "451 4.4.1",
+                "502 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn long_lines_and_too_many_errors_close() {
+        let mut input = b"EHLO c.test\r\n".to_vec();
+        input.extend_from_slice(&[b'A'; 600]);
+        input.extend_from_slice(b"\r\nNOOP\r\nFOO\r\nBAR\r\nBAZ\r\nNOOP\r\n");
+        let r = talk(&input).await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "250 START",
+                "500 5.5.2",
+                "250 2.0.0",
+                "500 5.5.1",
+                "500 5.5.1",
+                "500 5.5.1",
+                "421 4.7.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_before_ehlo_and_unknown_parameters() {
+        let r = talk(b"STARTTLS\r\nEHLO c.test\r\nMAIL FROM:<a@b.org> RET=FULL\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "503 5.5.1",
+                "250 STARTTLS",
+                "555 5.5.4",
+                "221 2.0.0"
+            ]
+            .map(|s| &s[..s.len().min(9)])
+        );
+    }
+}
