@@ -280,21 +280,39 @@ fn fingerprint(connectors: &[Arc<PartnerConnector>]) -> Vec<(String, String, i64
     fp
 }
 
+/// Waits until a store has its initial list. `Store::wait_until_ready` wakes only the last of
+/// several concurrent waiters (the Controller waits on the same store), so poll it with a
+/// timeout: a re-poll after the init sees the value.
+async fn store_ready<K>(store: &Store<K>) -> bool
+where
+    K: kube::runtime::reflector::Lookup + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        match tokio::time::timeout(Duration::from_millis(500), store.wait_until_ready()).await {
+            Ok(Ok(())) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) => continue,
+        }
+    }
+}
+
 async fn render_loop(ctx: Arc<Context>) {
     for s in &ctx.stores {
-        if s.wait_until_ready().await.is_err() {
+        if !store_ready(s).await {
             tracing::error!("connector store writer dropped before the initial list");
             return;
         }
     }
+    tracing::debug!("connector stores ready: render loop starts");
     let mut last_fp = None;
-    let mut last_full = Instant::now() - ctx.settings.resync;
+    let mut last_full: Option<Instant> = None;
     loop {
         let notified = tokio::time::timeout(Duration::from_secs(2), ctx.render_notify.notified())
             .await
             .is_ok();
         let fp = fingerprint(&ctx.connectors());
-        let due = last_full.elapsed() >= ctx.settings.resync;
+        let due = last_full.is_none_or(|t| t.elapsed() >= ctx.settings.resync);
         if !notified && !due && last_fp.as_ref() == Some(&fp) {
             continue;
         }
@@ -304,9 +322,10 @@ async fn render_loop(ctx: Arc<Context>) {
             if let Ok(mut c) = ctx.ref_cache.lock() {
                 c.clear();
             }
-            last_full = Instant::now();
+            last_full = Some(Instant::now());
         }
         let started = Instant::now();
+        tracing::debug!(notified, due, "rendering");
         let result = render_once(&ctx).await;
         ctx.metrics
             .render_duration
@@ -601,7 +620,7 @@ async fn pod_watch(ctx: Arc<Context>, writer: reflector::store::Writer<Pod>) {
 }
 
 async fn poll_loop(ctx: Arc<Context>, pods: Store<Pod>) {
-    if pods.wait_until_ready().await.is_err() {
+    if !store_ready(&pods).await {
         return;
     }
     loop {
