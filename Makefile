@@ -77,3 +77,15 @@ chart-test:
 ## Pod Security restricted, the operator's RBAC as the API server sees it, upgrade, uninstall
 chart-cluster-test:
 	tests/chart/cluster.sh
+
+# --- benchmarks ---
+# `make bench`: gateway vs Postfix vs smtp-sink and the TLS limit, one table (tests/bench/run.sh,
+# docs/benchmarks.md; BENCH_RUNS, BENCH_SECS, BENCH_SKIP). Not part of `make test`; the
+# generator's smoke run is tests/bench/smoke.sh.
+.PHONY: bench bench-smoke
+
+bench:
+	tests/bench/run.sh
+
+bench-smoke:
+	tests/bench/smoke.sh

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -449,8 +449,8 @@ impl Client {
 // Work distribution and statistics
 
 enum Work {
-    /// Closed loop, fixed number of units.
-    Count(AtomicU64),
+    /// Closed loop, this many units per worker.
+    PerWorker(u64),
     /// Closed loop until the deadline.
     Until(Instant),
     /// Open loop: scheduled start times.
@@ -459,12 +459,11 @@ enum Work {
 
 impl Work {
     /// Some(scheduled start) for the next unit, None when done.
-    async fn next(&self) -> Option<Option<Instant>> {
+    /// `taken` counts the units this worker has had so far.
+    async fn next(&self, taken: &mut u64) -> Option<Option<Instant>> {
+        *taken += 1;
         match self {
-            Work::Count(left) => left
-                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-                .ok()
-                .map(|_| None),
+            Work::PerWorker(n) => (*taken <= *n).then_some(None),
             Work::Until(t) => (Instant::now() < *t).then_some(None),
             Work::Scheduled(rx) => rx.lock().await.recv().await.map(Some),
         }
@@ -508,7 +507,8 @@ async fn message_worker(client: Arc<Client>, work: Arc<Work>) -> Stats {
     let mut st = Stats::default();
     let mut conn: Option<Conn> = None;
     let mut on_session = 0u64;
-    while let Some(sched) = work.next().await {
+    let mut taken = 0;
+    while let Some(sched) = work.next(&mut taken).await {
         if conn.is_none() {
             let t0 = Instant::now();
             match client.open().await {
@@ -563,7 +563,8 @@ async fn message_worker(client: Arc<Client>, work: Arc<Work>) -> Stats {
 
 async fn session_worker(client: Arc<Client>, work: Arc<Work>) -> Stats {
     let mut st = Stats::default();
-    while work.next().await.is_some() {
+    let mut taken = 0;
+    while work.next(&mut taken).await.is_some() {
         match client.short_session().await {
             Ok(setup) => {
                 st.ok += 1;
@@ -771,7 +772,7 @@ async fn run(args: Args) -> Result<()> {
             Work::Scheduled(Mutex::new(rx))
         }
         (None, Some(d)) => Work::Until(start + Duration::from_secs_f64(d)),
-        (None, None) => Work::Count(AtomicU64::new(total)),
+        (None, None) => Work::PerWorker(args.messages),
     };
     let work = Arc::new(work);
 

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Smoke run of pg-loadgen (part of `make test`, < 30 s): Postfix's smtp-sink on loopback,
+# plaintext, 2 sessions x 5 messages; asserts 10 messages accepted and the JSON line parses.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ADDR=${BENCH_SMOKE_ADDR:-127.0.0.71}
+PORT=${BENCH_SMOKE_PORT:-2791}
+SINK=$(command -v smtp-sink || echo /usr/sbin/smtp-sink)
+[ -x "$SINK" ] || { echo "smoke: smtp-sink not found (apt-get install postfix)" >&2; exit 1; }
+
+cargo build -q -p partnergate-bench --bin pg-loadgen
+BIN=${CARGO_TARGET_DIR:-target}/debug/pg-loadgen
+
+work=$(mktemp -d)
+sink_pid=
+cleanup() {
+  [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# smtp-sink drops privileges to -u (default "postfix") when started as root.
+sink_user=()
+[ "$(id -u)" = 0 ] && sink_user=(-u postfix)
+"$SINK" "${sink_user[@]}" "$ADDR:$PORT" 64 &
+sink_pid=$!
+for _ in $(seq 50); do
+  (echo >"/dev/tcp/$ADDR/$PORT") 2>/dev/null && break
+  sleep 0.1
+done
+
+"$BIN" --server "$ADDR:$PORT" --sessions 2 --messages 5 --size 2048 --rcpts 2 \
+  --label smoke --timeout 10 >"$work/out.json"
+
+python3 - "$work/out.json" <<'PY'
+import json, sys
+lines = [l for l in open(sys.argv[1]) if l.strip()]
+assert len(lines) == 1, f"expected one JSON line, got {len(lines)}"
+r = json.loads(lines[0])
+assert r["mode"] == "messages", r
+assert r["ok"] == 10 and r["failed"] == 0, f"expected 10 ok, 0 failed: {r}"
+assert r["errors"] == {}, r
+assert r["msg_per_s"] > 0 and r["latency_ms"]["count"] == 10, r
+assert r["sessions_opened"] == 2, r
+print(f"smoke: ok, 10 messages, {r['msg_per_s']} msg/s, p99 {r['latency_ms']['p99']} ms")
+PY
