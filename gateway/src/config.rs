@@ -306,6 +306,15 @@ fn default_true() -> bool {
     true
 }
 
+/// Replaces an unspecified listen IP (`0.0.0.0`, `::`) with `bind_ip`, keeping the port.
+/// Explicit addresses are left alone.
+pub fn with_bind_ip(addr: SocketAddr, bind_ip: Option<std::net::IpAddr>) -> SocketAddr {
+    match bind_ip {
+        Some(ip) if addr.ip().is_unspecified() => SocketAddr::new(ip, addr.port()),
+        _ => addr,
+    }
+}
+
 /// One problem in a config file, with the JSON path of the field it is about.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FieldError {
@@ -551,6 +560,18 @@ impl ConnectorsFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bind_ip_replaces_only_unspecified_addresses() {
+        let pod: std::net::IpAddr = "127.0.10.5".parse().unwrap();
+        let any: SocketAddr = "0.0.0.0:2525".parse().unwrap();
+        let any6: SocketAddr = "[::]:8080".parse().unwrap();
+        let explicit: SocketAddr = "127.0.0.9:2525".parse().unwrap();
+        assert_eq!(with_bind_ip(any, Some(pod)).to_string(), "127.0.10.5:2525");
+        assert_eq!(with_bind_ip(any6, Some(pod)).to_string(), "127.0.10.5:8080");
+        assert_eq!(with_bind_ip(explicit, Some(pod)), explicit);
+        assert_eq!(with_bind_ip(any, None), any);
+    }
 
     #[test]
     fn domain_patterns() {

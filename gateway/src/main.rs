@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use partnergate_gateway::config::{ConnectorsFile, FleetSettings, TlsLevel};
 use partnergate_gateway::runtime::{ConfigPaths, Hop, Target, load};
 use partnergate_gateway::server::State;
-use partnergate_gateway::{admin, metrics, relay, reload, server, telemetry, tls};
+use partnergate_gateway::{admin, config, metrics, relay, reload, server, telemetry, tls};
 
 #[derive(Parser)]
 #[command(
@@ -167,8 +167,9 @@ async fn serve(paths: ConfigPaths, rt: partnergate_gateway::runtime::Runtime) ->
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.set_certificates(&rt.certificates);
     metrics.reload("success");
-    let listen = rt.fleet.listen;
-    let admin_listen = rt.fleet.admin_listen;
+    let bind_ip = bind_ip_from_env();
+    let listen = config::with_bind_ip(rt.fleet.listen, bind_ip);
+    let admin_listen = config::with_bind_ip(rt.fleet.admin_listen, bind_ip);
     tracing::info!(config_hash = %rt.hash, inbound = rt.connectors.inbound.len(), outbound = rt.connectors.outbound.len(), "config loaded");
     let state = Arc::new(State::new(Arc::new(rt), metrics));
 
@@ -309,4 +310,17 @@ fn probe(
             }
         }
     })
+}
+
+/// `PARTNERGATE_BIND_IP`: the pod IP to listen on instead of the unspecified address. Set by the
+/// test substrate's process kubelet, where every pod shares the host's network namespace.
+fn bind_ip_from_env() -> Option<std::net::IpAddr> {
+    let value = std::env::var("PARTNERGATE_BIND_IP").ok()?;
+    match value.parse() {
+        Ok(ip) => Some(ip),
+        Err(_) => {
+            tracing::warn!(value = %value, "PARTNERGATE_BIND_IP is not an IP address; ignored");
+            None
+        }
+    }
 }
