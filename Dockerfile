@@ -18,7 +18,7 @@ RUN set -eux; \
       arm64) target=aarch64-unknown-linux-gnu ;; \
       *) echo "unsupported TARGETARCH ${TARGETARCH}" >&2; exit 1 ;; \
     esac; \
-    RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --target "$target" \
+    CARGO_PROFILE_RELEASE_STRIP=true RUSTFLAGS='-C target-feature=+crt-static' cargo build --release --locked --target "$target" \
       -p partnergate-gateway -p partnergate-operator; \
     mkdir -p /out/usr/local/bin /out/etc /out/home/nonroot /out/tmp; \
     cp "target/$target/release/partnergate-gateway" "target/$target/release/partnergate-operator" \

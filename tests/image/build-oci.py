@@ -4,7 +4,7 @@
     build-oci.py --gateway BIN --operator BIN --out target/image/partnergate.tar [--tag T]
 
 Writes the OCI image layout (oci-layout, index.json, blobs/sha256/...) straight into a tar:
-one gzip layer holding the two static binaries under /usr/local/bin plus a minimal /etc
+one gzip layer holding the two static binaries (stripped) under /usr/local/bin plus a minimal /etc
 (passwd/group with the non-root user 65532, nsswitch.conf), a config with Entrypoint
 partnergate-gateway and User 65532, and a manifest. A Docker-style manifest.json with RepoTags is
 added beside it, so `docker load` and `kind load image-archive` (containerd) name the image
@@ -21,8 +21,11 @@ import hashlib
 import io
 import json
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -77,6 +80,18 @@ def add_file(tar: tarfile.TarFile, name: str, data: bytes, mtime: int) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
+def read_binary(path: Path, strip: bool) -> bytes:
+    """The binary's bytes, with debug info and symbols stripped (binutils `strip`) if asked."""
+    if not strip:
+        return path.read_bytes()
+    if not shutil.which("strip"):
+        sys.exit("build-oci.py: `strip` not found (binutils); use --no-strip")
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / path.name
+        subprocess.run(["strip", "-o", str(out), str(path)], check=True)
+        return out.read_bytes()
+
+
 def workspace_version(root: Path) -> str:
     with open(root / "Cargo.toml", "rb") as f:
         return tomllib.load(f)["workspace"]["package"]["version"]
@@ -91,6 +106,8 @@ def main() -> int:
     ap.add_argument("--repository", default="partnergate/partnergate")
     ap.add_argument("--tag", default=None, help="default: the Cargo workspace version")
     ap.add_argument("--arch", default="amd64")
+    ap.add_argument("--no-strip", dest="strip", action="store_false",
+                    help="keep debug info (the release profile has line tables)")
     args = ap.parse_args()
 
     tag = args.tag or workspace_version(root)
@@ -98,8 +115,8 @@ def main() -> int:
     created = datetime.datetime.fromtimestamp(mtime, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
     binaries = {
-        "partnergate-gateway": args.gateway.read_bytes(),
-        "partnergate-operator": args.operator.read_bytes(),
+        "partnergate-gateway": read_binary(args.gateway, args.strip),
+        "partnergate-operator": read_binary(args.operator, args.strip),
     }
     layer = layer_tar(binaries, mtime)
     layer_gz = gzip.compress(layer, compresslevel=9, mtime=0)

@@ -108,6 +108,26 @@ EOF
   chmod -R a+rX "$T"
   run "$entry" check --fleet /tmp/t/fleet.json --connectors /tmp/t/connectors.json
   echo "check: accepted"
+  if ! $selftest && run "$entry" --help | grep -qw probe; then
+    # Serve from the image and probe it (EHLO + STARTTLS) with the image's own probe.
+    read -r smtp admin < <(python3 -c 'import socket
+s = [socket.socket() for _ in range(2)]
+[x.bind(("127.0.0.1", 0)) for x in s]
+print(*[x.getsockname()[1] for x in s])')
+    python3 - "$T/fleet.json" "$smtp" "$admin" <<'EOF'
+import json, sys
+f = json.load(open(sys.argv[1]))
+f.update(listen=f"127.0.0.1:{sys.argv[2]}", adminListen=f"127.0.0.1:{sys.argv[3]}")
+json.dump(f, open(sys.argv[1], "w"))
+EOF
+    run "$entry" --fleet /tmp/t/fleet.json --connectors /tmp/t/connectors.json >"$WORK/gateway.log" 2>&1 &
+    gpid=$!
+    for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$admin/readyz" >/dev/null 2>&1 && break; sleep 0.2; done
+    if run "$entry" probe --host 127.0.0.1 --port "$smtp" --starttls; then ok=true; else ok=false; fi
+    kill "$gpid" 2>/dev/null || true; wait "$gpid" 2>/dev/null || true
+    $ok || { tail -n 20 "$WORK/gateway.log"; echo "FAIL: probe against the gateway run from the image"; exit 1; }
+    echo "gateway from the image serves EHLO + STARTTLS (probe passed)"
+  fi
 else
   echo "SKIP: $entry has no 'check' subcommand yet"
 fi
