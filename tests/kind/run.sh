@@ -44,7 +44,8 @@ helm upgrade --install partnergate "$ROOT/charts/partnergate" -n "$NS" --wait --
 
 step "4. example connectors"
 if compgen -G "$ROOT/examples/*.yaml" >/dev/null; then
-  kubectl apply -f "$ROOT/examples/"
+  kubectl create namespace mail --dry-run=client -o yaml | kubectl apply -f -
+  kubectl apply -f "$ROOT/examples/"   # top level only; examples/invalid/ shows refusals
   kubectl wait --for=condition=Ready pc --all -A --timeout=120s || true
 fi
 
