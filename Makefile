@@ -2,10 +2,16 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps build lint unit crd-check demo e2e cluster-up cluster-down clean
+.PHONY: test deps control-plane build lint unit demo e2e cluster-up cluster-down clean
 
-## test: everything CI runs (installs what it needs first)
-test: deps lint unit
+## test: everything CI runs (installs what it needs first: Debian packages, the Go-built
+## control plane cached in ~/.cache/partnergate)
+test: deps control-plane lint unit chart-test image-selftest bench-smoke chart-cluster-test
+
+## control-plane: build (once, cached) etcd, kube-apiserver, controller-manager, scheduler,
+## kubectl and helm from published Go modules
+control-plane:
+	tests/cluster/build.sh
 
 ## deps: Debian packages the tests use (postfix, swaks, openssl, ...)
 deps:
