@@ -2,13 +2,11 @@
 //! apply-time refusal is tested without an apiserver. The apiserver integration test in the
 //! operator crate checks the same refusals for real.
 
-use kube::CustomResourceExt;
 use kube::core::cel::Validator;
-use partnergate_crds::PartnerConnector;
 use serde_json::{Value, json};
 
 fn schema() -> Value {
-    let crd = PartnerConnector::crd();
+    let crd = partnergate_crds::crd();
     let s = crd.spec.versions[0]
         .schema
         .as_ref()

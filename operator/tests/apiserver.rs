@@ -18,9 +18,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Node, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Client;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, CustomResourceExt};
 use partnergate_crds::PartnerConnector;
 use partnergate_operator::controller::{self, Settings};
 use partnergate_operator::metrics::Metrics;
@@ -49,7 +49,7 @@ fn suffix() -> String {
 
 async fn install_crd(client: &Client) -> R<()> {
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    let mut crd = serde_json::to_value(PartnerConnector::crd())?;
+    let mut crd = serde_json::to_value(partnergate_crds::crd())?;
     crd["apiVersion"] = json!("apiextensions.k8s.io/v1");
     crd["kind"] = json!("CustomResourceDefinition");
     crds.patch(
