@@ -17,6 +17,7 @@ pub mod pki;
 pub mod postfix;
 pub mod sink;
 pub mod smtp;
+pub mod wire;
 
 pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound};
 pub use gateway::{Gateway, GatewaySpec};
