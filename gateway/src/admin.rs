@@ -38,13 +38,19 @@ pub fn status_json(state: &State) -> serde_json::Value {
         .map(|c| json!({"file": c.file, "subject": c.subject, "notAfter": rfc3339(c.not_after)}))
         .collect();
     let last_error = state.last_reload_error.lock().ok().and_then(|e| e.clone());
+    let validation: Vec<_> = state
+        .validation
+        .snapshot()
+        .iter()
+        .map(crate::validation::ProbeResult::to_json)
+        .collect();
     json!({
         "configHash": rt.hash,
         "loadedAt": rt.loaded_at.format(&Rfc3339).unwrap_or_default(),
         "lastReloadError": last_error,
         "connectors": connectors,
         "certificates": certificates,
-        "validation": [],
+        "validation": validation,
     })
 }
 

@@ -56,6 +56,10 @@ pub struct FleetSettings {
     /// How often Outbound connectors' next hops are probed (seconds, jittered ±10 %); 0 = off.
     #[serde(default = "defaults::validation_interval_secs")]
     pub validation_interval_secs: u64,
+    /// DNS server for the MX lookups of `useMX` connectors: `ip` or `ip:port` (IPv6 as
+    /// `[ip]:port`), queried over UDP and TCP. Default: the system resolver (/etc/resolv.conf).
+    #[serde(default)]
+    pub dns_resolver: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -372,6 +376,15 @@ fn check_domains(errors: &mut Vec<FieldError>, path: &str, domains: &[String]) {
     }
 }
 
+/// Parses a `dnsResolver` value: `ip`, `ip:port` or `[ipv6]:port` (port default 53).
+pub fn parse_dns_resolver(s: &str) -> Result<SocketAddr, String> {
+    if let Ok(ip) = s.parse::<std::net::IpAddr>() {
+        return Ok(SocketAddr::new(ip, 53));
+    }
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!("{s:?} is not an IP address or ip:port"))
+}
+
 /// Checks a smart host: `host`, `host:port`, `[ip]` or `[ip]:port`.
 pub fn parse_smart_host(s: &str) -> Result<(String, u16), String> {
     let bad = || format!("{s:?} is not host:port or [ip]:port");
@@ -429,6 +442,14 @@ impl FleetSettings {
             errors.push(FieldError {
                 path: "upstream.tlsDomain".into(),
                 message: "is only used with tls: DomainValidation".into(),
+            });
+        }
+        if let Some(r) = &self.dns_resolver
+            && let Err(message) = parse_dns_resolver(r)
+        {
+            errors.push(FieldError {
+                path: "dnsResolver".into(),
+                message,
             });
         }
         let l = &self.limits;

@@ -11,7 +11,9 @@ use clap::{Parser, Subcommand};
 use partnergate_gateway::config::{ConnectorsFile, FleetSettings, TlsLevel};
 use partnergate_gateway::runtime::{ConfigPaths, Hop, Target, load};
 use partnergate_gateway::server::State;
-use partnergate_gateway::{admin, config, metrics, relay, reload, server, telemetry, tls};
+use partnergate_gateway::{
+    admin, config, metrics, relay, reload, server, telemetry, tls, validation,
+};
 
 #[derive(Parser)]
 #[command(
@@ -190,6 +192,7 @@ async fn serve(paths: ConfigPaths, rt: partnergate_gateway::runtime::Runtime) ->
     tracing::info!(smtp = %listen, admin = %admin_listen, "listening");
     tokio::spawn(admin::serve(admin_listener, state.clone()));
     tokio::spawn(reload::watch(paths, state.clone(), Duration::from_secs(1)));
+    tokio::spawn(validation::run(state.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let (deadline_tx, deadline_rx) = tokio::sync::watch::channel(false);
@@ -277,10 +280,12 @@ fn probe(
         targets: vec![Target {
             host,
             port,
+            addr: None,
             tls,
             server_name: name,
         }],
         use_mx: false,
+        mx: None,
     };
     let timeouts = partnergate_gateway::config::Timeouts {
         next_hop_secs: timeout_secs,

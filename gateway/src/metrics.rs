@@ -33,6 +33,12 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ValidationLabels {
+    pub connector: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
     pub secret: String,
 }
@@ -47,6 +53,7 @@ pub struct Metrics {
     pub relay_duration: Histogram,
     pub config_reloads: Family<ResultLabels, Counter>,
     pub certificate_expiry: Family<SecretLabels, Gauge>,
+    pub connector_validation: Family<ValidationLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -67,6 +74,7 @@ impl Metrics {
             Histogram::new([0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0]);
         let config_reloads = Family::<ResultLabels, Counter>::default();
         let certificate_expiry = Family::<SecretLabels, Gauge>::default();
+        let connector_validation = Family::<ValidationLabels, Counter>::default();
         registry.register(
             "partnergate_sessions",
             "SMTP sessions accepted",
@@ -107,6 +115,11 @@ impl Metrics {
             "notAfter of each loaded certificate",
             certificate_expiry.clone(),
         );
+        registry.register(
+            "partnergate_connector_validation",
+            "Outbound connector validation probes by connector and result",
+            connector_validation.clone(),
+        );
         Metrics {
             registry,
             sessions,
@@ -117,7 +130,17 @@ impl Metrics {
             relay_duration,
             config_reloads,
             certificate_expiry,
+            connector_validation,
         }
+    }
+
+    pub fn validation(&self, connector: &str, result: &str) {
+        self.connector_validation
+            .get_or_create(&ValidationLabels {
+                connector: connector.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn message(&self, connector: &str, direction: &str, outcome: &str) {
@@ -184,11 +207,13 @@ mod tests {
         m.sessions.inc();
         m.rejection("mail/contoso", "requireTls");
         m.reload("success");
+        m.validation("mail/fabrikam", "failure");
         let text = m.encode();
         for name in [
             "partnergate_sessions_total 1",
             "partnergate_rejections_total{connector=\"mail/contoso\",rule=\"requireTls\"} 1",
             "partnergate_config_reloads_total{result=\"success\"} 1",
+            "partnergate_connector_validation_total{connector=\"mail/fabrikam\",result=\"failure\"} 1",
             "# TYPE partnergate_relay_duration_seconds histogram",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");

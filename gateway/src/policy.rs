@@ -381,6 +381,19 @@ pub enum Route {
     Upstream,
     /// Index into `ConnectorsFile::outbound` of the config the session started with.
     Outbound(usize),
+    /// A `useMX` Outbound connector (index as above) and the recipient domain (lower case)
+    /// whose MX hosts are the next hop: recipients of other domains need another transaction.
+    OutboundMx(usize, String),
+}
+
+impl Route {
+    /// The Outbound connector index, if any.
+    pub fn outbound_index(&self) -> Option<usize> {
+        match self {
+            Route::Upstream => None,
+            Route::Outbound(i) | Route::OutboundMx(i, _) => Some(*i),
+        }
+    }
 }
 
 /// The RCPT TO decision. `route` is the route fixed by an earlier recipient of this
@@ -415,6 +428,9 @@ pub fn decide_recipient(
                 _ => Some((r, i)),
             });
         match best {
+            Some((_, i)) if connectors.outbound.get(i).is_some_and(|c| c.use_mx) => {
+                Route::OutboundMx(i, domain.to_ascii_lowercase())
+            }
             Some((_, i)) => Route::Outbound(i),
             None => return Err(denied()),
         }

@@ -95,8 +95,57 @@ pub struct NextHop {
     pub label: String,
     pub caps: Capabilities,
     pub tls: Option<TlsVersion>,
+    /// The next hop's leaf certificate, when TLS is up.
+    pub peer_cert: Option<rustls_pki_types::CertificateDer<'static>>,
+    /// Which host (and address) this connection went to, for logs and probes.
+    pub peer: String,
     reply_timeout: Duration,
     data_end_timeout: Duration,
+}
+
+/// `host:port`, with an IPv6 literal in brackets.
+pub fn host_port(host: &str, port: u16) -> String {
+    if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// The targets of an MX-routed hop for one recipient domain, best first; the error is the
+/// recipient's reply.
+pub async fn mx_targets(
+    hop: &Hop,
+    domain: &str,
+    resolver: &crate::mx::MxResolver,
+) -> Result<Vec<Target>, Reply> {
+    let Some(mx) = &hop.mx else {
+        return Err(unreachable(&hop.label, "MX routing is not configured"));
+    };
+    let hosts = resolver.resolve(domain).await.map_err(|e| {
+        tracing::warn!(next_hop = %hop.label, domain, error = %e, "MX lookup failed");
+        e.reply(domain)
+    })?;
+    let mut targets = Vec::new();
+    let mut why = Vec::new();
+    for h in &hosts {
+        if let Some(e) = &h.error {
+            why.push(e.clone());
+        }
+        for ip in &h.addrs {
+            match mx.target(hop.level, &h.name, *ip) {
+                Ok(t) => targets.push(t),
+                Err(e) => why.push(format!("{}: {e}", h.name)),
+            }
+        }
+    }
+    if targets.is_empty() {
+        return Err(unreachable(
+            &hop.label,
+            &format!("no usable MX host for {domain} ({})", why.join("; ")),
+        ));
+    }
+    Ok(targets)
 }
 
 impl NextHop {
@@ -104,18 +153,29 @@ impl NextHop {
     pub async fn open(hop: &Hop, helo: &str, t: &Timeouts) -> Result<NextHop, Reply> {
         if hop.targets.is_empty() {
             let why = if hop.use_mx {
-                "MX routing (useMX) is not supported by this gateway version; configure smartHosts"
+                "MX routing needs the recipient domain"
             } else {
                 "no smart hosts configured"
             };
             return Err(unreachable(&hop.label, why));
         }
+        Self::open_targets(hop, &hop.targets, helo, t).await
+    }
+
+    /// Tries `targets` in order: the next one on connect failure, a non-220 greeting or a TLS
+    /// failure. The error is the last target's.
+    pub async fn open_targets(
+        hop: &Hop,
+        targets: &[Target],
+        helo: &str,
+        t: &Timeouts,
+    ) -> Result<NextHop, Reply> {
         let mut last = None;
-        for target in &hop.targets {
+        for target in targets {
             match Self::open_target(hop, target, helo, t).await {
                 Ok(c) => return Ok(c),
                 Err(reply) => {
-                    tracing::warn!(next_hop = %hop.label, host = %target.host, port = target.port, reply = %reply, "next hop attempt failed");
+                    tracing::warn!(next_hop = %hop.label, host = %target.host, addr = ?target.addr, port = target.port, reply = %reply, "next hop attempt failed");
                     last = Some(reply);
                 }
             }
@@ -130,9 +190,17 @@ impl NextHop {
         t: &Timeouts,
     ) -> Result<NextHop, Reply> {
         let secs = Duration::from_secs(t.next_hop_secs);
-        let addr = format!("{}:{}", target.host, target.port);
-        let where_ = format!("{}:{}", target.host, target.port);
-        let tcp = match timeout(secs, TcpStream::connect(addr.as_str())).await {
+        let where_ = match target.addr {
+            Some(ip) => format!("{}[{ip}]:{}", target.host, target.port),
+            None => host_port(&target.host, target.port),
+        };
+        let connect = async {
+            match target.addr {
+                Some(ip) => TcpStream::connect(std::net::SocketAddr::new(ip, target.port)).await,
+                None => TcpStream::connect((target.host.as_str(), target.port)).await,
+            }
+        };
+        let tcp = match timeout(secs, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 return Err(unreachable(
@@ -155,6 +223,8 @@ impl NextHop {
             label: hop.label.clone(),
             caps: Capabilities::default(),
             tls: None,
+            peer_cert: None,
+            peer: where_.clone(),
             reply_timeout: secs,
             data_end_timeout: Duration::from_secs(t.next_hop_data_end_secs),
         };
@@ -221,6 +291,12 @@ impl NextHop {
             Some(rustls::ProtocolVersion::TLSv1_2) => Some(TlsVersion::Tls12),
             _ => return Err(tls_failure(&hop.label, "TLS below 1.2")),
         };
+        c.peer_cert = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|certs| certs.first())
+            .map(|cert| cert.clone().into_owned());
         c.conn = Conn::ClientTls(Box::new(tls));
         c.ehlo(helo).await.map_err(lost)?;
         Ok(c)

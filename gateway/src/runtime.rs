@@ -27,6 +27,9 @@ pub struct ConfigPaths {
 pub struct Target {
     pub host: String,
     pub port: u16,
+    /// The address to connect to, when already resolved (MX hosts); otherwise `host` is
+    /// resolved by the system resolver at connect time.
+    pub addr: Option<std::net::IpAddr>,
     pub tls: Arc<rustls::ClientConfig>,
     /// SNI / name sent in the handshake.
     pub server_name: String,
@@ -40,6 +43,56 @@ pub struct Hop {
     pub level: TlsLevel,
     pub targets: Vec<Target>,
     pub use_mx: bool,
+    /// For `useMX` connectors: what is needed to build a TLS config per MX host.
+    pub mx: Option<Arc<MxTls>>,
+}
+
+/// TLS material of a `useMX` connector; the DomainValidation name is `tlsDomain` or, by
+/// default, each MX host's own name, so configs are built per host after the MX lookup.
+pub struct MxTls {
+    pub anchors: Anchors,
+    pub tls_domain: Option<String>,
+    pub client_cert: Option<(
+        Vec<rustls_pki_types::CertificateDer<'static>>,
+        rustls_pki_types::PrivateKeyDer<'static>,
+    )>,
+    pub port: u16,
+}
+
+impl std::fmt::Debug for MxTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MxTls")
+            .field("tls_domain", &self.tls_domain)
+            .field("port", &self.port)
+            .finish_non_exhaustive()
+    }
+}
+
+impl MxTls {
+    /// The target for one address of one MX host.
+    pub fn target(
+        &self,
+        level: TlsLevel,
+        host: &str,
+        addr: std::net::IpAddr,
+    ) -> Result<Target, String> {
+        let name = self.tls_domain.clone().unwrap_or_else(|| host.to_string());
+        let tls = crate::tls::client_config(
+            level,
+            self.anchors.clone(),
+            name.clone(),
+            self.client_cert
+                .as_ref()
+                .map(|(c, k)| (c.clone(), k.clone_key())),
+        )?;
+        Ok(Target {
+            host: host.to_string(),
+            port: self.port,
+            addr: Some(addr),
+            tls,
+            server_name: sni_name(&name, host),
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +115,8 @@ pub struct Runtime {
     /// Same order as `connectors.outbound`.
     pub outbound: Vec<Hop>,
     pub certificates: Vec<CertStatus>,
+    /// DNS resolver for `useMX` connectors (built on first use).
+    pub resolver: Arc<crate::mx::MxResolver>,
 }
 
 impl std::fmt::Debug for Runtime {
@@ -295,10 +350,12 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             targets: vec![Target {
                 host: up.host.clone(),
                 port: up.port,
+                addr: None,
                 tls,
                 server_name: sni_name(&name, &up.host),
             }],
             use_mx: false,
+            mx: None,
         }),
         Err(e) => {
             errors.push(err("upstream", e));
@@ -325,7 +382,19 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             )
         });
         let mut targets = Vec::new();
-        for h in &c.smart_hosts {
+        let mx = c.use_mx.then(|| {
+            Arc::new(MxTls {
+                anchors: anchors.clone(),
+                tls_domain: c.tls_domain.clone(),
+                client_cert: client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.clone(), k.clone_key())),
+                port: 25,
+            })
+        });
+        // useMX wins over smartHosts (the CRD allows only one of them).
+        let smart_hosts: &[String] = if c.use_mx { &[] } else { &c.smart_hosts };
+        for h in smart_hosts {
             let Ok((host, port)) = parse_smart_host(h) else {
                 continue;
             };
@@ -342,6 +411,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
                     server_name: sni_name(&name, &host),
                     host,
                     port,
+                    addr: None,
                     tls,
                 }),
                 Err(e) => errors.push(err(format!("{p}.smartHosts"), e)),
@@ -352,8 +422,16 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             level: c.tls,
             targets,
             use_mx: c.use_mx,
+            mx,
         });
     }
+    let resolver = Arc::new(crate::mx::MxResolver::new(
+        fleet
+            .dns_resolver
+            .as_deref()
+            .and_then(|r| crate::config::parse_dns_resolver(r).ok()),
+        std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
+    ));
 
     match (server_tls, upstream) {
         (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(Runtime {
@@ -366,6 +444,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             upstream,
             outbound,
             certificates,
+            resolver,
         }),
         _ => Err(errors),
     }

@@ -26,6 +26,8 @@ pub struct State {
     pub shutting_down: AtomicBool,
     pub last_reload_error: Mutex<Option<String>>,
     pub active: AtomicUsize,
+    /// Latest connector validation probe results.
+    pub validation: crate::validation::Validation,
     per_ip: Mutex<HashMap<IpAddr, usize>>,
 }
 
@@ -38,6 +40,7 @@ impl State {
             shutting_down: AtomicBool::new(false),
             last_reload_error: Mutex::new(None),
             active: AtomicUsize::new(0),
+            validation: crate::validation::Validation::default(),
             per_ip: Mutex::new(HashMap::new()),
         }
     }

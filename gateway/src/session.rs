@@ -479,7 +479,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     fn route_label(&self, route: &Route) -> String {
         match route {
             Route::Upstream => "upstream".into(),
-            Route::Outbound(i) => self
+            Route::Outbound(i) | Route::OutboundMx(i, _) => self
                 .rt
                 .connectors
                 .outbound
@@ -559,12 +559,29 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 None => {
                     let target = match route {
                         Route::Upstream => Some(&rt.upstream),
-                        Route::Outbound(i) => rt.outbound.get(*i),
+                        Route::Outbound(i) | Route::OutboundMx(i, _) => rt.outbound.get(*i),
                     };
                     let Some(target) = target else {
                         return unreachable(&label, "route not configured");
                     };
-                    match NextHop::open(target, &rt.fleet.hostname, &rt.fleet.timeouts).await {
+                    let opened = match route {
+                        Route::OutboundMx(_, domain) => {
+                            match crate::relay::mx_targets(target, domain, &rt.resolver).await {
+                                Ok(targets) => {
+                                    NextHop::open_targets(
+                                        target,
+                                        &targets,
+                                        &rt.fleet.hostname,
+                                        &rt.fleet.timeouts,
+                                    )
+                                    .await
+                                }
+                                Err(r) => Err(r),
+                            }
+                        }
+                        _ => NextHop::open(target, &rt.fleet.hostname, &rt.fleet.timeouts).await,
+                    };
+                    match opened {
                         Ok(h) => h,
                         Err(r) => return r,
                     }
@@ -653,7 +670,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .unwrap_or_default();
         let connector = match (&tx.decision.connector, &tx.route) {
             (Some(c), _) => c.clone(),
-            (None, Some(r @ Route::Outbound(_))) => self.route_label(r),
+            (None, Some(r @ (Route::Outbound(_) | Route::OutboundMx(..)))) => self.route_label(r),
             _ => "none".into(),
         };
         let cert = tx

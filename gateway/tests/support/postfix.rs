@@ -326,3 +326,235 @@ impl Drop for Postfix {
         }
     }
 }
+
+/// A private Postfix playing a partner's *receiving* server (the gateway's Outbound next hop):
+/// smtpd on `listen`, mail for `relay_domains` accepted and handed to the `discard` transport
+/// (logged `status=sent`), everything else refused. STARTTLS is offered with `server_cert`
+/// (none = no STARTTLS at all); a client certificate is asked for (`smtpd_tls_ask_ccert`) and
+/// verified against `client_ca`, so the log says `Trusted TLS connection established` when the
+/// gateway presents one from that CA; `smtpd_tls_loglevel = 2` also logs its `subject_CN=…`.
+#[derive(Debug, Clone)]
+pub struct ReceiverOptions {
+    pub listen: SocketAddr,
+    pub relay_domains: Vec<String>,
+    pub server_cert: Option<CertPair>,
+    pub client_ca: Option<PathBuf>,
+    pub hostname: String,
+}
+
+impl ReceiverOptions {
+    pub fn new(listen: SocketAddr, relay_domains: &[&str]) -> ReceiverOptions {
+        ReceiverOptions {
+            listen,
+            relay_domains: relay_domains.iter().map(|d| d.to_string()).collect(),
+            server_cert: None,
+            client_ca: None,
+            hostname: "mx.partner.test".into(),
+        }
+    }
+}
+
+/// One message the receiving Postfix accepted, as its log tells it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Received {
+    pub queue_id: String,
+    pub from: String,
+    /// The smtpd session that received it had completed STARTTLS.
+    pub tls: bool,
+    /// `Anonymous`, `Untrusted` or `Trusted` (the client certificate), when `tls`.
+    pub tls_trust: Option<String>,
+    /// `discard` delivery logged `status=sent`.
+    pub delivered: bool,
+}
+
+impl Postfix {
+    /// Starts a receiving-server instance (see [`ReceiverOptions`]).
+    pub fn start_receiver(opts: ReceiverOptions) -> Postfix {
+        let postfix = require_tool("postfix");
+        let (uid, gid) = postfix_ids();
+        let dir = tempfile::Builder::new()
+            .prefix("pg-postfix-rx-")
+            .tempdir()
+            .expect("tempdir");
+        let d = dir.path();
+        super::pki::set_mode(d, 0o755);
+        let conf = d.join("conf");
+        let queue = d.join("queue");
+        let data = d.join("data");
+        for p in [&conf, &queue, &data] {
+            std::fs::create_dir(p).expect("mkdir");
+            super::pki::set_mode(p, 0o755);
+        }
+        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
+        let log = d.join("maillog");
+        let listen = opts.listen;
+        let mut main = format!(
+            "compatibility_level = 3.6
+queue_directory = {queue}
+data_directory = {data}
+mail_owner = postfix
+setgid_group = postdrop
+maillog_file = {log}
+maillog_file_prefixes = {d}
+myhostname = {host}
+mydestination =
+local_recipient_maps =
+local_transport = error:local delivery disabled
+alias_maps =
+alias_database =
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+mynetworks = 127.255.255.255/32
+relay_domains = {domains}
+relay_recipient_maps =
+relay_transport = discard
+default_transport = discard
+smtpd_relay_restrictions = permit_auth_destination, reject
+smtpd_peername_lookup = no
+smtpd_tls_loglevel = 2
+smtpd_tls_ask_ccert = yes
+smtpd_tls_session_cache_database =
+smtp_dns_support_level = disabled
+biff = no
+",
+            queue = queue.display(),
+            data = data.display(),
+            log = log.display(),
+            d = d.display(),
+            host = opts.hostname,
+            domains = opts.relay_domains.join(", "),
+        );
+        match &opts.server_cert {
+            Some(c) => main.push_str(&format!(
+                "smtpd_tls_security_level = may\nsmtpd_tls_cert_file = {}\nsmtpd_tls_key_file = {}\n",
+                c.cert.display(),
+                c.key.display()
+            )),
+            None => main.push_str("smtpd_tls_security_level = none\n"),
+        }
+        if let Some(ca) = &opts.client_ca {
+            main.push_str(&format!("smtpd_tls_CAfile = {}\n", ca.display()));
+        }
+        std::fs::write(conf.join("main.cf"), main).expect("write main.cf");
+        let master = format!(
+            "{listen} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"
+        );
+        std::fs::write(conf.join("master.cf"), master).expect("write master.cf");
+        let out = Command::new(&postfix)
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .output()
+            .expect("run postfix start");
+        let pf = Postfix {
+            dir,
+            conf,
+            listen,
+            log,
+        };
+        if !out.status.success() {
+            panic!(
+                "postfix -c {} start failed ({}): {}{}\nmaillog:\n{}",
+                pf.conf.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                pf.maillog()
+            );
+        }
+        wait_for(Duration::from_secs(20), "postfix smtpd listener", || {
+            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        pf
+    }
+
+    /// Messages a receiving instance accepted, from its log: sender, whether the smtpd session
+    /// had TLS (and how the client certificate was judged), and whether `discard` logged
+    /// `status=sent`.
+    pub fn received(&self) -> Vec<Received> {
+        let log = self.maillog();
+        // Per smtpd process: the TLS state of its current connection.
+        let mut tls_by_pid: std::collections::HashMap<String, Option<String>> =
+            std::collections::HashMap::new();
+        let mut tls_by_qid: std::collections::HashMap<String, Option<String>> =
+            std::collections::HashMap::new();
+        let mut out: Vec<Received> = Vec::new();
+        for line in log.lines() {
+            let Some((prog, rest)) = line.split_once("]: ") else {
+                continue;
+            };
+            let pid = prog.rsplit('[').next().unwrap_or("").to_string();
+            if prog.contains("/smtpd[") {
+                if rest.starts_with("connect from ") {
+                    tls_by_pid.insert(pid.clone(), None);
+                } else if let Some((kind, _)) = rest.split_once(" TLS connection established from ")
+                {
+                    let kind = kind.to_string();
+                    tls_by_pid.insert(pid.clone(), Some(kind));
+                } else if let Some((qid, _)) = rest.split_once(": client=") {
+                    tls_by_qid.insert(
+                        qid.to_string(),
+                        tls_by_pid.get(&pid).cloned().unwrap_or(None),
+                    );
+                }
+            } else if prog.contains("/qmgr[") {
+                if let Some((qid, after)) = rest.split_once(": from=<") {
+                    let from = after.split('>').next().unwrap_or("").to_string();
+                    let trust = tls_by_qid.get(qid).cloned().unwrap_or(None);
+                    if !out.iter().any(|r| r.queue_id == qid) {
+                        out.push(Received {
+                            queue_id: qid.to_string(),
+                            from,
+                            tls: trust.is_some(),
+                            tls_trust: trust,
+                            delivered: false,
+                        });
+                    }
+                }
+            } else if prog.contains("/discard[")
+                && rest.contains("status=sent")
+                && let Some((qid, _)) = rest.split_once(": to=<")
+                && let Some(r) = out.iter_mut().find(|r| r.queue_id == qid)
+            {
+                r.delivered = true;
+            }
+        }
+        out
+    }
+
+    /// Waits (guard: 30 s) until the message from `from` was accepted and discarded (`sent`).
+    pub fn wait_received(&self, from: &str) -> Received {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("partner postfix delivered mail from <{from}>"),
+            || {
+                self.received()
+                    .into_iter()
+                    .find(|r| r.from == from && r.delivered)
+            },
+        )
+    }
+}
