@@ -9,6 +9,7 @@
 #   BENCH_IDLE_SESSIONS=10000
 #   BENCH_CONNECTORS=1000   connectors in the gateway config (throughput rows and reload)
 #   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway postfix latency sessions idle reload)
+#   BENCH_BUILD=0           use the release binaries already in target/release
 #
 # Loopback only, never port 25: load generator 127.0.0.10, sink 127.0.0.11, gateway 127.0.0.12,
 # Postfix 127.0.0.13, tls-baseline 127.0.0.14.
@@ -44,8 +45,10 @@ for t in smtp-sink smtp-source postfix openssl python3 curl; do
 done
 export PATH="$PATH:/usr/sbin"
 
-say "building (release): partnergate-gateway, partnergate-bench"
-nice -n 5 cargo build -q --release -p partnergate-gateway -p partnergate-bench
+if [ "${BENCH_BUILD:-1}" = 1 ]; then
+  say "building (release): partnergate-gateway, partnergate-bench"
+  nice -n 5 cargo build -q --release -p partnergate-gateway -p partnergate-bench
+fi
 GW=$TARGET/release/partnergate-gateway
 LG=$TARGET/release/pg-loadgen
 TB=$TARGET/release/tls-baseline
@@ -163,6 +166,8 @@ stop_gateway() {
   GW_PID=
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+TCK=$(getconf CLK_TCK)
 
 # ------------------------------------------------------------------------------------------
 # Postfix 3.7 private instance: TLS required on its listener, relays example.test to the sink.
@@ -248,6 +253,8 @@ verdict() { python3 -c "print('met' if $1 else 'missed')"; }
 
 COMMON=(--sessions $SESSIONS --size $SIZE --messages $PER_SESSION --duration "$SECS")
 TLS=(--starttls --tls-version 1.3)
+# Latency: sessions opened before the schedule starts and kept for the whole run.
+LAT=(--sessions $SESSIONS --size $SIZE --messages 1000000 --duration "$SECS")
 
 say "sink: smtp-sink on $SINK_IP:$SINK_PORT"
 sink_user=()
@@ -295,15 +302,21 @@ start_gateway
 GW_RATE=
 if ! skip gateway; then
   say "gateway -> sink (STARTTLS TLS 1.3, $RUNS x ${SECS}s)"
+  : >"$W/runs/gateway-cpu.txt"
   for i in $(seq "$RUNS"); do
+    c0=$(cpu_ticks "$GW_PID")
     lg gateway --server $GW_IP:$GW_PORT "${TLS[@]}" "${COMMON[@]}" >/dev/null
+    c1=$(cpu_ticks "$GW_PID")
+    tail -n 1 "$W/runs/gateway.jsonl" | jq -r "($c1 - $c0) * 1000000 / $TCK / .ok | round" \
+      >>"$W/runs/gateway-cpu.txt"
   done
+  GW_CPU=$(median <"$W/runs/gateway-cpu.txt")
   GW_RATE=$(jget "$W/runs/gateway.jsonl" 'r["msg_per_s"]' | median)
   P50=$(jget "$W/runs/gateway.jsonl" 'r["latency_ms"]["p50"]' | median)
   P99=$(jget "$W/runs/gateway.jsonl" 'r["latency_ms"]["p99"]' | median)
   ERR=$(jget "$W/runs/gateway.jsonl" 'r["failed"]' | sumv)
   row "partnergate gateway (release) → sink, STARTTLS TLS 1.3, 50 sessions, 10 KiB, $NCONN connectors" \
-    "$GW_RATE msg/s (p50 $P50 ms, p99 $P99 ms, $ERR failed)" "—" "—" "$(cmdline)"
+    "$GW_RATE msg/s (p50 $P50 ms, p99 $P99 ms, $ERR failed; gateway CPU $GW_CPU µs/message)" "—" "—" "$(cmdline)"
 fi
 
 # ---- 3. latency added by the gateway at 50 % of its max rate ---------------------------------
@@ -311,8 +324,8 @@ if ! skip latency && [ -n "$GW_RATE" ]; then
   RATE=$(calc "round($GW_RATE / 2)")
   say "latency at $RATE msg/s open loop (gateway vs sink direct, $RUNS x ${SECS}s)"
   for i in $(seq "$RUNS"); do
-    lg lat-direct --server $SINK_IP:$SINK_PORT "${COMMON[@]}" --rate "$RATE" >/dev/null
-    lg lat-gateway --server $GW_IP:$GW_PORT "${TLS[@]}" "${COMMON[@]}" --rate "$RATE" >/dev/null
+    lg lat-direct --server $SINK_IP:$SINK_PORT "${LAT[@]}" --rate "$RATE" >/dev/null
+    lg lat-gateway --server $GW_IP:$GW_PORT "${TLS[@]}" "${LAT[@]}" --rate "$RATE" >/dev/null
   done
   D99=$(jget "$W/runs/lat-direct.jsonl" 'r["latency_ms"]["p99"]' | median)
   G99=$(jget "$W/runs/lat-gateway.jsonl" 'r["latency_ms"]["p99"]' | median)

@@ -25,7 +25,7 @@ use partnergate_bench::{Summary, build_message, client_config, summarize};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{Mutex, Semaphore, mpsc};
+use tokio::sync::{Barrier, Mutex, Semaphore, mpsc};
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
 
@@ -503,11 +503,29 @@ fn us(d: Duration) -> u32 {
     u32::try_from(d.as_micros()).unwrap_or(u32::MAX)
 }
 
-async fn message_worker(client: Arc<Client>, work: Arc<Work>) -> Stats {
+async fn message_worker(
+    client: Arc<Client>,
+    work: Arc<Work>,
+    ready: Option<Arc<Barrier>>,
+) -> Stats {
     let mut st = Stats::default();
     let mut conn: Option<Conn> = None;
     let mut on_session = 0u64;
     let mut taken = 0;
+    // Open loop: sessions are opened before the schedule starts, so handshakes do not
+    // compete with the first scheduled messages.
+    if let Some(ready) = ready {
+        let t0 = Instant::now();
+        match client.open().await {
+            Ok(c) => {
+                st.setup_us.push(us(t0.elapsed()));
+                st.sessions += 1;
+                conn = Some(c);
+            }
+            Err(f) => st.error(f.key()),
+        }
+        ready.wait().await;
+    }
     while let Some(sched) = work.next(&mut taken).await {
         if conn.is_none() {
             let t0 = Instant::now();
@@ -743,8 +761,10 @@ async fn run(args: Args) -> Result<()> {
     let sessions_only = args.sessions_only || args.implicit_tls;
     let total = (args.sessions as u64).saturating_mul(args.messages);
 
-    let start = Instant::now();
+    let mut start = Instant::now();
     let stop = Arc::new(AtomicBool::new(false));
+    let mut ready = None;
+    let mut started = None;
     let work = match (args.rate, args.duration) {
         (Some(rate), dur) => {
             if rate <= 0.0 {
@@ -756,7 +776,13 @@ async fn run(args: Args) -> Result<()> {
                 None => total,
             };
             let stop = stop.clone();
+            let barrier = Arc::new(Barrier::new(args.sessions + 1));
+            ready = Some(barrier.clone());
+            let (started_tx, started_rx) = tokio::sync::oneshot::channel();
             tokio::spawn(async move {
+                barrier.wait().await;
+                let start = Instant::now();
+                let _ = started_tx.send(start);
                 let period = 1.0 / rate;
                 for i in 0..count {
                     if stop.load(Ordering::Relaxed) {
@@ -769,6 +795,7 @@ async fn run(args: Args) -> Result<()> {
                     }
                 }
             });
+            started = Some(started_rx);
             Work::Scheduled(Mutex::new(rx))
         }
         (None, Some(d)) => Work::Until(start + Duration::from_secs_f64(d)),
@@ -798,8 +825,13 @@ async fn run(args: Args) -> Result<()> {
         handles.push(if sessions_only {
             tokio::spawn(session_worker(c, w))
         } else {
-            tokio::spawn(message_worker(c, w))
+            tokio::spawn(message_worker(c, w, ready.clone()))
         });
+    }
+    if let Some(rx) = started
+        && let Ok(t) = rx.await
+    {
+        start = t;
     }
     let mut st = Stats::default();
     for h in handles {
