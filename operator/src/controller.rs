@@ -104,7 +104,8 @@ pub struct Context {
     pub metrics: Metrics,
     stores: Vec<Store<PartnerConnector>>,
     render_state: RwLock<Arc<RenderState>>,
-    gateways: RwLock<Arc<GatewaySnapshot>>,
+    /// None until the first poll of the gateway pods.
+    gateways: RwLock<Option<Arc<GatewaySnapshot>>>,
     recorder: Recorder,
     render_notify: Notify,
     poll_notify: Notify,
@@ -132,8 +133,8 @@ impl Context {
             .unwrap_or_default()
     }
 
-    fn gateways(&self) -> Arc<GatewaySnapshot> {
-        self.gateways.read().map(|g| g.clone()).unwrap_or_default()
+    fn gateways(&self) -> Option<Arc<GatewaySnapshot>> {
+        self.gateways.read().ok().and_then(|g| g.clone())
     }
 
     fn connectors(&self) -> Vec<Arc<PartnerConnector>> {
@@ -173,7 +174,10 @@ async fn reconcile_inner(pc: &PartnerConnector, ctx: &Context) -> Result<Action,
         return Ok(Action::requeue(Duration::from_secs(2)));
     }
     let outcome = rs.outcomes.get(&key);
-    let snapshot = ctx.gateways();
+    let Some(snapshot) = ctx.gateways() else {
+        // Not polled yet: don't write NoGateways only to take it back a moment later.
+        return Ok(Action::requeue(Duration::from_secs(1)));
+    };
     let status = compute_status(pc, outcome, &snapshot, Time(Timestamp::now()));
 
     if pc.status.as_ref() != Some(&status) {
@@ -636,10 +640,10 @@ async fn poll_loop(ctx: Arc<Context>, pods: Store<Pod>) {
             Duration::from_secs(3),
         )
         .await;
-        let changed = *ctx.gateways() != snap;
+        let changed = ctx.gateways().as_deref() != Some(&snap);
         if changed {
             if let Ok(mut g) = ctx.gateways.write() {
-                *g = Arc::new(snap);
+                *g = Some(Arc::new(snap));
             }
             ctx.bump();
         }
@@ -753,7 +757,7 @@ pub async fn run(
         metrics,
         stores,
         render_state: RwLock::new(Arc::new(RenderState::default())),
-        gateways: RwLock::new(Arc::new(GatewaySnapshot::default())),
+        gateways: RwLock::new(None),
         render_notify: Notify::new(),
         poll_notify: Notify::new(),
         reconcile_all: tx,
