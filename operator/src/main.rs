@@ -59,7 +59,7 @@ struct Args {
     watch_namespaces: String,
     /// Address of /healthz, /readyz and /metrics.
     #[arg(long, env = "PARTNERGATE_LISTEN", default_value = "0.0.0.0:8081")]
-    listen: String,
+    listen: std::net::SocketAddr,
     /// Name of the leader-election Lease (in the gateway namespace).
     #[arg(
         long,
@@ -142,10 +142,16 @@ async fn main() -> anyhow::Result<()> {
 
     let metrics = Metrics::new();
     let ready = Arc::new(AtomicBool::new(false));
-    let listener = TcpListener::bind(&args.listen)
+    // PARTNERGATE_BIND_IP: the pod IP when pods share one network namespace (the test
+    // substrate's process kubelet); it replaces an unspecified listen address.
+    let bind_ip = std::env::var("PARTNERGATE_BIND_IP")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let listen = partnergate_gateway::config::with_bind_ip(args.listen, bind_ip);
+    let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", args.listen))?;
-    tracing::info!(listen = %args.listen, "serving /healthz, /readyz, /metrics");
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    tracing::info!(listen = %listen, "serving /healthz, /readyz, /metrics");
     let health = Health {
         metrics: metrics.clone(),
         ready: ready.clone(),
