@@ -294,7 +294,9 @@ pub struct OutboundConnector {
     /// `host:port` or `[ip]:port`, tried in order.
     #[serde(default)]
     pub smart_hosts: Vec<String>,
-    #[serde(default)]
+    /// Route by the recipient domain's MX records instead of smart hosts. Also accepted as
+    /// `useMX`, the CRD's spelling.
+    #[serde(default, alias = "useMX")]
     pub use_mx: bool,
     #[serde(default)]
     pub tls: TlsLevel,
