@@ -161,31 +161,8 @@ impl Gateway {
             std::fs::write(&connectors_path, &bytes).expect("write connectors");
         }
 
-        let mut child = Command::new(BIN)
-            .arg("--fleet")
-            .arg(&fleet_path)
-            .arg("--connectors")
-            .arg(&connectors_path)
-            .env("RUST_LOG", "info")
-            .env("RUST_BACKTRACE", "1")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn partnergate-gateway");
         let logs = Arc::new(Mutex::new(Vec::new()));
-        for pipe in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(pipe).lines() {
-                    let Ok(line) = line else { break };
-                    logs.lock().expect("lock").push(line);
-                }
-            });
-        }
+        let child = spawn_gateway(&fleet_path, &connectors_path, &logs);
         let mut gw = Gateway {
             ip,
             smtp: SocketAddr::from((ip, port)),
@@ -201,6 +178,20 @@ impl Gateway {
         };
         gw.wait_ready();
         gw
+    }
+
+    /// Sends SIGTERM, waits (guard: 60 s) for a clean exit, starts the binary again with the
+    /// same files (same ports) and waits until it is ready. Returns the exit status.
+    pub fn restart(&mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let status = super::wait_for(
+            Duration::from_secs(60),
+            "the gateway to exit after SIGTERM",
+            || self.child.try_wait().ok().flatten(),
+        );
+        self.child = spawn_gateway(&self.fleet_path, &self.connectors_path, &self.logs);
+        self.wait_ready();
+        status
     }
 
     fn wait_ready(&mut self) {
@@ -350,6 +341,35 @@ impl Drop for Gateway {
             );
         }
     }
+}
+
+/// Starts the binary on these files; its output lines go to `logs`.
+fn spawn_gateway(fleet: &Path, connectors: &Path, logs: &Arc<Mutex<Vec<String>>>) -> Child {
+    let mut child = Command::new(BIN)
+        .arg("--fleet")
+        .arg(fleet)
+        .arg("--connectors")
+        .arg(connectors)
+        .env("RUST_LOG", "info")
+        .env("RUST_BACKTRACE", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn partnergate-gateway");
+    for pipe in [
+        Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+        Box::new(child.stderr.take().expect("stderr")),
+    ] {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                logs.lock().expect("lock").push(line);
+            }
+        });
+    }
+    child
 }
 
 /// Minimal HTTP/1.1 GET (Connection: close); returns status and body (chunked decoded).

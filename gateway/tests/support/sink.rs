@@ -98,7 +98,13 @@ impl Sink {
     }
 
     pub fn start_with(ip: Ipv4Addr, opts: SinkOptions) -> Sink {
-        let std_listener = std::net::TcpListener::bind((ip, 0)).expect("bind sink");
+        Sink::start_at(SocketAddr::from((ip, 0)), opts)
+    }
+
+    /// A sink on this exact address (e.g. the address of a sink that was killed, to restart
+    /// it where the gateway expects it).
+    pub fn start_at(addr: SocketAddr, opts: SinkOptions) -> Sink {
+        let std_listener = std::net::TcpListener::bind(addr).expect("bind sink");
         std_listener.set_nonblocking(true).expect("nonblocking");
         let addr = std_listener.local_addr().expect("sink addr");
         let shared = Arc::new(Mutex::new(Shared::default()));
@@ -159,6 +165,18 @@ impl Sink {
 
     pub fn messages(&self) -> Vec<Recorded> {
         self.shared.lock().expect("lock").messages.clone()
+    }
+
+    /// Stops the sink abruptly (every connection is dropped, also mid-DATA: a message whose
+    /// final dot was not read is not recorded) and returns what it recorded.
+    pub fn kill(mut self) -> Vec<Recorded> {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.messages()
     }
 
     /// How many TCP connections the sink accepted.

@@ -62,6 +62,24 @@ impl Wire {
         (w, g)
     }
 
+    /// Connects from `local` and reads the greeting; connection errors are returned.
+    pub fn try_connect(
+        addr: SocketAddr,
+        local: Option<Ipv4Addr>,
+    ) -> std::io::Result<(Wire, Option<Reply>)> {
+        let s = connect_from(addr, local)?;
+        let _ = s.set_nodelay(true);
+        let mut w = Wire {
+            stream: Some(Stream::Plain(s)),
+            received: Vec::new(),
+            consumed: 0,
+            eof: false,
+            write_failed: false,
+        };
+        let g = w.read_reply(Duration::from_secs(10));
+        Ok((w, g))
+    }
+
     /// Connects from `local` without reading anything (TCP_NODELAY on, so each
     /// [`Wire::send`] is its own segment).
     pub fn connect_silent(addr: SocketAddr, local: Option<Ipv4Addr>) -> Wire {
