@@ -494,3 +494,89 @@ fn hostile_corpus() {
     assert!(cases.len() >= 40, "{} rows", cases.len());
     run_table(corpus_fixture(), cases);
 }
+
+/// RFC 5746 / CVE-2009-3555: a TLS 1.2 client asks for renegotiation mid-session (`openssl
+/// s_client -tls1_2`, command `R`). rustls never renegotiates; the session is either closed or
+/// continues on the original keys, nothing the client sent around the attempt is executed twice
+/// or out of order, and the gateway keeps serving.
+#[test]
+fn tls12_client_renegotiation_is_refused_safely() {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let f = corpus_fixture();
+    let openssl = support::require_tool("openssl");
+    let mut child = Command::new(openssl)
+        .args(["s_client", "-starttls", "smtp", "-tls1_2", "-crlf"])
+        .arg("-CAfile")
+        .arg(&f.pki.ca)
+        .args(["-verify_hostname", "gateway.test", "-verify_return_error"])
+        .arg("-connect")
+        .arg(f.gw.smtp.to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl s_client");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let pause = || std::thread::sleep(Duration::from_millis(700));
+    pause();
+    let _ = stdin.write_all(b"EHLO reneg.test\n");
+    pause();
+    // `R` at the start of a line: renegotiate (interactive mode: no -quiet, no -ign_eof).
+    let _ = stdin.write_all(b"R\n");
+    pause();
+    let _ =
+        stdin.write_all(b"MAIL FROM:<alice@contoso.com>\nRCPT TO:<bob@example.org>\nRSET\nQUIT\n");
+    pause();
+    drop(stdin);
+    let out = child.wait_with_output().expect("openssl output");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("TLSv1.2"), "a TLS 1.2 session:\n{text}");
+    assert!(
+        text.contains("RENEGOTIATING"),
+        "renegotiation attempted:\n{text}"
+    );
+    // Either the session went on (then MAIL/RCPT/RSET/QUIT were answered once each, in order)
+    // or it ended at the attempt (then none of them was answered).
+    let codes: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.get(..4))
+        .filter(|c| ["250 ", "221 ", "503 ", "550 "].contains(c))
+        .collect();
+    let went_on = text.contains("221 2.0.0");
+    if went_on {
+        let after: Vec<&str> = text
+            .lines()
+            .skip_while(|l| !l.contains("RENEGOTIATING"))
+            .filter(|l| l.len() > 3 && l.as_bytes()[..3].iter().all(u8::is_ascii_digit))
+            .map(|l| &l[..9.min(l.len())])
+            .collect();
+        assert_eq!(
+            after,
+            ["250 2.1.0", "250 2.1.5", "250 2.0.0", "221 2.0.0"],
+            "replies after the renegotiation attempt:\n{text}"
+        );
+    } else {
+        assert!(
+            !text.contains("250 2.1.0"),
+            "MAIL answered although the session ended at the attempt:\n{text}"
+        );
+    }
+    println!(
+        "renegotiation attempt: session {} ({} reply codes seen)",
+        if went_on {
+            "continued safely"
+        } else {
+            "closed"
+        },
+        codes.len()
+    );
+    assert!(f.sink.messages().is_empty());
+    // The gateway is unharmed.
+    let (_c, g) = support::SmtpConn::connect(f.gw.smtp, None);
+    assert_eq!(g.code, 220, "{g}");
+}
