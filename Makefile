@@ -95,3 +95,21 @@ bench:
 
 bench-smoke:
 	tests/bench/smoke.sh
+
+# --- fuzzing ---
+## fuzz: libFuzzer targets for the gateway (gateway/fuzz: session state machine, DATA path,
+## config loader), FUZZ_SECS seconds each (default 300). Needs the nightly toolchain and
+## cargo-fuzz (`cargo install cargo-fuzz`); not part of `make test`. New corpus entries stay in
+## gateway/fuzz/corpus/<target>/ (only seed-* files are committed); crashes in
+## gateway/fuzz/artifacts/<target>/. See docs/hardening.md.
+FUZZ_SECS ?= 300
+FUZZ_TARGETS ?= session data config
+.PHONY: fuzz fuzz-build
+fuzz-build:
+	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz"; exit 1; }
+	cd gateway/fuzz && $(CARGO) +nightly fuzz build -s none
+fuzz: fuzz-build
+	cd gateway/fuzz && for t in $(FUZZ_TARGETS); do \
+	  nice -n 5 $(CARGO) +nightly fuzz run -s none $$t corpus/$$t -- \
+	    -max_total_time=$(FUZZ_SECS) -print_final_stats=1 || exit 1; \
+	done

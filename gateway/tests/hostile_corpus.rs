@@ -443,10 +443,13 @@ fn corpus_fixture() -> Fixture {
     )
 }
 
+/// A row's index and its outcome.
+type RowResult = (usize, Result<String, String>);
+
 /// Runs every row (8 at a time, each from its own address) and fails with all failures.
 fn run_table(f: Fixture, cases: Vec<Case>) {
     let cases = Arc::new(cases);
-    let results: Arc<Mutex<Vec<(usize, Result<String, String>)>>> = Arc::default();
+    let results: Arc<Mutex<Vec<RowResult>>> = Arc::default();
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let f = Arc::new(f);
     std::thread::scope(|scope| {
