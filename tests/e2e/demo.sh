@@ -14,7 +14,7 @@ PKI=$E2E_WORK/pki
 e2e_up
 e2e_log "applying PartnerConnectors: contoso (inbound: TLS + certificate mail.contoso.test + 127.0.0.20), fabrikam (outbound: DomainValidation)"
 kubectl apply -f "$HERE/manifests/contoso.yaml" -f "$HERE/manifests/fabrikam.yaml"
-kubectl -n mail wait --for=condition=Ready pc/contoso pc/fabrikam --timeout=180s
+kubectl -n mail wait --for=condition=Ready partnerconnector/contoso partnerconnector/fabrikam --timeout=180s
 mapfile -t GW < <(e2e_gateway_ips)
 gw=${GW[0]}
 
@@ -30,8 +30,8 @@ show "3. STARTTLS + certificate for mail.evil.test, from 127.0.0.20" \
   "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --tls \
       --tls-cert "$PKI/contoso-wrong.crt" --tls-key "$PKI/contoso-wrong.key" --header 'Subject: demo 3')"
 echo
-e2e_log "kubectl get pc -A"
-kubectl get pc -A
+e2e_log "kubectl get partnerconnectors -A"
+kubectl get partnerconnectors -A
 echo
 e2e_log "what the organisation's mail server (smtp-sink on 127.0.0.1:$E2E_SINK_PORT) received"
 for f in $(find "$E2E_WORK/sink" -name 'mail.*' -type f | sort); do
@@ -43,7 +43,7 @@ cat <<MSG
 The system is still running. To explore:
   export KUBECONFIG=$KUBECONFIG
   export PATH=$(dirname "$(command -v kubectl)"):\$PATH     # kubectl and helm built for this cluster
-  kubectl get pc -A; kubectl describe pc -n mail contoso
+  kubectl get partnerconnectors -A; kubectl -n mail describe partnerconnector contoso
   kubectl -n $NS get pods -o wide                       # gateway pods on 127.0.10.x
   curl -s http://$gw:8080/status                        # what a gateway has loaded
   swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\

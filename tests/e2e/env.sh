@@ -24,7 +24,7 @@ e2e_dump() {
   [ -n "${E2E_NO_DUMP:-}" ] && return 0
   echo "---- pods ----" >&2
   kubectl get pods -A -o wide >&2 2>/dev/null || true
-  kubectl get pc -A >&2 2>/dev/null || true
+  kubectl get partnerconnectors -A >&2 2>/dev/null || true
   for f in "$E2E_WORK"/kubelet.log "$PARTNERGATE_CLUSTER_STATE"/kubelet/pods/*/*.log; do
     [ -f "$f" ] || continue
     echo "---- tail $f ----" >&2
@@ -122,9 +122,14 @@ e2e_install_chart() {
 
 # Everything up, from scratch.
 e2e_up() {
+  e2e_tools
+  # A clean slate: whatever an earlier run or demo left behind is stopped first.
+  if [ -f "$E2E_WORK/kubelet.pid" ] || [ -f "$PARTNERGATE_CLUSTER_STATE/kubeconfig" ]; then
+    e2e_log "stopping what an earlier run left (make cluster-down)"
+    E2E_NO_DUMP=1 e2e_down
+  fi
   rm -rf "$E2E_WORK"
   mkdir -p "$E2E_WORK"
-  e2e_tools
   e2e_log "starting the local control plane"
   "$REPO/tests/cluster/up.sh" >"$E2E_WORK/cluster-up.log" 2>&1 || {
     cat "$E2E_WORK/cluster-up.log" >&2
@@ -144,9 +149,14 @@ e2e_up() {
 }
 
 e2e_down() {
-  helm uninstall partnergate -n "$NS" >/dev/null 2>&1 || true
+  local p pid i
   for p in kubelet sink; do
-    [ -f "$E2E_WORK/$p.pid" ] && kill "$(cat "$E2E_WORK/$p.pid")" 2>/dev/null || true
+    [ -f "$E2E_WORK/$p.pid" ] || continue
+    pid=$(cat "$E2E_WORK/$p.pid")
+    kill "$pid" 2>/dev/null || true
+    # The kubelet stops its pods' processes before it exits.
+    for i in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+    rm -f "$E2E_WORK/$p.pid"
   done
   "$REPO/tests/cluster/down.sh" >/dev/null 2>&1 || true
 }
@@ -162,10 +172,19 @@ e2e_gateway_ips() {
 e2e_swaks() {
   local gw=$1 src=$2 from=$3 to=$4
   shift 4
-  local out
   [[ $gw == *:* ]] || gw=$gw:2525
+  local out rc=0 replies
   out=$(swaks --server "$gw" --local-interface "$src" --from "$from" --to "$to" \
-    --header "Subject: partnergate e2e" --body "hello from $from" --timeout 30 "$@" 2>&1)
+    --header "Subject: partnergate e2e" --body "hello from $from" --timeout 30 "$@" 2>&1) || rc=$?
   printf '%s\n' "$out" >>"$E2E_WORK/swaks.log"
-  printf '%s\n' "$out" | grep -E '^<[-~*]+ +[0-9]{3} ' | tail -n1 | sed -E 's/^<[-~*]+ +//'
+  replies=$(printf '%s\n' "$out" | grep -E '^<[-~*]+ +[0-9]{3} ' | grep -vE '^<[-~*]+ +221 ')
+  if grep -qE '^<~?\*' <<<"$replies"; then
+    # The first refusal (swaks marks it <** in plaintext, <~* in TLS).
+    grep -E '^<~?\*' <<<"$replies" | head -n1 | sed -E 's/^<[-~*]+ +//'
+  elif [ "$rc" -ne 0 ]; then
+    # swaks gave up without a refusal (no STARTTLS offered, TLS failure, connection lost).
+    echo "swaks-error($rc): $(grep -E '^\*\*\*' <<<"$out" | head -n1)"
+  else
+    tail -n1 <<<"$replies" | sed -E 's/^<[-~*]+ +//'
+  fi
 }

@@ -66,9 +66,9 @@ pass "kubectl apply refuses identifyBy: SenderIP without senderIPRanges ($(tail 
 
 # --- connectors become Ready ---
 kubectl apply -f "$HERE/manifests/contoso.yaml" -f "$HERE/manifests/fabrikam.yaml" -f "$HERE/manifests/northwind.yaml" >/dev/null
-kubectl -n mail wait --for=condition=Ready pc/contoso pc/fabrikam pc/northwind --timeout=120s >/dev/null ||
+kubectl -n mail wait --for=condition=Ready partnerconnector/contoso partnerconnector/fabrikam partnerconnector/northwind --timeout=120s >/dev/null ||
   e2e_fail "kubectl wait --for=condition=Ready"
-pass "kubectl wait --for=condition=Ready pc/contoso pc/fabrikam pc/northwind"
+pass "kubectl wait --for=condition=Ready partnerconnector/contoso partnerconnector/fabrikam partnerconnector/northwind"
 for ip in "${GW[@]}"; do status_lists "$ip" mail/contoso || e2e_fail "gateway $ip /status lacks mail/contoso"; done
 pass "every gateway's /status lists mail/contoso"
 
@@ -155,15 +155,15 @@ pass "certificate rotated during 30 sessions: 30 x 250, new certificate (CN=mx2.
 
 # --- operator killed: status converges after restart ---
 pkill -f 'partnergate-operator' || e2e_fail "no operator process to kill"
-kubectl -n mail patch pc contoso --type merge -p '{"spec":{"domains":["contoso.test","*.contoso.test"]}}' >/dev/null
-gen=$(kubectl -n mail get pc contoso -o jsonpath='{.metadata.generation}')
+kubectl -n mail patch partnerconnector contoso --type merge -p '{"spec":{"domains":["contoso.test","*.contoso.test"]}}' >/dev/null
+gen=$(kubectl -n mail get partnerconnector contoso -o jsonpath='{.metadata.generation}')
 wait_for 120 "Ready with observedGeneration $gen after operator restart" bash -c \
-  "kubectl -n mail get pc contoso -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].observedGeneration}{\" \"}{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx '$gen True'"
+  "kubectl -n mail get partnerconnector contoso -o jsonpath='{.status.conditions[?(@.type==\"Ready\")].observedGeneration}{\" \"}{.status.conditions[?(@.type==\"Ready\")].status}' | grep -qx '$gen True'"
 got=$(e2e_swaks "${GW[0]}" 127.0.0.20 alice@sub.contoso.test bob@org.test "${CONTOSO_TLS[@]}")
 expect_reply "$got" "250" "operator killed and restarted: generation $gen Ready, *.contoso.test accepted"
 
 # --- deleting the connector removes its rules ---
-kubectl -n mail delete pc contoso --wait=true >/dev/null
+kubectl -n mail delete partnerconnector contoso --wait=true >/dev/null
 for ip in "${GW[@]}"; do
   wait_for 60 "gateway $ip drops mail/contoso" bash -c "! curl -fsS http://$ip:8080/status | grep -q '\"mail/contoso\"'"
 done
