@@ -164,7 +164,7 @@ fn sender(
                 let a = ledger.attempts.lock().expect("lock")[&id];
                 ledger.acked.lock().expect("lock").insert(id, a);
                 // Pace the senders so the messages spread over the fault window.
-                std::thread::sleep(Duration::from_millis(700));
+                std::thread::sleep(Duration::from_millis(1100));
             }
             Outcome::Failed(r) => retry(&ledger, id, r, false, slow),
             Outcome::Uncertain(r) => retry(&ledger, id, r, true, slow),
@@ -267,7 +267,7 @@ fn no_acknowledged_message_is_lost_under_faults() {
                 let old = std::mem::replace(&mut f.sink, placeholder);
                 recorded.extend(old.kill());
                 sink_kills += 1;
-                std::thread::sleep(Duration::from_millis(1000));
+                std::thread::sleep(Duration::from_millis(1100));
                 let placeholder = std::mem::replace(
                     &mut f.sink,
                     Sink::start_at(sink_addr, SinkOptions::default()),
@@ -311,6 +311,7 @@ fn no_acknowledged_message_is_lost_under_faults() {
         }
     }
     let faults_done = started.elapsed();
+    let acked_during_faults = ledger.acked.lock().expect("lock").len();
     for t in threads {
         t.join().expect("sender thread");
     }
@@ -335,7 +336,8 @@ fn no_acknowledged_message_is_lost_under_faults() {
         "ledger: {N} messages, {} acknowledged, {attempts} attempts ({} failed before the dot, {uncertain} uncertain after it); \
          sink: {} recorded over {} incarnations, {duplicates} duplicates, {unknown} unknown; \
          faults: {sink_kills} sink kills mid-DATA ({} slow-sender attempts cut), {} gateway restarts ({restarts:?}), \
-         {reloads} connector rewrites, {rotations} certificate rotations; faults over {faults_done:?}, total {:?}",
+         {reloads} connector rewrites, {rotations} certificate rotations; faults over {faults_done:?} \
+         ({acked_during_faults} acknowledged by then), total {:?}",
         acked.len(),
         ledger.failed.load(Ordering::SeqCst),
         recorded.len(),
