@@ -2,11 +2,12 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: test deps control-plane build lint unit demo e2e cluster-up cluster-down clean
+.PHONY: test deps control-plane build lint unit operator-apiserver-test kubelet-smoke demo e2e cluster-up cluster-down clean
 
 ## test: everything CI runs (installs what it needs first: Debian packages, the Go-built
 ## control plane cached in ~/.cache/partnergate)
-test: deps control-plane lint unit chart-test image-selftest bench-smoke chart-cluster-test
+test: deps control-plane lint unit chart-test image-selftest bench-smoke chart-cluster-test \
+      operator-apiserver-test kubelet-smoke e2e
 
 ## control-plane: build (once, cached) etcd, kube-apiserver, controller-manager, scheduler,
 ## kubectl and helm from published Go modules
@@ -22,11 +23,19 @@ build:
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --all-features -- -D warnings
 
 ## unit: unit tests plus the gateway's real-peer tests (swaks, openssl, postfix on loopback)
 unit: build
 	$(CARGO) test --workspace
+
+## operator-apiserver-test: the operator's integration test on a private real kube-apiserver
+operator-apiserver-test:
+	tests/scripts/operator-apiserver-test.sh
+
+## kubelet-smoke: the process kubelet on a private control plane (tests/kubelet/smoke.sh)
+kubelet-smoke:
+	tests/kubelet/smoke.sh
 
 ## demo: the whole system on a local control plane (left running; `make cluster-down` stops it)
 demo: deps
