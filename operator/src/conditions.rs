@@ -298,6 +298,25 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
+/// Next hops whose validation probe has just started failing (absent or passing before):
+/// each deserves one Warning event, not one per poll.
+pub fn newly_failing_validation<'a>(
+    old: Option<&PartnerConnectorStatus>,
+    new: &'a PartnerConnectorStatus,
+) -> Vec<&'a ValidationStatus> {
+    new.validation
+        .iter()
+        .filter(|v| v.result == "Failure")
+        .filter(|v| {
+            !old.is_some_and(|o| {
+                o.validation
+                    .iter()
+                    .any(|p| p.host == v.host && p.result == "Failure")
+            })
+        })
+        .collect()
+}
+
 /// A condition that changed status or reason between two statuses (for Events).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transition {
@@ -502,5 +521,33 @@ mod tests {
         assert_eq!(s.validation.len(), 1);
         assert_eq!(s.validation[0].result, "Success");
         assert_eq!(s.tls.as_deref(), Some("DomainValidation"));
+    }
+
+    #[test]
+    fn only_newly_failing_probes_are_reported() {
+        let probe = |host: &str, result: &str| ValidationStatus {
+            host: host.into(),
+            result: result.into(),
+            error: Some("451 4.7.5 certificate name mismatch".into()),
+            ..ValidationStatus::default()
+        };
+        let status = |v: Vec<ValidationStatus>| PartnerConnectorStatus {
+            validation: v,
+            ..PartnerConnectorStatus::default()
+        };
+        let before = status(vec![probe("a:25", "Success"), probe("b:25", "Failure")]);
+        let after = status(vec![
+            probe("a:25", "Failure"),
+            probe("b:25", "Failure"),
+            probe("c:25", "Failure"),
+        ]);
+        let hosts =
+            |v: Vec<&ValidationStatus>| v.iter().map(|p| p.host.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            hosts(newly_failing_validation(Some(&before), &after)),
+            ["a:25", "c:25"]
+        );
+        assert_eq!(hosts(newly_failing_validation(None, &before)), ["b:25"]);
+        assert!(newly_failing_validation(Some(&after), &after).is_empty());
     }
 }

@@ -194,6 +194,14 @@ async fn reconcile_inner(pc: &PartnerConnector, ctx: &Context) -> Result<Action,
             &Patch::Apply(&patch),
         )
         .await?;
+        for probe in conditions::newly_failing_validation(pc.status.as_ref(), &status) {
+            let note = format!(
+                "validation of next hop {} failed: {}",
+                probe.host,
+                probe.error.as_deref().unwrap_or("no detail")
+            );
+            publish(ctx, pc, EventType::Warning, "ValidationFailed", &note).await;
+        }
         let transitions = conditions::transitions(pc.status.as_ref(), &status);
         for t in transitions {
             let type_ = if t.status == "True" {

@@ -132,6 +132,11 @@ pass "fabrikam postfix received it over TLS and verified our client certificate"
 got=$(e2e_swaks "${GW[0]}" 127.0.0.40 relay@org.test frank@northwind.test)
 expect_reply "$got" "451 4.7.5" "internal sender -> northwind.test (certificate not valid for smtp.northwind.test)"
 ! grep -q "frank@northwind.test" "$(e2e_postfix_log fabrikam)" || e2e_fail "northwind mail reached the partner despite the name mismatch"
+wait_for 90 "status.validation of fabrikam shows a successful probe" bash -c \
+  "kubectl -n mail get partnerconnector fabrikam -o jsonpath='{.status.validation[*].result}' | grep -q Success"
+wait_for 90 "a ValidationFailed Warning event for northwind" bash -c \
+  "kubectl -n mail get events --field-selector reason=ValidationFailed,involvedObject.name=northwind -o name | grep -q ."
+pass "connector validation: fabrikam probe Success in status.validation, northwind raised a ValidationFailed Warning"
 got=$(e2e_swaks "${GW[0]}" 127.0.0.22 someone@elsewhere.test erin@fabrikam.test)
 expect_reply "$got" "550 5.7.1" "non-internal sender -> fabrikam.test (relaying denied)"
 
