@@ -8,8 +8,9 @@
 #   BENCH_SECS=8            seconds per throughput / latency / session-rate run
 #   BENCH_IDLE_SESSIONS=10000
 #   BENCH_CONNECTORS=1000   connectors in the gateway config (throughput rows and reload)
-#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway postfix latency sessions idle reload)
+#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway postfix latency sessions idle reload operator)
 #   BENCH_BUILD=0           use the release binaries already in target/release
+#   BENCH_OPERATOR=0        skip the operator rows (they start a private control plane)
 #
 # Loopback only, never port 25: load generator 127.0.0.10, sink 127.0.0.11, gateway 127.0.0.12,
 # Postfix 127.0.0.13, tls-baseline 127.0.0.14.
@@ -443,10 +444,38 @@ if [ -n "$GW_RATE" ] && [ -n "$PF_RATE" ]; then
     "${RATIO}×" "≥ 3×" "$(verdict "$RATIO >= 3")" "rows above"
 fi
 
-row "operator: $NCONN connectors applied → all Programmed" "not measured" "≤ 30 s" "—" \
-  "needs the local control plane (tests/cluster/up.sh), tests/kubelet and the chart; not automated in this run"
-row "operator RSS with 5,000 unrelated Secrets" "not measured" "≤ 100 MiB" "—" \
-  "needs the local control plane; not automated in this run"
+# ---- 8. operator rows (private local control plane; tests/bench/operator.sh) ---------------
+KBIN=
+if tests/cluster/build.sh --check >/dev/null 2>&1; then
+  KBIN=$(tests/cluster/build.sh --print-bin-dir 2>/dev/null || true)
+fi
+if [ "${BENCH_OPERATOR:-1}" = 1 ] && ! skip operator && [ -x "$KBIN/kube-apiserver" ]; then
+  say "operator: 5,000 unrelated Secrets, $NCONN connectors -> Programmed (private control plane)"
+  if BENCH_WORK=$W BENCH_OP_CONNECTORS=$NCONN tests/bench/operator.sh >"$W/runs/operator.jsonl" 2>>"$LOG"; then
+    O=$W/runs/operator.jsonl
+    OC=$(jget "$O" 'r["create_s"]')
+    OP_S=$(jget "$O" 'r["all_programmed_s"]')
+    OPN=$(jget "$O" 'r["programmed"]')
+    AFTER_APPLY=$(calc "round($OP_S - $OC, 1)")
+    row "operator: $NCONN PartnerConnectors created (kubectl create, lists of 500) → all Programmed (1 gateway, ConfigMap/Secret copied to its files every 0.25 s)" \
+      "$OPN Programmed $AFTER_APPLY s after the last create returned ($OP_S s from the first create; the API server took $OC s to create them)" \
+      "≤ 30 s" "$(verdict "$OPN >= $NCONN and $AFTER_APPLY <= 30")" "tests/bench/operator.sh"
+    RB=$(jget "$O" 'round(r["rss_kib_before"] / 1024, 1)')
+    RA=$(jget "$O" 'round(r["rss_kib_after"] / 1024, 1)')
+    RC=$(jget "$O" 'round(r["rss_kib_with_connectors"] / 1024, 1)')
+    NS=$(jget "$O" 'r["secrets"]')
+    row "operator RSS with $NS unrelated Secrets (release binary)" \
+      "$RA MiB ($RB MiB before the Secrets; $RC MiB after $NCONN connectors)" "≤ 100 MiB" \
+      "$(verdict "$RA <= 100")" "tests/bench/operator.sh"
+  else
+    row "operator rows" "failed (see $LOG)" "≤ 30 s; ≤ 100 MiB" "—" "tests/bench/operator.sh"
+  fi
+else
+  row "operator: $NCONN connectors applied → all Programmed" "not measured" "≤ 30 s" "—" \
+    "needs the control-plane binaries (tests/cluster/build.sh, not built: skipped); BENCH_OPERATOR=0 skips it"
+  row "operator RSS with 5,000 unrelated Secrets" "not measured" "≤ 100 MiB" "—" \
+    "needs the control-plane binaries (tests/cluster/build.sh)"
+fi
 
 # ------------------------------------------------------------------------------------------
 {
