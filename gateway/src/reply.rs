@@ -107,6 +107,8 @@ pub mod fixed {
     pub const NO_VALID_RCPT: Reply = Reply::new(554, [5, 5, 1], "No valid recipients");
     pub const BAD_SENDER: Reply = Reply::new(501, [5, 1, 7], "Bad sender address syntax");
     pub const BAD_RCPT: Reply = Reply::new(501, [5, 1, 3], "Bad recipient address syntax");
+    pub const NEED_SMTPUTF8: Reply =
+        Reply::new(553, [5, 6, 7], "Non-ASCII address requires SMTPUTF8");
     pub const UNSUPPORTED_PARAM: Reply = Reply::new(
         555,
         [5, 5, 4],

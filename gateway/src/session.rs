@@ -98,6 +98,35 @@ fn rcpt_params_unsupported(r: &RcptTo<Cow<'_, str>>) -> bool {
     r.orcpt.is_some() || r.flags != 0 || r.rrvs != 0
 }
 
+/// The address as it goes to the next hop. smtp-proto hands over the local part dequoted, so
+/// quote it again unless it is a dot-string (RFC 5321 4.1.2): `"user@evil.test"@example.org`
+/// must not become `user@evil.test@example.org`, another address.
+fn wire_address(addr: &str) -> Cow<'_, str> {
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return Cow::Borrowed(addr);
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    if !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+    {
+        return Cow::Borrowed(addr);
+    }
+    let mut q = String::with_capacity(addr.len() + 4);
+    q.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push_str("\"@");
+    q.push_str(domain);
+    Cow::Owned(q)
+}
+
 /// Keeps only characters that are safe inside a Received: header comment.
 fn header_safe(s: &str) -> String {
     s.chars()
@@ -276,6 +305,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     }
 
     async fn command(&mut self, line: &[u8]) -> Flow {
+        // smtp-proto replaces invalid UTF-8 with U+FFFD: such an address would be relayed
+        // altered, so it is a syntax error.
+        let utf8 = std::str::from_utf8(line).is_ok();
         let parsed = Request::parse(&mut line.iter());
         let req = match parsed {
             Ok(r) => r,
@@ -330,6 +362,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Flow::Continue
             }
             Request::StartTls => self.starttls().await,
+            Request::Mail { .. } if !utf8 => self.error(&fixed::BAD_SENDER),
+            Request::Rcpt { .. } if !utf8 => self.error(&fixed::BAD_RCPT),
             Request::Mail { from } => self.mail(from),
             Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data().await,
@@ -435,6 +469,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if mail_params_unsupported(&from) {
             return self.error(&fixed::UNSUPPORTED_PARAM);
         }
+        if !from.address.is_ascii() && from.flags & smtp_proto::MAIL_SMTPUTF8 == 0 {
+            return self.error(&fixed::NEED_SMTPUTF8);
+        }
         if from.size as u64 > self.rt.fleet.limits.max_message_size {
             self.reply(&fixed::MESSAGE_TOO_BIG);
             return Flow::Continue;
@@ -494,6 +531,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         if rcpt_params_unsupported(&to) {
             return self.error(&fixed::UNSUPPORTED_PARAM);
+        }
+        if !to.address.is_ascii() && !tx.smtputf8 {
+            return self.error(&fixed::NEED_SMTPUTF8);
         }
         let rt = self.rt.clone();
         let decision = policy::decide_recipient(
@@ -594,7 +634,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return fixed::LOCAL_ERROR;
         };
         if !tx.mail_sent {
-            let mut cmd = format!("MAIL FROM:<{}>", tx.sender);
+            let mut cmd = format!("MAIL FROM:<{}>", wire_address(&tx.sender));
             if hop.caps.size && tx.size > 0 {
                 cmd.push_str(&format!(" SIZE={}", tx.size));
             }
@@ -622,7 +662,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Some(hop) = tx.hop.as_mut() else {
             return fixed::LOCAL_ERROR;
         };
-        match hop.command(&format!("RCPT TO:<{rcpt}>\r\n")).await {
+        match hop
+            .command(&format!("RCPT TO:<{}>\r\n", wire_address(rcpt)))
+            .await
+        {
             Ok(r) => r.mirror([1, 5]),
             Err(e) => {
                 tx.hop = None;
@@ -755,8 +798,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 continue;
             }
             if pending.len() > max_line {
-                filter.push_fragment(pending);
-                self.rpos = self.rbuf.len();
+                // A trailing CR stays buffered: its LF may come with the next read, and the
+                // filter must see that CRLF whole (else a following `.` line is not the end).
+                let keep = usize::from(pending.ends_with(b"\r"));
+                filter.push_fragment(&pending[..pending.len() - keep]);
+                self.rpos = self.rbuf.len() - keep;
             }
             match self.fill(data_secs).await {
                 Ok(()) => {}
