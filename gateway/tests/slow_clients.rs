@@ -50,8 +50,32 @@ struct Counts {
     trickle_replies: AtomicUsize,
 }
 
+/// Raises the soft RLIMIT_NOFILE to at least `want` (the gateway child inherits it); fails
+/// the test if the hard limit does not allow it.
+fn raise_nofile(want: libc::rlim_t) {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to an rlimit struct.
+    unsafe {
+        assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut r), 0, "getrlimit");
+        if r.rlim_cur < want && r.rlim_max >= want {
+            r.rlim_cur = want;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &r), 0, "setrlimit");
+        }
+    }
+    assert!(
+        r.rlim_cur >= want,
+        "RLIMIT_NOFILE is {} (hard {}); this test needs {want} open files (ulimit -n)",
+        r.rlim_cur,
+        r.rlim_max
+    );
+}
+
 #[test]
 fn two_thousand_slow_clients_do_not_starve_a_real_session() {
+    raise_nofile(8192);
     let f = Fixture::build(
         SinkOptions::default(),
         |_, s| {
