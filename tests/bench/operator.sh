@@ -57,7 +57,7 @@ k create namespace bench-secrets >/dev/null
 k create namespace partners >/dev/null
 
 "$OP" --gateway-namespace partnergate --listen $OP_IP:$OP_PORT --log-format text \
-  --identity bench --gateway-admin-port $GW_ADMIN 2>"$W/operator.log" &
+  --identity bench --gateway-admin-port $GW_ADMIN >"$W/operator.log" 2>&1 &
 OP_PID=$!
 for _ in $(seq 300); do
   curl -sf "http://$OP_IP:$OP_PORT/readyz" >/dev/null 2>&1 && break
@@ -87,7 +87,7 @@ printf '{"listen": "%s:%s", "adminListen": "%s:%s", "hostname": "gateway.bench.t
  "serverCertificate": {"certFile": "server.crt", "keyFile": "server.key"},
  "acceptedDomains": ["example.test"], "upstream": {"host": "127.0.0.1", "port": 2, "tls": "None"},
  "materialDir": "%s"}\n' $GW_IP $GW_PORT $GW_IP $GW_ADMIN "$W/gw/material" >"$W/gw/fleet.json"
-"$GW" --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors/connectors.json" \
+"$GW" --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors/connectors.json" >/dev/null \
   2>"$W/gateway.log" &
 GW_PID=$!
 python3 tests/bench/gen-objects.py sync "$BIN/kubectl" "$W/gw" >"$W/sync.log" 2>&1 &
