@@ -7,8 +7,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use rustls::{DigitallySignedStruct, SignatureScheme};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
@@ -124,76 +123,23 @@ pub fn client_config(
     Ok(Arc::new(cfg))
 }
 
-/// Requests a client certificate and accepts any chain, like the gateway's STARTTLS server.
-#[derive(Debug)]
-struct AcceptAnyClientCert {
-    algs: WebPkiSupportedAlgorithms,
-}
-
-impl ClientCertVerifier for AcceptAnyClientCert {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algs.supported_schemes()
-    }
-}
-
-/// Server configuration shaped like the gateway's: TLS 1.3 and 1.2, client certificate
-/// requested (when `request_client_cert`) but never required, default session cache.
+/// The TLS limit row's server: with `request_client_cert`, exactly the gateway's STARTTLS
+/// configuration (`partnergate_gateway::tls::server_config`: TLS 1.3 and 1.2, client
+/// certificate requested, never required), so the row measures the gateway's SMTP work and not
+/// a different TLS setup; without, the same versions and no client-certificate request.
 pub fn server_config(
     cert: &Path,
     key: &Path,
     request_client_cert: bool,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let provider = provider();
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    if request_client_cert {
+        return partnergate_gateway::tls::server_config(load_certs(cert)?, load_key(key)?)
+            .map_err(|e| anyhow!("server certificate: {e}"));
+    }
+    let cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(versions("any")?)
-        .map_err(|e| anyhow!("{e}"))?;
-    let builder = if request_client_cert {
-        builder.with_client_cert_verifier(Arc::new(AcceptAnyClientCert {
-            algs: provider.signature_verification_algorithms,
-        }))
-    } else {
-        builder.with_no_client_auth()
-    };
-    let cfg = builder
+        .map_err(|e| anyhow!("{e}"))?
+        .with_no_client_auth()
         .with_single_cert(load_certs(cert)?, load_key(key)?)
         .map_err(|e| anyhow!("server certificate: {e}"))?;
     Ok(Arc::new(cfg))
