@@ -115,17 +115,23 @@ pub fn address_domain(address: &str) -> Option<String> {
 /// a shorter one, `*` is last. `*.example.com` covers every subdomain depth but not
 /// `example.com` itself. `None` = no match.
 pub fn domain_match(pattern: &str, domain: &str) -> Option<(u8, usize)> {
-    let p = pattern.trim_end_matches('.').to_lowercase();
+    // Patterns are validated ASCII LDH names and `domain` is already lowercased, so an ASCII
+    // case-insensitive comparison is exact; it spares lowercasing every connector's patterns
+    // into new strings on every MAIL FROM (the bench's profile showed ~1,000 allocations per
+    // transaction with 1,000 connectors). Bytes, not str slicing: `domain` may be UTF-8.
+    let p = pattern.trim_end_matches('.');
     if p == "*" {
         return Some((0, 0));
     }
+    let d = domain.as_bytes();
     if let Some(base) = p.strip_prefix("*.") {
-        let matches = domain
-            .strip_suffix(base)
-            .is_some_and(|head| head.len() > 1 && head.ends_with('.'));
+        let b = base.as_bytes();
+        let matches = d.len() > b.len() + 1
+            && d[d.len() - b.len()..].eq_ignore_ascii_case(b)
+            && d[d.len() - b.len() - 1] == b'.';
         return matches.then_some((1, base.len()));
     }
-    (p == domain).then_some((2, p.len()))
+    p.as_bytes().eq_ignore_ascii_case(d).then_some((2, p.len()))
 }
 
 fn best_domain_match(patterns: &[String], domain: &str) -> Option<(u8, usize)> {
@@ -932,6 +938,17 @@ mod tests {
         assert_eq!(domain_match("*.contoso.com", "contoso.com"), None);
         assert_eq!(domain_match("*.contoso.com", "xcontoso.com"), None);
         assert_eq!(domain_match("*", "anything"), Some((0, 0)));
+        assert_eq!(
+            domain_match("*.Contoso.COM", "mail.contoso.com"),
+            Some((1, 11))
+        );
+        assert_eq!(domain_match("Contoso.COM", "contoso.com"), Some((2, 11)));
+        assert_eq!(domain_match("*.contoso.com", ".contoso.com"), None);
+        assert_eq!(
+            domain_match("*.contoso.com", "bücher.contoso.com"),
+            Some((1, 11))
+        );
+        assert_eq!(domain_match("contoso.com", "contosö.com"), None);
         assert_eq!(
             address_domain("User@Contoso.COM"),
             Some("contoso.com".into())
