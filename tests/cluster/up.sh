@@ -174,11 +174,21 @@ fail() {  # NAME MESSAGE
   exit 1
 }
 
+# The process we just started still runs (neither reaped nor a zombie). Not pg_pid: right
+# after `setsid ... &` the child may not have exec'd the binary yet, so a check of its command
+# line races with the start and reported healthy-but-slow components as "exited".
+started_alive() {  # NAME
+  local pid
+  pid=$(cat "$RUN/$1.pid" 2>/dev/null) || return 1
+  [ -r "/proc/$pid/stat" ] || return 1
+  [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ]
+}
+
 wait_for() {  # NAME CHECK-COMMAND... : poll CHECK until it succeeds, the process dies, or timeout
   local name=$1; shift
   local deadline=$((SECONDS + UP_TIMEOUT)) start=$SECONDS
   until "$@" >/dev/null 2>&1; do
-    [ -n "$(pg_pid "$name")" ] || fail "$name" "process exited during startup"
+    started_alive "$name" || fail "$name" "process exited during startup"
     [ $SECONDS -lt $deadline ] || fail "$name" "not healthy after ${UP_TIMEOUT}s (check: $*)"
     sleep 0.5
   done
