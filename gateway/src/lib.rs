@@ -5,6 +5,7 @@ pub mod admin;
 pub mod certs;
 pub mod config;
 pub mod data;
+pub mod http;
 pub mod metrics;
 pub mod mx;
 pub mod policy;
