@@ -48,11 +48,19 @@ elif [ -e "$STATE" ] && [ -n "$(ls -A "$STATE" 2>/dev/null)" ]; then
 fi
 
 # ---- ports free? -------------------------------------------------------------------------------
+# Ports inside the kernel's ephemeral range can be taken at any moment by an outgoing connection's
+# local end (CI once lost etcd's port that way), so every default sits below it and an explicit
+# choice inside it is refused. Any socket bound to the port counts, not only listeners.
+read -r EPHEMERAL_LOW EPHEMERAL_HIGH </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { EPHEMERAL_LOW=32768 EPHEMERAL_HIGH=60999; }
 for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULER_PORT"; do
-  listeners=$(ss -Hltn "sport = :$p" 2>/dev/null || true)
-  if [ -n "$listeners" ]; then
+  if [ "$p" -ge "$EPHEMERAL_LOW" ] && [ "$p" -le "$EPHEMERAL_HIGH" ]; then
+    echo "up.sh: port $p is inside the ephemeral range $EPHEMERAL_LOW-$EPHEMERAL_HIGH; pick one below $EPHEMERAL_LOW (PARTNERGATE_*_PORT)" >&2
+    exit 1
+  fi
+  sockets=$(ss -Hatn "sport = :$p" 2>/dev/null | grep -v TIME-WAIT || true)
+  if [ -n "$sockets" ]; then
     echo "up.sh: port $p is already in use (set PARTNERGATE_*_PORT to move this cluster)" >&2
-    ss -Hltnp "sport = :$p" >&2 || true
+    ss -Hatnp "sport = :$p" >&2 || true
     exit 1
   fi
 done
