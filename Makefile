@@ -107,18 +107,29 @@ bench-smoke:
 
 # --- fuzzing ---
 ## fuzz: libFuzzer targets for the gateway (gateway/fuzz: session state machine, DATA path,
-## config loader), FUZZ_SECS seconds each (default 300). Needs the nightly toolchain and
-## cargo-fuzz (`cargo install cargo-fuzz`); not part of `make test`. New corpus entries stay in
-## gateway/fuzz/corpus/<target>/ (only seed-* files are committed); crashes in
-## gateway/fuzz/artifacts/<target>/. See docs/hardening.md.
+## config loader), each until FUZZ_RUNS executions (default unlimited) or FUZZ_SECS seconds
+## (default 300), whichever comes first. FUZZ_PARALLEL=1 runs the targets side by side, one
+## process each. Needs the nightly toolchain and cargo-fuzz (`cargo install cargo-fuzz`); not
+## part of `make test`. New corpus entries stay in gateway/fuzz/corpus/<target>/ (only seed-*
+## files are committed); crashes in gateway/fuzz/artifacts/<target>/; each run's final stats in
+## target/fuzz-logs/<target>.log. The 10 M-execution run: make fuzz FUZZ_RUNS=10000000
+## FUZZ_SECS=14400 FUZZ_PARALLEL=1. See docs/reliability.md.
 FUZZ_SECS ?= 300
+FUZZ_RUNS ?= -1
+FUZZ_PARALLEL ?= 0
 FUZZ_TARGETS ?= session data config
+FUZZ_LOGS := $(CURDIR)/target/fuzz-logs
 .PHONY: fuzz fuzz-build
 fuzz-build:
 	@command -v cargo-fuzz >/dev/null || { echo "cargo-fuzz missing: cargo install cargo-fuzz"; exit 1; }
 	cd gateway/fuzz && $(CARGO) +nightly fuzz build -s none
 fuzz: fuzz-build
-	cd gateway/fuzz && for t in $(FUZZ_TARGETS); do \
-	  nice -n 5 $(CARGO) +nightly fuzz run -s none $$t corpus/$$t -- \
-	    -max_total_time=$(FUZZ_SECS) -print_final_stats=1 || exit 1; \
-	done
+	mkdir -p $(FUZZ_LOGS)
+	cd gateway/fuzz && pids=; for t in $(FUZZ_TARGETS); do \
+	  run="nice -n 10 $(CARGO) +nightly fuzz run -s none $$t corpus/$$t -- \
+	    -runs=$(FUZZ_RUNS) -max_total_time=$(FUZZ_SECS) -print_final_stats=1"; \
+	  if [ "$(FUZZ_PARALLEL)" = 1 ]; then $$run >$(FUZZ_LOGS)/$$t.log 2>&1 & pids="$$pids $$!"; \
+	  else $$run 2>&1 | tee $(FUZZ_LOGS)/$$t.log; [ $${PIPESTATUS[0]} -eq 0 ] || exit 1; fi; \
+	done; rc=0; for p in $$pids; do wait $$p || rc=1; done; \
+	for t in $(FUZZ_TARGETS); do printf '%s: ' $$t; grep -E '^stat::number_of_executed_units' $(FUZZ_LOGS)/$$t.log || echo 'no final stats'; done; \
+	exit $$rc

@@ -1,7 +1,9 @@
-//! Hot reload by polling. Polling (not inotify) because the kubelet replaces a mounted volume by
-//! swapping the `..data` symlink, which inotify on the file path does not see, while plain
-//! rewrites outside Kubernetes change only mtime/contents; a fingerprint of canonical paths,
-//! mtimes, sizes and the two config files' bytes catches both.
+//! Hot reload. The judge of "changed" is a fingerprint of canonical paths, mtimes, sizes and the
+//! two config files' bytes: it catches both the kubelet's atomic `..data` symlink swap (which a
+//! watch on the file path itself never sees) and plain rewrites outside Kubernetes. Filesystem
+//! events (inotify through the `notify` crate) on the *directories* holding the watched files only
+//! wake the check early, so a change is live within milliseconds; the periodic check stays as the
+//! fallback for filesystems without events and for files whose directory appears later.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -79,13 +81,73 @@ pub fn apply(
     }
 }
 
+/// Quiet time after a filesystem event before the check, so that a writer's truncate + write +
+/// rename sequence is seen once, complete.
+const SETTLE: Duration = Duration::from_millis(15);
+
+/// The directories holding the watched files (deduplicated): events on them wake the check.
+fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = watched_files(paths)
+        .iter()
+        .filter_map(|f| f.parent().map(std::path::Path::to_path_buf))
+        .map(|d| {
+            if d.as_os_str().is_empty() {
+                PathBuf::from(".")
+            } else {
+                d
+            }
+        })
+        .collect();
+    dirs.sort();
+    dirs.dedup();
+    dirs
+}
+
+/// Watches `dirs` for changes; each event sends a wake-up. `None` when the platform offers no
+/// events (the periodic check then does all the work).
+fn event_watcher(
+    dirs: &[PathBuf],
+    wake: tokio::sync::mpsc::Sender<()>,
+) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher;
+    let mut watcher = match notify::recommended_watcher(
+        move |event: notify::Result<notify::Event>| {
+            if event.is_ok() {
+                // A full channel already holds a wake-up: nothing is lost by dropping this one.
+                let _ = wake.try_send(());
+            }
+        },
+    ) {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e, "no filesystem events; config changes are picked up by the periodic check only");
+            return None;
+        }
+    };
+    for dir in dirs {
+        if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory for config changes; relying on the periodic check");
+        }
+    }
+    Some(watcher)
+}
+
 pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
     let p = paths.clone();
     let mut last = tokio::task::spawn_blocking(move || fingerprint(&p))
         .await
         .unwrap_or_default();
+    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+    let mut dirs = watched_dirs(&paths);
+    let mut watcher = event_watcher(&dirs, wake_tx.clone());
     loop {
-        tokio::time::sleep(every).await;
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            Some(()) = wake_rx.recv() => {
+                tokio::time::sleep(SETTLE).await;
+                while wake_rx.try_recv().is_ok() {}
+            }
+        }
         let p = paths.clone();
         let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&p)).await else {
             continue;
@@ -97,6 +159,13 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
         let p = paths.clone();
         if let Ok(result) = tokio::task::spawn_blocking(move || load(&p)).await {
             apply(&state, result);
+        }
+        // A new config may reference material in other directories.
+        let now_dirs = watched_dirs(&paths);
+        if now_dirs != dirs {
+            drop(watcher.take());
+            watcher = event_watcher(&now_dirs, wake_tx.clone());
+            dirs = now_dirs;
         }
     }
 }

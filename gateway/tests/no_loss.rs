@@ -5,7 +5,7 @@
 //! - kills the recording sink (the upstream) while a message is mid-DATA, and restarts it,
 //!   twice;
 //! - stops the gateway with SIGTERM and restarts it, twice;
-//! - rewrites the connectors file 26 times (each a reload);
+//! - rewrites the connectors file 100 times, each one confirmed live in `/status` (100 reloads);
 //! - rotates the server certificate three times (to certificates of a second CA and back).
 //!
 //! Then the sender's ledger is compared with everything every sink incarnation recorded:
@@ -29,6 +29,8 @@ use support::{ClientTls, Fixture, Recorded, Sink, SinkOptions, connectors, inbou
 
 const N: usize = 200;
 const SENDERS: usize = 6;
+/// Connector rewrites during the run, each waited for until live.
+const RELOADS: u64 = 100;
 
 enum Outcome {
     Acked,
@@ -248,17 +250,19 @@ fn no_acknowledged_message_is_lost_under_faults() {
     let mut reloads = 0;
     let mut rotations = 0;
     let mut restarts = Vec::new();
-    for step in 1..=26u64 {
-        std::thread::sleep(Duration::from_millis(900));
+    for step in 1..=RELOADS {
+        std::thread::sleep(Duration::from_millis(250));
         let c = connectors(vec![inbound(
             "ledger/unrelated",
             &[&format!("unrelated-{step}.test")],
             json!({"generation": step, "requireTls": false}),
         )]);
         f.gw.rewrite_connectors(&c);
+        // Every rewrite is a reload the gateway really made, not one folded into the next.
+        f.gw.wait_config_hash(&f.gw.expected_hash());
         reloads += 1;
         match step {
-            4 | 15 => {
+            15 | 60 => {
                 // Kill the upstream while the slow sender is in the middle of DATA.
                 support::wait_for(Duration::from_secs(10), "a message mid-DATA", || {
                     ledger.mid_data.load(Ordering::SeqCst).then_some(())
@@ -274,18 +278,18 @@ fn no_acknowledged_message_is_lost_under_faults() {
                 );
                 drop(placeholder.kill());
             }
-            8 | 18 | 24 => {
+            30 | 70 | 95 => {
                 let pair = match step {
-                    8 => &rot_pairs[0],
-                    18 => &rot_pairs[1],
+                    30 => &rot_pairs[0],
+                    70 => &rot_pairs[1],
                     _ => &original,
                 };
                 write_pair(&f.pki.server.cert, &f.pki.server.key, pair);
                 rotations += 1;
                 // The new certificate is live before the next fault.
                 let want = match step {
-                    8 => Some("rotated 0"),
-                    18 => Some("rotated 1"),
+                    30 => Some("rotated 0"),
+                    70 => Some("rotated 1"),
                     _ => None,
                 };
                 support::wait_for(Duration::from_secs(15), "the rotated certificate", || {
@@ -303,7 +307,7 @@ fn no_acknowledged_message_is_lost_under_faults() {
                     .then_some(())
                 });
             }
-            11 | 21 => {
+            45 | 85 => {
                 let status = f.gw.restart();
                 restarts.push(status);
             }

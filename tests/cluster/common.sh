@@ -33,23 +33,28 @@ pg_pid() {
   fi
 }
 
-# Stop every component by its pid file (TERM, then KILL after 15 s).
-pg_stop_all() {
-  local i c pid n
-  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
-    c=${COMPONENTS[$i]}
-    pid=$(pg_pid "$c")
-    if [ -n "$pid" ]; then
-      kill -TERM "$pid" 2>/dev/null || true
-      n=0
-      while kill -0 "$pid" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
-      if kill -0 "$pid" 2>/dev/null; then
-        kill -KILL "$pid" 2>/dev/null || true
-        pg_log "stopped $c (pid $pid, SIGKILL)"
-      else
-        pg_log "stopped $c (pid $pid)"
-      fi
+# Stop component $1 by its pid file: TERM, then KILL after 15 s.
+pg_stop() {
+  local c=$1 pid n
+  pid=$(pg_pid "$c")
+  if [ -n "$pid" ]; then
+    kill -TERM "$pid" 2>/dev/null || true
+    n=0
+    while kill -0 "$pid" 2>/dev/null && [ $n -lt 150 ]; do sleep 0.1; n=$((n + 1)); done
+    if kill -0 "$pid" 2>/dev/null; then
+      kill -KILL "$pid" 2>/dev/null || true
+      pg_log "stopped $c (pid $pid, SIGKILL)"
+    else
+      pg_log "stopped $c (pid $pid)"
     fi
-    rm -f "$STATE/run/$c.pid"
+  fi
+  rm -f "$STATE/run/$c.pid"
+}
+
+# Stop every component, in the reverse of the start order.
+pg_stop_all() {
+  local i
+  for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
+    pg_stop "${COMPONENTS[$i]}"
   done
 }
