@@ -83,7 +83,7 @@ pub fn apply(
 
 /// Quiet time after a filesystem event before the check, so that a writer's truncate + write +
 /// rename sequence is seen once, complete.
-const SETTLE: Duration = Duration::from_millis(15);
+const SETTLE: Duration = Duration::from_millis(5);
 
 /// The directories holding the watched files (deduplicated): events on them wake the check.
 fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
