@@ -143,8 +143,32 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
         .build()
 }
 
+/// Seconds between the periodic config checks that back up filesystem events; tests raise it
+/// to prove that events alone reload.
+const RELOAD_POLL_ENV: &str = "PARTNERGATE_RELOAD_POLL_SECS";
+
+fn reload_poll_interval() -> Result<Duration, String> {
+    match std::env::var(RELOAD_POLL_ENV) {
+        Err(_) => Ok(Duration::from_secs(1)),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(s) if s >= 1 => Ok(Duration::from_secs(s)),
+            _ => Err(format!(
+                "{RELOAD_POLL_ENV}: expected whole seconds >= 1, got {v:?}"
+            )),
+        },
+    }
+}
+
 fn run(paths: ConfigPaths) -> ExitCode {
     telemetry::init();
+    let reload_poll = match reload_poll_interval() {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(error = %e, "invalid environment");
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match load(&paths) {
         Ok(rt) => rt,
         Err(errors) => {
@@ -162,10 +186,14 @@ fn run(paths: ConfigPaths) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio_rt.block_on(serve(paths, rt))
+    tokio_rt.block_on(serve(paths, rt, reload_poll))
 }
 
-async fn serve(paths: ConfigPaths, rt: partnergate_gateway::runtime::Runtime) -> ExitCode {
+async fn serve(
+    paths: ConfigPaths,
+    rt: partnergate_gateway::runtime::Runtime,
+    reload_poll: Duration,
+) -> ExitCode {
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.set_certificates(&rt.certificates);
     metrics.reload("success");
@@ -191,7 +219,7 @@ async fn serve(paths: ConfigPaths, rt: partnergate_gateway::runtime::Runtime) ->
     };
     tracing::info!(smtp = %listen, admin = %admin_listen, "listening");
     tokio::spawn(admin::serve(admin_listener, state.clone()));
-    tokio::spawn(reload::watch(paths, state.clone(), Duration::from_secs(1)));
+    tokio::spawn(reload::watch(paths, state.clone(), reload_poll));
     tokio::spawn(validation::run(state.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -138,7 +138,10 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
         .await
         .unwrap_or_default();
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let mut dirs = watched_dirs(&paths);
+    let p = paths.clone();
+    let mut dirs = tokio::task::spawn_blocking(move || watched_dirs(&p))
+        .await
+        .unwrap_or_default();
     let mut watcher = event_watcher(&dirs, wake_tx.clone());
     loop {
         tokio::select! {
@@ -157,11 +160,13 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
         }
         last = now;
         let p = paths.clone();
-        if let Ok(result) = tokio::task::spawn_blocking(move || load(&p)).await {
-            apply(&state, result);
-        }
-        // A new config may reference material in other directories.
-        let now_dirs = watched_dirs(&paths);
+        // A new config may reference material in other directories: watch those too.
+        let Ok((result, now_dirs)) =
+            tokio::task::spawn_blocking(move || (load(&p), watched_dirs(&p))).await
+        else {
+            continue;
+        };
+        apply(&state, result);
         if now_dirs != dirs {
             drop(watcher.take());
             watcher = event_watcher(&now_dirs, wake_tx.clone());

@@ -138,3 +138,24 @@ fn schema_prints_json_schemas_of_both_files() {
         assert!(out.contains(field), "schema lacks {field}");
     }
 }
+
+#[test]
+fn run_refuses_a_bad_reload_poll_interval_naming_the_variable() {
+    let pki = Pki::generate();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (f, c) = write_files(dir.path(), &fleet(&pki, dir.path()), r#"{"inbound": []}"#);
+    for bad in ["0", "soon", "-5"] {
+        let out = std::process::Command::new(support::gateway::BIN)
+            .args(["--fleet", &f, "--connectors", &c])
+            .env("PARTNERGATE_RELOAD_POLL_SECS", bad)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run partnergate-gateway");
+        let text = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {text}");
+        assert!(
+            text.contains("PARTNERGATE_RELOAD_POLL_SECS"),
+            "{bad}: the error names the variable: {text}"
+        );
+    }
+}

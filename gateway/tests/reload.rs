@@ -1,7 +1,8 @@
 //! Hot reload (ARCHITECTURE section 1, issue 2): a plain rewrite and a kubelet `..data` symlink
 //! swap of the connectors file while a session is open. The open session finishes on the config
 //! it started with, a new session sees the new one, nothing is dropped; a broken file keeps the
-//! last good config and is reported in /status.
+//! last good config and is reported in /status. Filesystem events alone (periodic check off)
+//! trigger reloads.
 
 mod support;
 
@@ -34,11 +35,22 @@ fn fabrikam(generation: i64) -> Value {
 }
 
 fn reject_unclaimed(kubelet: bool) -> Fixture {
+    reject_unclaimed_with(kubelet, false)
+}
+
+/// `events_only`: the periodic check runs once an hour, so a reload within the tests' guards
+/// can only come from a filesystem event.
+fn reject_unclaimed_with(kubelet: bool, events_only: bool) -> Fixture {
     Fixture::build(
         SinkOptions::default(),
         move |_, s| {
             let s = s.fleet(json!({"defaultInbound": "Reject"}));
-            if kubelet { s.kubelet() } else { s }
+            let s = if kubelet { s.kubelet() } else { s };
+            if events_only {
+                s.reload_by_events_only()
+            } else {
+                s
+            }
         },
         |_, _| contoso(1),
     )
@@ -124,6 +136,28 @@ fn kubelet_symlink_swap_mid_session_old_session_keeps_old_config() {
     );
     let t = Python::new(f.gw.smtp).send(ALICE, &[BOB], &message(ALICE, BOB, "third", &[]));
     t.assert_delivered("contoso again after the second swap");
+}
+
+#[test]
+fn filesystem_events_alone_trigger_reloads() {
+    // A plain rewrite, as an editor or a config-management tool would do it.
+    let mut plain = reject_unclaimed_with(false, true);
+    plain.gw.rewrite_connectors(&fabrikam(2));
+    let status = plain.gw.wait_config_hash(&plain.gw.expected_hash());
+    assert_eq!(
+        names_and_generations(&status),
+        [("mail/fabrikam".to_string(), 2)]
+    );
+    // The kubelet's atomic `..data` swap, twice (the second after the watched directory's old
+    // timestamped directory is gone).
+    let mut kubelet = reject_unclaimed_with(true, true);
+    for (generation, next) in [(2, fabrikam(2)), (3, contoso(3))] {
+        kubelet.gw.kubelet_swap_connectors(&next);
+        let status = kubelet.gw.wait_config_hash(&kubelet.gw.expected_hash());
+        assert_eq!(status["connectors"][0]["generation"], generation);
+    }
+    let t = Python::new(kubelet.gw.smtp).send(ALICE, &[BOB], &message(ALICE, BOB, "events", &[]));
+    t.assert_delivered("contoso after two event-driven swaps");
 }
 
 #[test]

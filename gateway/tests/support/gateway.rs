@@ -28,6 +28,9 @@ pub struct GatewaySpec {
     pub kubelet_layout: bool,
     /// The upstream (organisation mail server) address.
     pub upstream: SocketAddr,
+    /// Seconds between the periodic config checks (`PARTNERGATE_RELOAD_POLL_SECS`); `None`
+    /// keeps the gateway's default.
+    pub reload_poll_secs: Option<u64>,
 }
 
 impl GatewaySpec {
@@ -37,7 +40,14 @@ impl GatewaySpec {
             connectors,
             kubelet_layout: false,
             upstream,
+            reload_poll_secs: None,
         }
+    }
+
+    /// Makes the periodic config check so rare that only filesystem events can trigger a reload.
+    pub fn reload_by_events_only(mut self) -> GatewaySpec {
+        self.reload_poll_secs = Some(3600);
+        self
     }
 
     pub fn fleet(mut self, patch: Value) -> GatewaySpec {
@@ -64,6 +74,7 @@ pub struct Gateway {
     connectors_bytes: Vec<u8>,
     kubelet: bool,
     swaps: AtomicU64,
+    env: Vec<(&'static str, String)>,
 }
 
 /// The bytes written for a connectors file (pretty JSON), whose sha256 is the configHash.
@@ -162,7 +173,12 @@ impl Gateway {
         }
 
         let logs = Arc::new(Mutex::new(Vec::new()));
-        let child = spawn_gateway(&fleet_path, &connectors_path, &logs);
+        let env: Vec<(&'static str, String)> = spec
+            .reload_poll_secs
+            .map(|s| ("PARTNERGATE_RELOAD_POLL_SECS", s.to_string()))
+            .into_iter()
+            .collect();
+        let child = spawn_gateway(&fleet_path, &connectors_path, &logs, &env);
         let mut gw = Gateway {
             ip,
             smtp: SocketAddr::from((ip, port)),
@@ -175,6 +191,7 @@ impl Gateway {
             connectors_bytes: bytes,
             kubelet: spec.kubelet_layout,
             swaps: AtomicU64::new(0),
+            env,
         };
         gw.wait_ready();
         gw
@@ -189,7 +206,12 @@ impl Gateway {
             "the gateway to exit after SIGTERM",
             || self.child.try_wait().ok().flatten(),
         );
-        self.child = spawn_gateway(&self.fleet_path, &self.connectors_path, &self.logs);
+        self.child = spawn_gateway(
+            &self.fleet_path,
+            &self.connectors_path,
+            &self.logs,
+            &self.env,
+        );
         self.wait_ready();
         status
     }
@@ -344,8 +366,14 @@ impl Drop for Gateway {
 }
 
 /// Starts the binary on these files; its output lines go to `logs`.
-fn spawn_gateway(fleet: &Path, connectors: &Path, logs: &Arc<Mutex<Vec<String>>>) -> Child {
+fn spawn_gateway(
+    fleet: &Path,
+    connectors: &Path,
+    logs: &Arc<Mutex<Vec<String>>>,
+    env: &[(&'static str, String)],
+) -> Child {
     let mut child = Command::new(BIN)
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .arg("--fleet")
         .arg(fleet)
         .arg("--connectors")
