@@ -148,10 +148,10 @@ fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 const RELOAD_POLL_ENV: &str = "PARTNERGATE_RELOAD_POLL_SECS";
 
 fn reload_poll_interval() -> Result<Duration, String> {
-    match std::env::var(RELOAD_POLL_ENV) {
-        Err(_) => Ok(Duration::from_secs(1)),
-        Ok(v) => match v.trim().parse::<u64>() {
-            Ok(s) if s >= 1 => Ok(Duration::from_secs(s)),
+    match std::env::var_os(RELOAD_POLL_ENV) {
+        None => Ok(Duration::from_secs(1)),
+        Some(v) => match v.to_str().map(str::parse::<u64>) {
+            Some(Ok(s)) if s >= 1 => Ok(Duration::from_secs(s)),
             _ => Err(format!(
                 "{RELOAD_POLL_ENV}: expected whole seconds >= 1, got {v:?}"
             )),
@@ -169,6 +169,8 @@ fn run(paths: ConfigPaths) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    // Before the load: a change made while it runs must still count as a change for the watcher.
+    let loaded_files = reload::fingerprint(&paths);
     let rt = match load(&paths) {
         Ok(rt) => rt,
         Err(errors) => {
@@ -186,13 +188,14 @@ fn run(paths: ConfigPaths) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    tokio_rt.block_on(serve(paths, rt, reload_poll))
+    tokio_rt.block_on(serve(paths, rt, reload_poll, loaded_files))
 }
 
 async fn serve(
     paths: ConfigPaths,
     rt: partnergate_gateway::runtime::Runtime,
     reload_poll: Duration,
+    loaded_files: reload::Fingerprint,
 ) -> ExitCode {
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.set_certificates(&rt.certificates);
@@ -219,7 +222,12 @@ async fn serve(
     };
     tracing::info!(smtp = %listen, admin = %admin_listen, "listening");
     tokio::spawn(admin::serve(admin_listener, state.clone()));
-    tokio::spawn(reload::watch(paths, state.clone(), reload_poll));
+    tokio::spawn(reload::watch(
+        paths,
+        state.clone(),
+        reload_poll,
+        loaded_files,
+    ));
     tokio::spawn(validation::run(state.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

@@ -3,7 +3,9 @@
 //! watch on the file path itself never sees) and plain rewrites outside Kubernetes. Filesystem
 //! events (inotify through the `notify` crate) on the *directories* holding the watched files only
 //! wake the check early, so a change is live within milliseconds; the periodic check stays as the
-//! fallback for filesystems without events and for files whose directory appears later.
+//! fallback for filesystems without events, for files whose directory appears later, and for a
+//! parent directory that is itself a symlink swapped to another target (inotify follows the
+//! target it was given).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,6 +16,10 @@ use sha2::{Digest, Sha256};
 use crate::runtime::{ConfigPaths, load, watched_files};
 use crate::server::State;
 
+/// What the watched files looked like at one moment; a reload happens when it changes.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Fingerprint(Vec<FileMark>);
+
 #[derive(Debug, PartialEq, Eq)]
 struct FileMark {
     path: PathBuf,
@@ -23,8 +29,10 @@ struct FileMark {
     digest: Option<Vec<u8>>,
 }
 
-fn fingerprint(paths: &ConfigPaths) -> Vec<FileMark> {
-    watched_files(paths)
+/// Taken *before* the initial load by the caller, so a change between that load and the start
+/// of [`watch`] is still seen as a change.
+pub fn fingerprint(paths: &ConfigPaths) -> Fingerprint {
+    let marks = watched_files(paths)
         .into_iter()
         .enumerate()
         .map(|(i, path)| {
@@ -44,7 +52,8 @@ fn fingerprint(paths: &ConfigPaths) -> Vec<FileMark> {
                 path,
             }
         })
-        .collect()
+        .collect();
+    Fingerprint(marks)
 }
 
 /// Applies a load result: swap on success, keep the last good config and report on error.
@@ -81,9 +90,11 @@ pub fn apply(
     }
 }
 
-/// Quiet time after a filesystem event before the check, so that a writer's truncate + write +
-/// rename sequence is seen once, complete.
+/// Quiet period after a filesystem event: the check runs once no event has arrived for this
+/// long, so a writer's truncate + write + close (or a kubelet's symlink swap) is seen complete.
 const SETTLE: Duration = Duration::from_millis(5);
+/// ...but a writer that never pauses does not hold the check off for longer than this.
+const SETTLE_MAX: Duration = Duration::from_millis(250);
 
 /// The directories holding the watched files (deduplicated): events on them wake the check.
 fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
@@ -103,8 +114,10 @@ fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
     dirs
 }
 
-/// Watches `dirs` for changes; each event sends a wake-up. `None` when the platform offers no
-/// events (the periodic check then does all the work).
+/// Watches `dirs`; every event that can change a file sends a wake-up. Opens and reads
+/// (`Access`) are ignored: the check itself reads the config files, and waking on that would
+/// make the loop wake itself forever. `None` when the platform offers no events (the periodic
+/// check then does all the work). Blocking (inotify setup): call from a blocking thread.
 fn event_watcher(
     dirs: &[PathBuf],
     wake: tokio::sync::mpsc::Sender<()>,
@@ -112,7 +125,12 @@ fn event_watcher(
     use notify::Watcher;
     let mut watcher = match notify::recommended_watcher(
         move |event: notify::Result<notify::Event>| {
-            if event.is_ok() {
+            let wakes = match &event {
+                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                // An overflowed or broken event queue may have hidden a change.
+                Err(_) => true,
+            };
+            if wakes {
                 // A full channel already holds a wake-up: nothing is lost by dropping this one.
                 let _ = wake.try_send(());
             }
@@ -132,23 +150,27 @@ fn event_watcher(
     Some(watcher)
 }
 
-pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
-    let p = paths.clone();
-    let mut last = tokio::task::spawn_blocking(move || fingerprint(&p))
-        .await
-        .unwrap_or_default();
+/// Runs forever: on a filesystem event (after [`SETTLE`]) or every `every`, compares the
+/// fingerprint with `last` and, when it moved, loads and applies the config. The directory
+/// watches are set up again after every change, so a directory replaced by a rename is watched
+/// anew; the new watcher exists before the old one is dropped, so no change falls in between.
+pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut last: Fingerprint) {
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let p = paths.clone();
-    let mut dirs = tokio::task::spawn_blocking(move || watched_dirs(&p))
+    let (p, tx) = (paths.clone(), wake_tx.clone());
+    let mut watcher = tokio::task::spawn_blocking(move || event_watcher(&watched_dirs(&p), tx))
         .await
-        .unwrap_or_default();
-    let mut watcher = event_watcher(&dirs, wake_tx.clone());
+        .ok()
+        .flatten();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
             Some(()) = wake_rx.recv() => {
-                tokio::time::sleep(SETTLE).await;
-                while wake_rx.try_recv().is_ok() {}
+                let give_up = tokio::time::Instant::now() + SETTLE_MAX;
+                while let Ok(Some(())) = tokio::time::timeout(SETTLE, wake_rx.recv()).await {
+                    if tokio::time::Instant::now() >= give_up {
+                        break;
+                    }
+                }
             }
         }
         let p = paths.clone();
@@ -159,18 +181,19 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration) {
             continue;
         }
         last = now;
-        let p = paths.clone();
-        // A new config may reference material in other directories: watch those too.
-        let Ok((result, now_dirs)) =
-            tokio::task::spawn_blocking(move || (load(&p), watched_dirs(&p))).await
+        let (p, tx) = (paths.clone(), wake_tx.clone());
+        let Ok((result, new_watcher)) = tokio::task::spawn_blocking(move || {
+            let result = load(&p);
+            // A new config may name material in other directories: watch those too.
+            (result, event_watcher(&watched_dirs(&p), tx))
+        })
+        .await
         else {
             continue;
         };
         apply(&state, result);
-        if now_dirs != dirs {
-            drop(watcher.take());
-            watcher = event_watcher(&now_dirs, wake_tx.clone());
-            dirs = now_dirs;
-        }
+        let old = std::mem::replace(&mut watcher, new_watcher);
+        // Dropping an inotify watcher joins its thread: not on an async worker.
+        tokio::task::spawn_blocking(move || drop(old));
     }
 }

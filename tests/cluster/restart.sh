@@ -3,7 +3,8 @@
 # fault tests (the e2e suite restarts kube-apiserver while mail flows).
 #   tests/cluster/restart.sh kube-apiserver            stop (TERM), start again, wait until healthy
 #   tests/cluster/restart.sh kube-apiserver --down 5   stay down 5 s before starting again
-# Prints the seconds the component was unreachable. The log is appended to, not replaced.
+# Prints the seconds from SIGTERM to healthy again (graceful stop + --down + start). The log is
+# appended to, not replaced.
 set -euo pipefail
 . "$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/common.sh"
 
@@ -58,6 +59,6 @@ until healthy >/dev/null 2>&1; do
   sleep 0.2
 done
 t1=$(date +%s.%N)
-unreachable=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
-pg_log "$component healthy again after ${unreachable}s"
-echo "$unreachable"
+took=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
+pg_log "$component healthy again ${took}s after the stop began"
+echo "$took"
