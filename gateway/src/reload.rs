@@ -7,6 +7,8 @@
 //! parent directory that is itself a symlink swapped to another target (inotify follows the
 //! target it was given).
 
+use std::collections::HashSet;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -96,9 +98,41 @@ const SETTLE: Duration = Duration::from_millis(5);
 /// ...but a writer that never pauses does not hold the check off for longer than this.
 const SETTLE_MAX: Duration = Duration::from_millis(250);
 
-/// The directories holding the watched files (deduplicated): events on them wake the check.
-fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = watched_files(paths)
+/// What the watcher watches: the directories holding the watched files (deduplicated), and the
+/// file names in them that matter.
+#[derive(Debug, PartialEq, Eq)]
+struct WatchSet {
+    dirs: Vec<PathBuf>,
+    names: HashSet<OsString>,
+}
+
+impl WatchSet {
+    fn of(paths: &ConfigPaths) -> WatchSet {
+        let files = watched_files(paths);
+        WatchSet {
+            dirs: watched_dirs(&files),
+            names: files
+                .iter()
+                .filter_map(|f| f.file_name().map(OsStr::to_os_string))
+                .collect(),
+        }
+    }
+
+    /// An event about a watched file, or about a `..`-prefixed entry (the kubelet swaps
+    /// `..data` and its timestamped directories, never the file names themselves). Other files
+    /// in the same directory (a log file, an editor's swap file) do not wake the check.
+    fn concerns(&self, event: &notify::Event) -> bool {
+        event.paths.is_empty()
+            || event.paths.iter().any(|p| {
+                p.file_name().is_some_and(|n| {
+                    self.names.contains(n) || n.as_encoded_bytes().starts_with(b"..")
+                })
+            })
+    }
+}
+
+fn watched_dirs(files: &[PathBuf]) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = files
         .iter()
         .filter_map(|f| f.parent().map(std::path::Path::to_path_buf))
         .map(|d| {
@@ -114,19 +148,20 @@ fn watched_dirs(paths: &ConfigPaths) -> Vec<PathBuf> {
     dirs
 }
 
-/// Watches `dirs`; every event that can change a file sends a wake-up. Opens and reads
-/// (`Access`) are ignored: the check itself reads the config files, and waking on that would
+/// Watches `set.dirs`; every event that can change one of `set.names` sends a wake-up. Opens and
+/// reads (`Access`) are ignored: the check itself reads the config files, and waking on that would
 /// make the loop wake itself forever. `None` when the platform offers no events (the periodic
 /// check then does all the work). Blocking (inotify setup): call from a blocking thread.
 fn event_watcher(
-    dirs: &[PathBuf],
+    set: WatchSet,
     wake: tokio::sync::mpsc::Sender<()>,
 ) -> Option<notify::RecommendedWatcher> {
     use notify::Watcher;
+    let dirs = set.dirs.clone();
     let mut watcher = match notify::recommended_watcher(
         move |event: notify::Result<notify::Event>| {
             let wakes = match &event {
-                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)),
+                Ok(e) => !matches!(e.kind, notify::EventKind::Access(_)) && set.concerns(e),
                 // An overflowed or broken event queue may have hidden a change.
                 Err(_) => true,
             };
@@ -142,7 +177,7 @@ fn event_watcher(
             return None;
         }
     };
-    for dir in dirs {
+    for dir in &dirs {
         if let Err(e) = watcher.watch(dir, notify::RecursiveMode::NonRecursive) {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot watch directory for config changes; relying on the periodic check");
         }
@@ -157,7 +192,7 @@ fn event_watcher(
 pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut last: Fingerprint) {
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (p, tx) = (paths.clone(), wake_tx.clone());
-    let mut watcher = tokio::task::spawn_blocking(move || event_watcher(&watched_dirs(&p), tx))
+    let mut watcher = tokio::task::spawn_blocking(move || event_watcher(WatchSet::of(&p), tx))
         .await
         .ok()
         .flatten();
@@ -185,7 +220,7 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut l
         let Ok((result, new_watcher)) = tokio::task::spawn_blocking(move || {
             let result = load(&p);
             // A new config may name material in other directories: watch those too.
-            (result, event_watcher(&watched_dirs(&p), tx))
+            (result, event_watcher(WatchSet::of(&p), tx))
         })
         .await
         else {
@@ -195,5 +230,39 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut l
         let old = std::mem::replace(&mut watcher, new_watcher);
         // Dropping an inotify watcher joins its thread: not on an async worker.
         tokio::task::spawn_blocking(move || drop(old));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(paths: &[&str]) -> notify::Event {
+        let mut e = notify::Event::new(notify::EventKind::Modify(notify::event::ModifyKind::Any));
+        for p in paths {
+            e = e.add_path(PathBuf::from(p));
+        }
+        e
+    }
+
+    #[test]
+    fn only_events_about_watched_files_or_kubelet_entries_wake_the_check() {
+        let set = WatchSet {
+            dirs: vec![PathBuf::from("/etc/pg")],
+            names: ["connectors.json", "fleet.json"]
+                .into_iter()
+                .map(OsString::from)
+                .collect(),
+        };
+        assert!(set.concerns(&event(&["/etc/pg/connectors.json"])));
+        assert!(set.concerns(&event(&["/etc/pg/..data"])));
+        assert!(set.concerns(&event(&["/etc/pg/..2026_11_28_14_00_00.1"])));
+        assert!(set.concerns(&event(&["/etc/pg/x.tmp", "/etc/pg/fleet.json"])));
+        assert!(
+            set.concerns(&event(&[])),
+            "an event without paths may be anything"
+        );
+        assert!(!set.concerns(&event(&["/etc/pg/gateway.log"])));
+        assert!(!set.concerns(&event(&["/etc/pg/.connectors.json.swp"])));
     }
 }
