@@ -82,25 +82,104 @@ fn postfix_ids() -> (u32, u32) {
     (id(&["-u", "postfix"]), id(&["-g", "postfix"]))
 }
 
+/// A private instance's directory (conf/, queue/, data/ owned by the postfix user, maillog),
+/// readable by Postfix's unprivileged processes.
+fn instance_dir(prefix: &str) -> TempDir {
+    let (uid, gid) = postfix_ids();
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("tempdir");
+    let d = dir.path();
+    super::pki::set_mode(d, 0o755);
+    for sub in ["conf", "queue", "data"] {
+        let p = d.join(sub);
+        std::fs::create_dir(&p).expect("mkdir");
+        super::pki::set_mode(&p, 0o755);
+    }
+    std::os::unix::fs::chown(d.join("data"), Some(uid), Some(gid)).expect("chown data dir");
+    dir
+}
+
+impl Postfix {
+    /// Writes `main` and the master.cf every instance shares (smtpd on `listen`), starts the
+    /// instance and waits (guard: 20 s) until smtpd accepts connections.
+    fn launch(
+        dir: TempDir,
+        conf: PathBuf,
+        listen: SocketAddr,
+        log: PathBuf,
+        main: &str,
+    ) -> Postfix {
+        let postfix = require_tool("postfix");
+        std::fs::write(conf.join("main.cf"), main).expect("write main.cf");
+        let master = format!(
+            "{listen} inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+"
+        );
+        std::fs::write(conf.join("master.cf"), master).expect("write master.cf");
+
+        let out = Command::new(&postfix)
+            .arg("-c")
+            .arg(&conf)
+            .arg("start")
+            .output()
+            .expect("run postfix start");
+        let pf = Postfix {
+            dir,
+            conf,
+            listen,
+            log,
+        };
+        if !out.status.success() {
+            panic!(
+                "postfix -c {} start failed ({}): {}{}\nmaillog:\n{}",
+                pf.conf.display(),
+                out.status,
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                pf.maillog()
+            );
+        }
+        wait_for(Duration::from_secs(20), "postfix smtpd listener", || {
+            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
+                .ok()
+                .map(|_| ())
+        });
+        pf
+    }
+}
+
 impl Postfix {
     pub fn start(opts: PostfixOptions) -> Postfix {
-        let postfix = require_tool("postfix");
-        let (uid, gid) = postfix_ids();
-        let dir = tempfile::Builder::new()
-            .prefix("pg-postfix-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = instance_dir("pg-postfix-");
         let d = dir.path();
-        super::pki::set_mode(d, 0o755);
-        let conf = d.join("conf");
-        let queue = d.join("queue");
-        let data = d.join("data");
-        for p in [&conf, &queue, &data] {
-            std::fs::create_dir(p).expect("mkdir");
-            super::pki::set_mode(p, 0o755);
-        }
-        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
-        let log = d.join("maillog");
+        let (conf, queue, data, log) = (
+            d.join("conf"),
+            d.join("queue"),
+            d.join("data"),
+            d.join("maillog"),
+        );
         let port = free_port(opts.listen_ip);
         let listen = SocketAddr::from((opts.listen_ip, port));
         let relay = opts.relay;
@@ -172,61 +251,7 @@ biff = no
                 c.key.display()
             ));
         }
-        std::fs::write(conf.join("main.cf"), main).expect("write main.cf");
-        let master = format!(
-            "{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"
-        );
-        std::fs::write(conf.join("master.cf"), master).expect("write master.cf");
-
-        let out = Command::new(&postfix)
-            .arg("-c")
-            .arg(&conf)
-            .arg("start")
-            .output()
-            .expect("run postfix start");
-        let pf = Postfix {
-            dir,
-            conf,
-            listen,
-            log,
-        };
-        if !out.status.success() {
-            panic!(
-                "postfix -c {} start failed ({}): {}{}\nmaillog:\n{}",
-                pf.conf.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                pf.maillog()
-            );
-        }
-        wait_for(Duration::from_secs(20), "postfix smtpd listener", || {
-            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
-        });
-        pf
+        Postfix::launch(dir, conf, listen, log, &main)
     }
 
     pub fn dir(&self) -> &Path {
@@ -370,23 +395,14 @@ pub struct Received {
 impl Postfix {
     /// Starts a receiving-server instance (see [`ReceiverOptions`]).
     pub fn start_receiver(opts: ReceiverOptions) -> Postfix {
-        let postfix = require_tool("postfix");
-        let (uid, gid) = postfix_ids();
-        let dir = tempfile::Builder::new()
-            .prefix("pg-postfix-rx-")
-            .tempdir()
-            .expect("tempdir");
+        let dir = instance_dir("pg-postfix-rx-");
         let d = dir.path();
-        super::pki::set_mode(d, 0o755);
-        let conf = d.join("conf");
-        let queue = d.join("queue");
-        let data = d.join("data");
-        for p in [&conf, &queue, &data] {
-            std::fs::create_dir(p).expect("mkdir");
-            super::pki::set_mode(p, 0o755);
-        }
-        std::os::unix::fs::chown(&data, Some(uid), Some(gid)).expect("chown data dir");
-        let log = d.join("maillog");
+        let (conf, queue, data, log) = (
+            d.join("conf"),
+            d.join("queue"),
+            d.join("data"),
+            d.join("maillog"),
+        );
         let listen = opts.listen;
         let mut main = format!(
             "compatibility_level = 3.6
@@ -435,60 +451,7 @@ biff = no
         if let Some(ca) = &opts.client_ca {
             main.push_str(&format!("smtpd_tls_CAfile = {}\n", ca.display()));
         }
-        std::fs::write(conf.join("main.cf"), main).expect("write main.cf");
-        let master = format!(
-            "{listen} inet n - n - - smtpd
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"
-        );
-        std::fs::write(conf.join("master.cf"), master).expect("write master.cf");
-        let out = Command::new(&postfix)
-            .arg("-c")
-            .arg(&conf)
-            .arg("start")
-            .output()
-            .expect("run postfix start");
-        let pf = Postfix {
-            dir,
-            conf,
-            listen,
-            log,
-        };
-        if !out.status.success() {
-            panic!(
-                "postfix -c {} start failed ({}): {}{}\nmaillog:\n{}",
-                pf.conf.display(),
-                out.status,
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr),
-                pf.maillog()
-            );
-        }
-        wait_for(Duration::from_secs(20), "postfix smtpd listener", || {
-            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
-        });
-        pf
+        Postfix::launch(dir, conf, listen, log, &main)
     }
 
     /// Messages a receiving instance accepted, from its log: sender, whether the smtpd session

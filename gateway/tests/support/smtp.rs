@@ -205,19 +205,26 @@ impl ClientTls {
     }
 }
 
-enum Stream {
+/// A client connection before or after STARTTLS (shared by [`SmtpConn`] and `wire::Wire`).
+pub(super) enum Stream {
     Plain(TcpStream),
     Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
 }
 
 impl Stream {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+    pub(super) fn tcp(&self) -> &TcpStream {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(s) => &s.sock,
+        }
+    }
+    pub(super) fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         match self {
             Stream::Plain(s) => s.read(buf),
             Stream::Tls(s) => s.read(buf),
         }
     }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+    pub(super) fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
         match self {
             Stream::Plain(s) => s.write_all(buf).and_then(|_| s.flush()),
             Stream::Tls(s) => s.write_all(buf).and_then(|_| s.flush()),

@@ -11,33 +11,7 @@ use std::time::{Duration, Instant};
 
 use rustls::pki_types::ServerName;
 
-use super::smtp::{ClientTls, Reply, connect_from};
-
-enum Stream {
-    Plain(TcpStream),
-    Tls(Box<rustls::StreamOwned<rustls::ClientConnection, TcpStream>>),
-}
-
-impl Stream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Stream::Plain(s) => s,
-            Stream::Tls(s) => &s.sock,
-        }
-    }
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
-        }
-    }
-    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
-        match self {
-            Stream::Plain(s) => s.write_all(buf).and_then(|_| s.flush()),
-            Stream::Tls(s) => s.write_all(buf).and_then(|_| s.flush()),
-        }
-    }
-}
+use super::smtp::{ClientTls, Reply, Stream, connect_from};
 
 /// One scripted connection.
 pub struct Wire {
