@@ -391,13 +391,7 @@ fn check(case: &Case, f: &Fixture, ip: Ipv4Addr) -> Result<String, String> {
             abbreviate(&got)
         ));
     }
-    let tag = format!("([{ip}])");
-    let mine: Vec<Recorded> = f
-        .sink
-        .messages()
-        .into_iter()
-        .filter(|m| m.text().contains(&tag))
-        .collect();
+    let mine = f.sink.messages_from(ip);
     match (case.sink, mine.len()) {
         (SinkExp::Nothing, 0) | (SinkExp::One, 1) => {}
         (SinkExp::Check(c), 1) => c(&mine[0])?,

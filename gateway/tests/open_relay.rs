@@ -16,7 +16,7 @@
 mod support;
 
 use serde_json::json;
-use support::{Fixture, Recorded, Sink, SinkOptions, SmtpConn, connectors, message};
+use support::{Fixture, Sink, SinkOptions, SmtpConn, connectors, message};
 
 /// One row: the RCPT address as written on the wire (between `<` and `>`), whether MAIL
 /// declares SMTPUTF8, the expected reply prefix, and for accepted rows the recipient the
@@ -155,13 +155,7 @@ fn relay_rows(rows: &[Row]) {
             }
         }
         c.quit();
-        let tag = format!("([{ip}])");
-        let mine: Vec<Recorded> = f
-            .sink
-            .messages()
-            .into_iter()
-            .filter(|m| m.text().contains(&tag))
-            .collect();
+        let mine = f.sink.messages_from(ip);
         match (row.upstream_rcpt, mine.as_slice()) {
             (None, []) => {}
             (Some(want), [m]) if m.rcpt_to == [want] => {}

@@ -167,6 +167,16 @@ impl Sink {
         self.shared.lock().expect("lock").messages.clone()
     }
 
+    /// The messages relayed for client `ip`: the gateway's Received: header names the client
+    /// as `([ip])`, so tests that share a sink can tell their sessions apart.
+    pub fn messages_from(&self, ip: impl std::fmt::Display) -> Vec<Recorded> {
+        let tag = format!("([{ip}])");
+        self.messages()
+            .into_iter()
+            .filter(|m| m.text().contains(&tag))
+            .collect()
+    }
+
     /// Stops the sink abruptly (every connection is dropped, also mid-DATA: a message whose
     /// final dot was not read is not recorded) and returns what it recorded.
     pub fn kill(mut self) -> Vec<Recorded> {
