@@ -34,24 +34,31 @@ struct FileMark {
 /// Taken *before* the initial load by the caller, so a change between that load and the start
 /// of [`watch`] is still seen as a change.
 pub fn fingerprint(paths: &ConfigPaths) -> Fingerprint {
-    let marks = watched_files(paths)
-        .into_iter()
+    marks(&watched_files(paths))
+}
+
+/// The fingerprint of `files`, whose first two are the fleet and connectors files (their bytes
+/// count too). The list comes from the config, so it is worked out again only after a change,
+/// not on every check: a change to either config file shows in its bytes anyway.
+fn marks(files: &[PathBuf]) -> Fingerprint {
+    let marks = files
+        .iter()
         .enumerate()
         .map(|(i, path)| {
-            let meta = std::fs::metadata(&path).ok();
+            let meta = std::fs::metadata(path).ok();
             let digest = if i < 2 {
-                std::fs::read(&path)
+                std::fs::read(path)
                     .ok()
                     .map(|b| Sha256::digest(&b).to_vec())
             } else {
                 None
             };
             FileMark {
-                canonical: std::fs::canonicalize(&path).ok(),
+                canonical: std::fs::canonicalize(path).ok(),
                 modified: meta.as_ref().and_then(|m| m.modified().ok()),
                 len: meta.map(|m| m.len()),
                 digest,
-                path,
+                path: path.clone(),
             }
         })
         .collect();
@@ -107,10 +114,9 @@ struct WatchSet {
 }
 
 impl WatchSet {
-    fn of(paths: &ConfigPaths) -> WatchSet {
-        let files = watched_files(paths);
+    fn of(files: &[PathBuf]) -> WatchSet {
         WatchSet {
-            dirs: watched_dirs(&files),
+            dirs: watched_dirs(files),
             names: files
                 .iter()
                 .filter_map(|f| f.file_name().map(OsStr::to_os_string))
@@ -192,10 +198,16 @@ fn event_watcher(
 pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut last: Fingerprint) {
     let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
     let (p, tx) = (paths.clone(), wake_tx.clone());
-    let mut watcher = tokio::task::spawn_blocking(move || event_watcher(WatchSet::of(&p), tx))
-        .await
-        .ok()
-        .flatten();
+    let Ok((mut files, mut watcher)) = tokio::task::spawn_blocking(move || {
+        let files: Arc<[PathBuf]> = watched_files(&p).into();
+        let watcher = event_watcher(WatchSet::of(&files), tx);
+        (files, watcher)
+    })
+    .await
+    else {
+        tracing::error!("config watcher could not start; config changes need a restart");
+        return;
+    };
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => {}
@@ -208,25 +220,30 @@ pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut l
                 }
             }
         }
-        let p = paths.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || fingerprint(&p)).await else {
+        let f = files.clone();
+        let Ok(now) = tokio::task::spawn_blocking(move || marks(&f)).await else {
             continue;
         };
         if now == last {
             continue;
         }
-        last = now;
         let (p, tx) = (paths.clone(), wake_tx.clone());
-        let Ok((result, new_watcher)) = tokio::task::spawn_blocking(move || {
-            let result = load(&p);
-            // A new config may name material in other directories: watch those too.
-            (result, event_watcher(WatchSet::of(&p), tx))
-        })
-        .await
+        let Ok((result, new_files, new_last, new_watcher)) =
+            tokio::task::spawn_blocking(move || {
+                // The new config may name other material files (in other directories): mark and
+                // watch those. Marked before the load, so a change during it is seen next time.
+                let new_files: Arc<[PathBuf]> = watched_files(&p).into();
+                let new_last = marks(&new_files);
+                let result = load(&p);
+                let watcher = event_watcher(WatchSet::of(&new_files), tx);
+                (result, new_files, new_last, watcher)
+            })
+            .await
         else {
             continue;
         };
         apply(&state, result);
+        (files, last) = (new_files, new_last);
         let old = std::mem::replace(&mut watcher, new_watcher);
         // Dropping an inotify watcher joins its thread: not on an async worker.
         tokio::task::spawn_blocking(move || drop(old));
