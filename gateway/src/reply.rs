@@ -147,3 +147,48 @@ pub mod fixed {
     pub const LOCAL_ERROR: Reply =
         Reply::new(451, [4, 3, 0], "Local error in processing, try again later");
 }
+
+/// Replies about the next hop; the route's label and the reason are in the text.
+pub mod next_hop {
+    use super::Reply;
+
+    /// The next hop cannot be reached or the connection to it was lost (`451 4.4.1`).
+    pub fn unreachable(label: &str, why: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 4, 1],
+            format!("Next hop {label} unreachable: {why}; try again later"),
+        )
+    }
+
+    /// A required TLS level was not met; never downgraded (`451 4.7.5`).
+    pub fn tls_failure(label: &str, why: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 7, 5],
+            format!("TLS to next hop {label} failed: {why}"),
+        )
+    }
+
+    /// The next hop answered outside the protocol, e.g. `354` to RCPT (`451 4.5.0`): never
+    /// taken as acceptance.
+    pub fn protocol_error(label: &str, why: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 5, 0],
+            format!("Next hop {label} protocol error: {why}; try again later"),
+        )
+    }
+
+    /// The connection carrying accepted recipients was lost and they could not all be
+    /// accepted again on a new one: nothing of this transaction may be answered `250`.
+    pub fn recipients_lost(label: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 4, 1],
+            format!(
+                "Next hop {label} lost the connection holding accepted recipients; send RSET and try the transaction again"
+            ),
+        )
+    }
+}

@@ -1,5 +1,6 @@
-//! The inline relay's client side: one SMTP connection to a next hop (upstream or an Outbound
-//! connector's smart host), with the hop's TLS level enforced and never downgraded.
+//! One SMTP client connection to a next hop (upstream, an Outbound connector's smart host or an
+//! MX host), with the hop's TLS level enforced and never downgraded. It knows nothing of
+//! transactions: [`super::transaction`] decides what is sent over which connection.
 
 use std::time::Duration;
 
@@ -11,6 +12,7 @@ use tokio::time::timeout;
 use crate::config::{Timeouts, TlsLevel};
 use crate::policy::TlsVersion;
 use crate::reply::Reply;
+use crate::reply::next_hop::{tls_failure, unreachable};
 use crate::runtime::{Hop, Target};
 use crate::stream::Conn;
 
@@ -62,22 +64,6 @@ fn split_esc(text: &str) -> (Option<[u16; 3]>, &str) {
         }
     }
     (None, text)
-}
-
-pub fn unreachable(label: &str, why: &str) -> Reply {
-    Reply::owned(
-        451,
-        [4, 4, 1],
-        format!("Next hop {label} unreachable: {why}; try again later"),
-    )
-}
-
-pub fn tls_failure(label: &str, why: &str) -> Reply {
-    Reply::owned(
-        451,
-        [4, 7, 5],
-        format!("TLS to next hop {label} failed: {why}"),
-    )
 }
 
 #[derive(Debug, Default, Clone, Copy)]

@@ -1,0 +1,526 @@
+//! The next-hop side of one SMTP transaction, and the session's idle connection pool.
+//!
+//! Invariants (docs/gateway.md, "Multi-recipient transactions"):
+//! 1. A recipient is sent only over a connection opened for its own route. The transaction
+//!    holds at most one connection, tagged with its route; the pool hands a connection out
+//!    only for the route it was opened for.
+//! 2. The route is pinned by the first recipient the next hop *accepts* (policy refuses other
+//!    routes from then on). A refused recipient pins nothing; when the next recipient needs
+//!    another route, the held connection is reset and parked, so it cannot carry it.
+//! 3. The ledger lists the recipients the next hop accepted on the held connection. If that
+//!    connection is lost before the message is streamed, the transaction reconnects once and
+//!    replays MAIL and every ledger recipient; unless all are accepted again it is *broken*:
+//!    later recipients and DATA get `451 4.4.1`. So a `250` to the final dot always means the
+//!    next hop accepted MAIL and exactly the ledger on the connection that carried the message,
+//!    and a lost connection never gives a `5xx`.
+//! 4. A pooled connection found dead when MAIL is sent (I/O error, timeout, `421`) is replaced
+//!    once by a fresh one without the client noticing.
+//! 5. A `3xx` reply to MAIL or RCPT (or anything but `354` to DATA) is a protocol error, never
+//!    acceptance: `451 4.5.0` and the connection is dropped.
+
+use crate::policy::Route;
+use crate::reply::Reply;
+use crate::reply::next_hop::{protocol_error, recipients_lost, unreachable};
+use crate::runtime::Runtime;
+
+use super::client::{HopReply, NextHop, mx_targets};
+
+/// What every next hop of the transaction gets in MAIL FROM.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    /// The sender exactly as the client gave it (dequoted by the parser).
+    pub sender: String,
+    /// `SIZE=` from the client; 0 when absent.
+    pub size: usize,
+    pub eightbit: bool,
+    pub smtputf8: bool,
+}
+
+/// The label of a route in replies and logs: `upstream` or the Outbound connector's name.
+pub fn route_label(rt: &Runtime, route: &Route) -> String {
+    match route {
+        Route::Upstream => "upstream".into(),
+        Route::Outbound(i) | Route::OutboundMx(i, _) => rt
+            .connectors
+            .outbound
+            .get(*i)
+            .map_or_else(|| "unknown".into(), |c| c.name.clone()),
+    }
+}
+
+/// The session's idle next-hop connection, kept between transactions. One slot: parking
+/// another connection closes the one parked before.
+#[derive(Default)]
+pub struct IdlePool {
+    slot: Option<(Route, NextHop)>,
+}
+
+impl IdlePool {
+    /// The parked connection if it was opened for `route`; a connection of another route stays.
+    fn take(&mut self, route: &Route) -> Option<NextHop> {
+        match &self.slot {
+            Some((r, _)) if r == route => self.slot.take().map(|(_, hop)| hop),
+            _ => None,
+        }
+    }
+
+    async fn park(&mut self, route: Route, hop: NextHop) {
+        if let Some((_, old)) = self.slot.replace((route, hop)) {
+            old.quit().await;
+        }
+    }
+
+    /// Closes the parked connection (end of session).
+    pub async fn close(&mut self) {
+        if let Some((_, hop)) = self.slot.take() {
+            hop.quit().await;
+        }
+    }
+}
+
+/// How a next hop answered one command.
+enum Answer {
+    Accepted(HopReply),
+    /// 4xx or 5xx: mirrored to the client; the connection is still usable.
+    Refused(HopReply),
+    /// A reply outside the protocol (3xx to MAIL/RCPT, not 354 to DATA): the connection is
+    /// dropped; the reply for the client.
+    Protocol(Reply),
+    /// I/O error, timeout or end of stream: the connection is gone; the reply for the client.
+    Lost(Reply),
+}
+
+/// Sends one command: `2xx` means go on for MAIL and RCPT, only `354` for DATA.
+async fn exchange(hop: &mut NextHop, label: &str, cmd: &str, what: &str) -> Answer {
+    let data = what == "DATA";
+    match hop.command(cmd).await {
+        Ok(r) if !data && (200..300).contains(&r.code) => Answer::Accepted(r),
+        Ok(r) if data && r.code == 354 => Answer::Accepted(r),
+        Ok(r) if r.code >= 400 => Answer::Refused(r),
+        Ok(r) => Answer::Protocol(protocol_error(
+            label,
+            &format!("unexpected reply {} to {what}", r.code),
+        )),
+        Err(e) => Answer::Lost(unreachable(
+            label,
+            &format!("connection lost at {what} ({e})"),
+        )),
+    }
+}
+
+fn mail_command(env: &Envelope, hop: &NextHop) -> String {
+    let mut cmd = format!("MAIL FROM:<{}>", wire_address(&env.sender));
+    if hop.caps.size && env.size > 0 {
+        cmd.push_str(&format!(" SIZE={}", env.size));
+    }
+    if hop.caps.eightbit && env.eightbit {
+        cmd.push_str(" BODY=8BITMIME");
+    }
+    if hop.caps.smtputf8 && env.smtputf8 {
+        cmd.push_str(" SMTPUTF8");
+    }
+    cmd.push_str("\r\n");
+    cmd
+}
+
+fn rcpt_command(rcpt: &str) -> String {
+    format!("RCPT TO:<{}>\r\n", wire_address(rcpt))
+}
+
+/// The address as it goes to the next hop. smtp-proto hands over the local part dequoted, so
+/// quote it again unless it is a dot-string (RFC 5321 4.1.2): `"user@evil.test"@example.org`
+/// must not become `user@evil.test@example.org`, another address.
+pub fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
+    use std::borrow::Cow;
+    let Some((local, domain)) = addr.rsplit_once('@') else {
+        return Cow::Borrowed(addr);
+    };
+    let atext =
+        |c: char| c.is_ascii_alphanumeric() || "!#$%&'*+-/=?^_`{|}~".contains(c) || !c.is_ascii();
+    if !local.is_empty()
+        && local
+            .split('.')
+            .all(|atom| !atom.is_empty() && atom.chars().all(atext))
+    {
+        return Cow::Borrowed(addr);
+    }
+    let mut q = String::with_capacity(addr.len() + 4);
+    q.push('"');
+    for c in local.chars() {
+        if c == '"' || c == '\\' {
+            q.push('\\');
+        }
+        q.push(c);
+    }
+    q.push_str("\"@");
+    q.push_str(domain);
+    Cow::Owned(q)
+}
+
+/// A fresh connection for `route` (never from the pool).
+async fn open_route(rt: &Runtime, route: &Route) -> Result<NextHop, Reply> {
+    let hop = match route {
+        Route::Upstream => Some(&rt.upstream),
+        Route::Outbound(i) | Route::OutboundMx(i, _) => rt.outbound.get(*i),
+    };
+    let Some(hop) = hop else {
+        return Err(unreachable(&route_label(rt, route), "route not configured"));
+    };
+    let (helo, timeouts) = (&rt.fleet.hostname, &rt.fleet.timeouts);
+    match route {
+        Route::OutboundMx(_, domain) => {
+            let targets = mx_targets(hop, domain, &rt.resolver).await?;
+            NextHop::open_targets(hop, &targets, helo, timeouts).await
+        }
+        _ => NextHop::open(hop, helo, timeouts).await,
+    }
+}
+
+/// Ends the next hop's transaction on `hop` and parks it; a hop that does not answer RSET with
+/// `250` is closed instead.
+async fn release(route: Route, mut hop: NextHop, pool: &mut IdlePool) {
+    match hop.command("RSET\r\n").await {
+        Ok(r) if r.code == 250 => pool.park(route, hop).await,
+        _ => hop.abort(),
+    }
+}
+
+/// The next-hop side of one SMTP transaction.
+pub struct RelayTransaction {
+    envelope: Envelope,
+    pinned: Option<Route>,
+    /// Recipients the next hop accepted on `held`, in order.
+    ledger: Vec<String>,
+    /// The connection with this transaction's MAIL open, and its route.
+    held: Option<(Route, NextHop)>,
+    /// Accepted recipients were lost and could not be replayed.
+    broken: bool,
+}
+
+impl RelayTransaction {
+    pub fn new(envelope: Envelope) -> RelayTransaction {
+        RelayTransaction {
+            envelope,
+            pinned: None,
+            ledger: Vec::new(),
+            held: None,
+            broken: false,
+        }
+    }
+
+    pub fn envelope(&self) -> &Envelope {
+        &self.envelope
+    }
+
+    /// The route fixed by the first accepted recipient.
+    pub fn pinned(&self) -> Option<&Route> {
+        self.pinned.as_ref()
+    }
+
+    /// Recipients the next hop accepted.
+    pub fn ledger(&self) -> &[String] {
+        &self.ledger
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken
+    }
+
+    /// Sends one recipient (already allowed by policy for `route`) to its route's next hop;
+    /// the reply is for the client.
+    pub async fn recipient(
+        &mut self,
+        rt: &Runtime,
+        pool: &mut IdlePool,
+        route: &Route,
+        rcpt: &str,
+    ) -> Reply {
+        let label = route_label(rt, route);
+        if self.broken {
+            return recipients_lost(&label);
+        }
+        if let Some((held_route, hop)) = self.held.take() {
+            if held_route == *route {
+                self.held = Some((held_route, hop));
+            } else {
+                // Only while unpinned (policy refuses other routes once pinned): the held
+                // connection must not carry this recipient.
+                release(held_route, hop, pool).await;
+            }
+        }
+        if self.held.is_none() {
+            match self.open_with_mail(rt, pool, route, &label).await {
+                Ok(hop) => self.held = Some((route.clone(), hop)),
+                Err(reply) => return reply,
+            }
+        }
+        let Some((_, hop)) = self.held.as_mut() else {
+            return unreachable(&label, "internal state error");
+        };
+        let lost = match exchange(hop, &label, &rcpt_command(rcpt), "RCPT").await {
+            Answer::Accepted(r) => return self.accept(route, rcpt, &r),
+            Answer::Refused(r) => return r.mirror([1, 5]),
+            Answer::Protocol(reply) | Answer::Lost(reply) => reply,
+        };
+        self.drop_held();
+        if self.ledger.is_empty() {
+            return lost;
+        }
+        tracing::warn!(next_hop = %label, recipients = self.ledger.len(), reply = %lost,
+            "next hop connection lost with accepted recipients; reconnecting to replay them");
+        let Some(mut hop) = self.replay(rt, route, &label).await else {
+            return recipients_lost(&label);
+        };
+        match exchange(&mut hop, &label, &rcpt_command(rcpt), "RCPT").await {
+            Answer::Accepted(r) => {
+                self.held = Some((route.clone(), hop));
+                self.accept(route, rcpt, &r)
+            }
+            Answer::Refused(r) => {
+                self.held = Some((route.clone(), hop));
+                r.mirror([1, 5])
+            }
+            Answer::Protocol(reply) | Answer::Lost(reply) => {
+                hop.abort();
+                self.broken = true;
+                reply
+            }
+        }
+    }
+
+    fn accept(&mut self, route: &Route, rcpt: &str, r: &HopReply) -> Reply {
+        self.ledger.push(rcpt.to_string());
+        self.pinned = Some(route.clone());
+        r.mirror([1, 5])
+    }
+
+    fn drop_held(&mut self) {
+        if let Some((_, hop)) = self.held.take() {
+            hop.abort();
+        }
+    }
+
+    /// A connection for `route` with MAIL accepted: the pooled one if it is for this route
+    /// (replaced once by a fresh one if it turns out dead), else a fresh one.
+    async fn open_with_mail(
+        &self,
+        rt: &Runtime,
+        pool: &mut IdlePool,
+        route: &Route,
+        label: &str,
+    ) -> Result<NextHop, Reply> {
+        if let Some(mut hop) = pool.take(route) {
+            let mail = mail_command(&self.envelope, &hop);
+            match exchange(&mut hop, label, &mail, "MAIL").await {
+                Answer::Accepted(_) => return Ok(hop),
+                Answer::Refused(r) if r.code != 421 => {
+                    hop.quit().await;
+                    return Err(r.mirror([1, 0]));
+                }
+                Answer::Protocol(reply) => {
+                    hop.abort();
+                    return Err(reply);
+                }
+                Answer::Refused(_) | Answer::Lost(_) => {
+                    // Closed while idle (timeout, restart, 421): replaced once, unnoticed.
+                    tracing::debug!(next_hop = %label, "pooled connection found dead; opening a new one");
+                    hop.abort();
+                }
+            }
+        }
+        let mut hop = open_route(rt, route).await?;
+        let mail = mail_command(&self.envelope, &hop);
+        match exchange(&mut hop, label, &mail, "MAIL").await {
+            Answer::Accepted(_) => Ok(hop),
+            Answer::Refused(r) => {
+                hop.quit().await;
+                Err(r.mirror([1, 0]))
+            }
+            Answer::Protocol(reply) | Answer::Lost(reply) => {
+                hop.abort();
+                Err(reply)
+            }
+        }
+    }
+
+    /// A fresh connection with MAIL and every ledger recipient accepted again, or `None` (the
+    /// transaction is then broken).
+    async fn replay(&mut self, rt: &Runtime, route: &Route, label: &str) -> Option<NextHop> {
+        let result = async {
+            let mut hop = open_route(rt, route).await.ok()?;
+            let mail = mail_command(&self.envelope, &hop);
+            if !matches!(
+                exchange(&mut hop, label, &mail, "MAIL").await,
+                Answer::Accepted(_)
+            ) {
+                hop.quit().await;
+                return None;
+            }
+            for rcpt in &self.ledger {
+                match exchange(&mut hop, label, &rcpt_command(rcpt), "RCPT").await {
+                    Answer::Accepted(_) => {}
+                    Answer::Refused(_) => {
+                        hop.quit().await;
+                        return None;
+                    }
+                    Answer::Protocol(_) | Answer::Lost(_) => {
+                        hop.abort();
+                        return None;
+                    }
+                }
+            }
+            Some(hop)
+        }
+        .await;
+        if result.is_none() {
+            tracing::warn!(next_hop = %label, recipients = self.ledger.len(),
+                "replaying accepted recipients failed; the transaction can only be retried");
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Sends DATA. `Ok` when the next hop answered `354` and the message may be streamed;
+    /// `Err(reply)` ends the transaction with that reply, except `554 5.5.1` (no recipients),
+    /// which the caller may keep the transaction open for.
+    pub async fn start_data(
+        mut self,
+        rt: &Runtime,
+        pool: &mut IdlePool,
+    ) -> Result<DataTransfer, Reply> {
+        let route = self.pinned.clone().unwrap_or(Route::Upstream);
+        let label = route_label(rt, &route);
+        if self.broken {
+            self.drop_held();
+            return Err(recipients_lost(&label));
+        }
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            let hop = match self.held.take() {
+                Some((_, hop)) => Some(hop),
+                None => self.replay(rt, &route, &label).await,
+            };
+            let Some(mut hop) = hop else {
+                return Err(recipients_lost(&label));
+            };
+            match exchange(&mut hop, &label, "DATA\r\n", "DATA").await {
+                Answer::Accepted(_) => {
+                    return Ok(DataTransfer {
+                        route,
+                        label,
+                        hop,
+                        recipients: self.ledger.len(),
+                        intact: true,
+                    });
+                }
+                Answer::Refused(r) => {
+                    release(route, hop, pool).await;
+                    return Err(r.mirror([0, 0]));
+                }
+                Answer::Protocol(reply) => {
+                    hop.abort();
+                    return Err(reply);
+                }
+                Answer::Lost(reply) => {
+                    hop.abort();
+                    if attempts > 1 {
+                        self.broken = true;
+                        return Err(reply);
+                    }
+                    tracing::warn!(next_hop = %label, recipients = self.ledger.len(), reply = %reply,
+                        "next hop connection lost at DATA; reconnecting to replay the recipients");
+                }
+            }
+        }
+    }
+
+    /// Ends the transaction (RSET, QUIT, EHLO, STARTTLS, end of session): a held connection is
+    /// reset and parked for the next transaction of the same route.
+    pub async fn end(mut self, pool: &mut IdlePool) {
+        if let Some((route, hop)) = self.held.take() {
+            release(route, hop, pool).await;
+        }
+    }
+}
+
+/// A message being streamed to the next hop after its `354`.
+pub struct DataTransfer {
+    route: Route,
+    label: String,
+    hop: NextHop,
+    recipients: usize,
+    /// Every write so far reached the next hop.
+    intact: bool,
+}
+
+impl DataTransfer {
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+
+    /// How many recipients the message goes to at the next hop.
+    pub fn recipients(&self) -> usize {
+        self.recipients
+    }
+
+    /// Forwards bytes in the dot-stuffed wire form; after a failed write nothing more is sent.
+    pub async fn write(&mut self, bytes: &[u8]) {
+        if self.intact {
+            self.intact = self.hop.write_data(bytes).await.is_ok();
+        }
+    }
+
+    /// Drops the connection without the final dot, so the next hop discards the message.
+    pub fn abort(self) {
+        self.hop.abort();
+    }
+
+    /// Sends the final dot; the reply is the next hop's (mirrored), or `451 4.4.1` when the
+    /// connection was lost or no reply came in time. A connection that answered goes back to
+    /// the pool for its route.
+    pub async fn finish(mut self, pool: &mut IdlePool) -> Reply {
+        if !self.intact {
+            self.hop.abort();
+            return unreachable(&self.label, "connection lost during DATA");
+        }
+        match self.hop.finish_data().await {
+            Ok(r) if r.code >= 400 || (200..300).contains(&r.code) => {
+                pool.park(self.route, self.hop).await;
+                r.mirror([0, 0])
+            }
+            Ok(r) => {
+                self.hop.abort();
+                protocol_error(
+                    &self.label,
+                    &format!("unexpected reply {} to end of data", r.code),
+                )
+            }
+            Err(e) => {
+                self.hop.abort();
+                unreachable(&self.label, &format!("no reply to end of data ({e})"))
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::wire_address;
+
+    #[test]
+    fn local_parts_that_are_not_dot_strings_are_quoted_again() {
+        assert_eq!(wire_address("a.b@example.org"), "a.b@example.org");
+        assert_eq!(
+            wire_address("user@evil.test@example.org"),
+            "\"user@evil.test\"@example.org"
+        );
+        assert_eq!(wire_address("a..b@x.org"), "\"a..b\"@x.org");
+        assert_eq!(wire_address("say \"hi\"@x.org"), "\"say \\\"hi\\\"\"@x.org");
+        assert_eq!(wire_address(""), "");
+    }
+}

@@ -1,0 +1,121 @@
+//! Reading command lines and writing replies. Replies are batched and flushed only when no
+//! complete command is buffered (RFC 2920). Every read has the command (or DATA) timeout and
+//! every write the command timeout: a client that stops reading cannot hold its slot past it.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+use super::Session;
+
+pub(super) enum ReadError {
+    Timeout,
+    Shutdown,
+    Closed,
+}
+
+async fn wait_deadline(rx: &mut watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    fn write_deadline(&self) -> Duration {
+        Duration::from_secs(self.rt.fleet.timeouts.command_secs)
+    }
+
+    /// Writes the batched replies; a client that does not take them within the command
+    /// timeout gets an error (and the session closes).
+    pub(super) async fn flush(&mut self) -> std::io::Result<()> {
+        if self.out.is_empty() {
+            return Ok(());
+        }
+        let deadline = self.write_deadline();
+        let write = async {
+            self.conn.write_all(&self.out).await?;
+            self.conn.flush().await
+        };
+        let res = match timeout(deadline, write).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client did not read its replies",
+            )),
+        };
+        self.out.clear();
+        res
+    }
+
+    /// Flushes what is left and closes the client connection, neither longer than the write
+    /// deadline.
+    pub(super) async fn close(&mut self) {
+        let _ = self.flush().await;
+        let deadline = self.write_deadline();
+        let _ = timeout(deadline, self.conn.shutdown()).await;
+    }
+
+    /// Reads more bytes into the buffer, honouring the timeout and the shutdown deadline.
+    pub(super) async fn fill(&mut self, secs: u64) -> Result<(), ReadError> {
+        if self.rpos > 0 && self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        } else if self.rpos > 64 * 1024 {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        let mut tmp = [0u8; 16 * 1024];
+        let mut deadline = self.ctx.deadline.clone();
+        let read = timeout(Duration::from_secs(secs), self.conn.read(&mut tmp));
+        tokio::select! {
+            r = read => match r {
+                Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Closed),
+                Ok(Ok(n)) => {
+                    self.rbuf.extend_from_slice(&tmp[..n]);
+                    Ok(())
+                }
+                Err(_) => Err(ReadError::Timeout),
+            },
+            _ = wait_deadline(&mut deadline) => Err(ReadError::Shutdown),
+        }
+    }
+
+    /// The next command line (with its LF), `Ok(None)` for an over-long line. Replies are
+    /// flushed only when no complete command is buffered: RFC 2920 batching.
+    pub(super) async fn next_command(&mut self) -> Result<Option<Vec<u8>>, ReadError> {
+        let limit = self.rt.fleet.limits.max_command_line;
+        loop {
+            let pending = &self.rbuf[self.rpos..];
+            if let Some(i) = pending.iter().position(|b| *b == b'\n') {
+                let line = pending[..=i].to_vec();
+                self.rpos += i + 1;
+                if std::mem::take(&mut self.skipping_line) {
+                    continue;
+                }
+                if line.len() > limit {
+                    return Ok(None);
+                }
+                return Ok(Some(line));
+            }
+            if pending.len() > limit {
+                self.rpos = self.rbuf.len();
+                if !self.skipping_line {
+                    self.skipping_line = true;
+                    return Ok(None);
+                }
+            }
+            if self.flush().await.is_err() {
+                return Err(ReadError::Closed);
+            }
+            let secs = self.rt.fleet.timeouts.command_secs;
+            self.fill(secs).await?;
+        }
+    }
+}

@@ -1,0 +1,391 @@
+//! One SMTP session as a state machine over the phases greeting → EHLO → (STARTTLS → EHLO) →
+//! MAIL → RCPT* → DATA, generic over the byte stream so tests and the fuzzer drive it in memory.
+//!
+//! One file per phase, as in Stalwart's `smtp::inbound`: [`io`] (line reading, RFC 2920 reply
+//! batching, read and write deadlines), [`ehlo`], [`starttls`], [`mail`], [`rcpt`], [`data`].
+//! This file holds the session state and the command dispatch. The session decides (policy)
+//! and replies; everything that goes to a next hop goes through the transaction's
+//! [`RelayTransaction`] and the session's [`IdlePool`], never a connection of its own.
+
+mod data;
+mod ehlo;
+mod io;
+mod mail;
+mod rcpt;
+mod starttls;
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use smtp_proto::Request;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::watch;
+
+use crate::certs::PeerCert;
+use crate::metrics::Metrics;
+use crate::policy::{CertFacts, Facts, SenderDecision, TlsVersion, tls_str};
+use crate::relay::{IdlePool, RelayTransaction};
+use crate::reply::{Reply, fixed};
+use crate::runtime::Runtime;
+use crate::stream::Conn;
+
+static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
+
+/// Everything a session gets from the server.
+pub struct SessionCtx {
+    pub runtime: Arc<Runtime>,
+    pub metrics: Arc<Metrics>,
+    /// Becomes true when the shutdown grace period is over.
+    pub deadline: watch::Receiver<bool>,
+    pub client_ip: IpAddr,
+}
+
+enum Flow {
+    Continue,
+    Close,
+}
+
+/// One transaction: the sender decision (policy) and its next-hop side.
+struct Transaction {
+    decision: SenderDecision,
+    relay: RelayTransaction,
+}
+
+pub struct Session<S> {
+    conn: Conn<S>,
+    rbuf: Vec<u8>,
+    rpos: usize,
+    out: Vec<u8>,
+    ctx: SessionCtx,
+    rt: Arc<Runtime>,
+    id: String,
+    helo: Option<String>,
+    esmtp: bool,
+    tls: Option<TlsVersion>,
+    cert: Option<Arc<PeerCert>>,
+    errors: usize,
+    tx: Option<Transaction>,
+    /// Next-hop connections kept between transactions of this session.
+    pool: IdlePool,
+    /// Discarding the rest of an over-long command line.
+    skipping_line: bool,
+}
+
+/// One SMTP decision for the `decision` log target: the fields every decision line carries
+/// are filled in by [`Session::log_decision`]; these are the ones that vary.
+#[derive(Default)]
+struct Decision<'a> {
+    connector: &'a str,
+    rule: &'a str,
+    outcome: &'a str,
+    reply: Option<&'a Reply>,
+    next_hop: Option<&'a str>,
+    recipients: Option<usize>,
+    internal: Option<bool>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    pub fn new(stream: S, ctx: SessionCtx) -> Session<S> {
+        let rt = ctx.runtime.clone();
+        Session {
+            conn: Conn::Plain(stream),
+            rbuf: Vec::with_capacity(1024),
+            rpos: 0,
+            out: Vec::with_capacity(512),
+            ctx,
+            rt,
+            id: format!("{:x}", SESSION_IDS.fetch_add(1, Ordering::Relaxed)),
+            helo: None,
+            esmtp: false,
+            tls: None,
+            cert: None,
+            errors: 0,
+            tx: None,
+            pool: IdlePool::default(),
+            skipping_line: false,
+        }
+    }
+
+    fn reply(&mut self, r: &Reply) {
+        r.write_to(&mut self.out);
+    }
+
+    fn cert_subject(&self) -> String {
+        self.cert
+            .as_ref()
+            .map_or_else(|| "none".to_string(), |c| c.info.subject.clone())
+    }
+
+    /// The one place decision lines are written: session, client IP, TLS version and
+    /// certificate subject on every line, whatever the phase.
+    fn log_decision(&self, d: Decision<'_>, message: &str) {
+        tracing::info!(target: "decision", session = %self.id, client_ip = %self.ctx.client_ip,
+            connector = d.connector, rule = d.rule, tls = tls_str(self.tls),
+            cert_subject = %self.cert_subject(), outcome = d.outcome,
+            reply = d.reply.map(tracing::field::display), next_hop = d.next_hop,
+            recipients = d.recipients, internal = d.internal, "{message}");
+    }
+
+    fn facts(&self) -> Facts<'_> {
+        Facts {
+            client_ip: self.ctx.client_ip,
+            tls: self.tls,
+            cert: self.cert.as_deref().map(|c| c as &dyn CertFacts),
+        }
+    }
+
+    pub async fn run(mut self) {
+        let greeting = format!("220 {} ESMTP partnergate\r\n", self.rt.fleet.hostname);
+        self.out.extend_from_slice(greeting.as_bytes());
+        loop {
+            let line = match self.next_command().await {
+                Ok(l) => l,
+                Err(io::ReadError::Timeout) => {
+                    self.reply(&fixed::TIMEOUT);
+                    break;
+                }
+                Err(io::ReadError::Shutdown) => {
+                    self.reply(&fixed::SHUTTING_DOWN);
+                    break;
+                }
+                Err(io::ReadError::Closed) => {
+                    self.out.clear();
+                    break;
+                }
+            };
+            let flow = match line {
+                None => {
+                    self.reply(&fixed::LINE_TOO_LONG);
+                    self.count_error()
+                }
+                Some(line) => self.command(&line).await,
+            };
+            if let Flow::Close = flow {
+                break;
+            }
+        }
+        self.close().await;
+        self.end_tx().await;
+        self.pool.close().await;
+    }
+
+    fn count_error(&mut self) -> Flow {
+        self.errors += 1;
+        if self.errors >= self.rt.fleet.limits.max_errors {
+            self.reply(&fixed::TOO_MANY_ERRORS);
+            let d = Decision {
+                connector: "none",
+                rule: "maxErrors",
+                outcome: "closed",
+                ..Decision::default()
+            };
+            self.log_decision(d, "too many errors");
+            return Flow::Close;
+        }
+        Flow::Continue
+    }
+
+    fn error(&mut self, r: &Reply) -> Flow {
+        self.reply(r);
+        self.count_error()
+    }
+
+    /// Ends the open transaction, if any; its next-hop connection is reset and kept.
+    async fn end_tx(&mut self) {
+        if let Some(tx) = self.tx.take() {
+            tx.relay.end(&mut self.pool).await;
+        }
+    }
+
+    async fn command(&mut self, line: &[u8]) -> Flow {
+        // smtp-proto replaces invalid UTF-8 with U+FFFD: such an address would be relayed
+        // altered, so it is a syntax error.
+        let utf8 = std::str::from_utf8(line).is_ok();
+        let req = match Request::parse(&mut line.iter()) {
+            Ok(r) => r,
+            Err(e) => return self.error(&parse_error_reply(e)),
+        };
+        match req {
+            Request::Ehlo { host } => self.ehlo(&host, true).await,
+            Request::Helo { host } => self.ehlo(&host, false).await,
+            Request::StartTls => self.starttls().await,
+            Request::Mail { .. } if !utf8 => self.error(&fixed::BAD_SENDER),
+            Request::Rcpt { .. } if !utf8 => self.error(&fixed::BAD_RCPT),
+            Request::Mail { from } => self.mail(from),
+            Request::Rcpt { to } => self.rcpt(to).await,
+            Request::Data => self.data().await,
+            Request::Rset => {
+                self.end_tx().await;
+                self.reply(&fixed::OK);
+                Flow::Continue
+            }
+            Request::Noop { .. } => {
+                self.reply(&fixed::OK);
+                Flow::Continue
+            }
+            Request::Help { .. } => {
+                self.reply(&fixed::HELP);
+                Flow::Continue
+            }
+            Request::Quit => {
+                self.reply(&fixed::BYE);
+                Flow::Close
+            }
+            Request::Vrfy { .. } | Request::Expn { .. } => self.error(&fixed::VRFY_DISABLED),
+            Request::Bdat { .. } => self.error(&fixed::BDAT_NOT_OFFERED),
+            Request::Lhlo { .. }
+            | Request::Auth { .. }
+            | Request::Etrn { .. }
+            | Request::Atrn { .. }
+            | Request::Burl { .. } => self.error(&fixed::NOT_IMPLEMENTED),
+        }
+    }
+}
+
+fn parse_error_reply(e: smtp_proto::Error) -> Reply {
+    match e {
+        smtp_proto::Error::UnknownCommand => fixed::UNRECOGNISED,
+        smtp_proto::Error::InvalidSenderAddress => fixed::BAD_SENDER,
+        smtp_proto::Error::InvalidRecipientAddress => fixed::BAD_RCPT,
+        smtp_proto::Error::UnsupportedParameter { .. } => fixed::UNSUPPORTED_PARAM,
+        smtp_proto::Error::InvalidParameter { param } => {
+            Reply::owned(501, [5, 5, 4], format!("Invalid {param} parameter"))
+        }
+        smtp_proto::Error::SyntaxError { syntax } => {
+            Reply::owned(501, [5, 5, 4], format!("Syntax: {syntax}"))
+        }
+        _ => Reply::new(501, [5, 5, 4], "Syntax error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::{ConfigPaths, load};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn runtime(dir: &std::path::Path) -> Arc<Runtime> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        std::fs::write(
+            dir.join("fleet.json"),
+            r#"{"hostname":"gw.test","serverCertificate":{"certFile":"c.pem","keyFile":"k.pem"},
+                "acceptedDomains":["example.org"],"limits":{"maxErrors":4,"maxMessageSize":1000},
+                "upstream":{"host":"127.0.0.1","port":1,"tls":"None"}}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.join("connectors.json"), "{}").unwrap();
+        Arc::new(
+            load(&ConfigPaths {
+                fleet: dir.join("fleet.json"),
+                connectors: dir.join("connectors.json"),
+            })
+            .unwrap(),
+        )
+    }
+
+    /// Runs one session over an in-memory pipe; returns the first line of every reply.
+    async fn talk(input: &[u8]) -> Vec<String> {
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, deadline) = watch::channel(false);
+        let ctx = SessionCtx {
+            runtime: runtime(dir.path()),
+            metrics: Arc::new(Metrics::new()),
+            deadline,
+            client_ip: "192.0.2.1".parse().unwrap(),
+        };
+        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let task = tokio::spawn(Session::new(server, ctx).run());
+        client.write_all(input).await.unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).await.unwrap();
+        task.await.unwrap();
+        out.lines()
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(str::to_string)
+            .collect()
+    }
+
+    fn codes(replies: &[String]) -> Vec<&str> {
+        replies.iter().map(|r| &r[..r.len().min(9)]).collect()
+    }
+
+    #[tokio::test]
+    async fn sequence_and_refused_commands() {
+        let r = talk(b"MAIL FROM:<a@b.org>\r\nEHLO c.test\r\nVRFY x\r\nMAIL FROM:<a@b.org> SIZE=5000\r\nMAIL FROM:<a@b.org>\r\nMAIL FROM:<a@b.org>\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "503 5.5.1",
+                "250 START",
+                "502 5.5.1",
+                "552 5.3.4",
+                "250 2.1.0",
+                "503 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn relaying_denied_no_recipients_and_unreachable_upstream() {
+        let r = talk(b"EHLO c.test\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<x@elsewhere.net>\r\nDATA\r\nRCPT TO:<x@example.org>\r\nBDAT 0 LAST\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "250 START",
+                "250 2.1.0",
+                "550 5.7.1",
+                "554 5.5.1",
+                "451 4.4.1",
+                "502 5.5.1",
+                "221 2.0.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn long_lines_and_too_many_errors_close() {
+        let mut input = b"EHLO c.test\r\n".to_vec();
+        input.extend_from_slice(&[b'A'; 600]);
+        input.extend_from_slice(b"\r\nNOOP\r\nFOO\r\nBAR\r\nBAZ\r\nNOOP\r\n");
+        let r = talk(&input).await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "250 START",
+                "500 5.5.2",
+                "250 2.0.0",
+                "500 5.5.1",
+                "500 5.5.1",
+                "500 5.5.1",
+                "421 4.7.0"
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn starttls_before_ehlo_and_unknown_parameters() {
+        let r = talk(b"STARTTLS\r\nEHLO c.test\r\nMAIL FROM:<a@b.org> RET=FULL\r\nQUIT\r\n").await;
+        assert_eq!(
+            codes(&r),
+            [
+                "220 gw.te",
+                "503 5.5.1",
+                "250 STARTTLS",
+                "555 5.5.4",
+                "221 2.0.0"
+            ]
+            .map(|s| &s[..s.len().min(9)])
+        );
+    }
+}
