@@ -19,8 +19,8 @@
 //!    acceptance: `451 4.5.0` and the connection is dropped.
 
 use crate::policy::Route;
-use crate::reply::Reply;
 use crate::reply::next_hop::{protocol_error, recipients_lost, unreachable};
+use crate::reply::{Reply, fixed};
 use crate::runtime::Runtime;
 
 use super::client::{HopReply, NextHop, mx_targets};
@@ -238,6 +238,11 @@ impl RelayTransaction {
         let label = route_label(rt, route);
         if self.broken {
             return recipients_lost(&label);
+        }
+        if self.pinned.as_ref().is_some_and(|p| p != route) {
+            // Policy already refuses this; kept here because releasing the held connection
+            // would drop the accepted recipients.
+            return fixed::ROUTE_SPLIT;
         }
         if let Some((held_route, hop)) = self.held.take() {
             if held_route == *route {
