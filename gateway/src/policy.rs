@@ -1,5 +1,10 @@
 //! The decisions of ARCHITECTURE section 3/4 as pure functions of (fleet, connector set, session
 //! facts, envelope). No I/O: the session gathers facts, calls these, and writes the reply.
+//!
+//! Invariants: envelope domains are compared only in their UTS-46 A-label form (lower case, no
+//! root dot), so every Unicode spelling of a partner's domain meets the same connector; the
+//! addresses themselves are never rewritten (the session relays them as the client sent them).
+//! Claiming is deterministic: on equal rank the connector earlier in the connectors file wins.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -60,6 +65,7 @@ pub enum Rule {
     RelayingDenied,
     RouteSplit,
     TooManyRecipients,
+    InvalidDomain,
 }
 
 impl Rule {
@@ -74,6 +80,7 @@ impl Rule {
             Rule::RelayingDenied => "relayingDenied",
             Rule::RouteSplit => "routeSplit",
             Rule::TooManyRecipients => "maxRecipients",
+            Rule::InvalidDomain => "invalidDomain",
         }
     }
 }
@@ -104,11 +111,42 @@ pub struct SenderDecision {
     pub outcome: Result<(), Refusal>,
 }
 
-/// Lower-cased domain of an address; `None` for the null reverse-path `<>`.
-pub fn address_domain(address: &str) -> Option<String> {
-    let (_, domain) = address.rsplit_once('@')?;
-    let d = domain.trim().trim_end_matches('.').to_lowercase();
-    (!d.is_empty()).then_some(d)
+/// An address whose domain has no UTS-46 A-label form.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InvalidDomain;
+
+/// The domain of an address as connectors and `acceptedDomains` are written: UTS-46 ToASCII
+/// (A-labels, lower case), without the root dot. `Ok(None)` for the null reverse-path `<>`
+/// (and a path without `@`).
+///
+/// UTS-46 maps fullwidth letters, the ideographic full stop and other dot forms, and upper
+/// case, so `bücher.test`, `ｃｏｎｔｏｓｏ.test` and `contoso。test` meet the connector for
+/// `xn--bcher-kva.test` / `contoso.test`. Flags: nontransitional, hyphens not position-checked
+/// (real names have `--` in 3rd/4th place), DNS lengths verified, and the WHATWG URL deny list
+/// for ASCII (spaces, controls, `%#/:<>?@[\]^|`); other ASCII (an `_`) passes as before: it
+/// can never equal a connector's LDH pattern, so it can only meet `*`. Address literals
+/// (`[192.0.2.1]`) are not names and are kept as written.
+pub fn address_domain(address: &str) -> Result<Option<String>, InvalidDomain> {
+    let Some((_, domain)) = address.rsplit_once('@') else {
+        return Ok(None);
+    };
+    let domain = domain.trim();
+    if domain.starts_with('[') {
+        return Ok(Some(domain.to_ascii_lowercase()));
+    }
+    let ascii = idna::uts46::Uts46::new()
+        .to_ascii(
+            domain.as_bytes(),
+            idna::uts46::AsciiDenyList::URL,
+            idna::uts46::Hyphens::Allow,
+            idna::uts46::DnsLength::VerifyAllowRootDot,
+        )
+        .map_err(|_| InvalidDomain)?;
+    let d = ascii.strip_suffix('.').unwrap_or(&ascii);
+    if d.is_empty() {
+        return Err(InvalidDomain);
+    }
+    Ok(Some(d.to_string()))
 }
 
 /// How specifically a domain pattern matches: exact beats any wildcard, a longer wildcard beats
@@ -118,7 +156,8 @@ pub fn domain_match(pattern: &str, domain: &str) -> Option<(u8, usize)> {
     // Patterns are validated ASCII LDH names and `domain` is already lowercased, so an ASCII
     // case-insensitive comparison is exact; it spares lowercasing every connector's patterns
     // into new strings on every MAIL FROM (the bench's profile showed ~1,000 allocations per
-    // transaction with 1,000 connectors). Bytes, not str slicing: `domain` may be UTF-8.
+    // transaction with 1,000 connectors). Bytes, not str slicing: callers pass the A-label
+    // form, but the function stays total on any UTF-8.
     let p = pattern.trim_end_matches('.');
     if p == "*" {
         return Some((0, 0));
@@ -155,8 +194,17 @@ fn verified_cert_name(c: &InboundConnector, facts: &Facts) -> Option<String> {
         .cloned()
 }
 
-/// Finds the connector that claims the transaction (Certificate > SenderIP > SenderDomain, most
-/// specific first; ties go to the earlier connector, as the operator orders them oldest first).
+/// Whether a connector's restrictions guard its `domains` at claiming rule 4. SenderDomain
+/// connectors need not: rule 3 already gives them every domain they match.
+fn guards_domains(c: &InboundConnector) -> bool {
+    c.identify_by != IdentifyBy::SenderDomain
+        && (c.restrict_to_ip_ranges || c.restrict_to_certificate)
+}
+
+/// Finds the connector that claims the transaction: Certificate > SenderIP > SenderDomain >
+/// restricting connectors by domain (section 3 rules 1-4), most specific first. Ties go to the
+/// earlier connector in the file; the operator never renders two connectors with the same
+/// claim key (it keeps the oldest), so ties only arise in hand-written files.
 pub fn claim<'c>(
     connectors: &'c [InboundConnector],
     facts: &Facts,
@@ -212,6 +260,28 @@ pub fn claim<'c>(
             Some(d) => best_domain_match(&c.domains, d),
             None => c.domains.iter().any(|p| p == "*").then_some((0, 0)),
         };
+        if let Some(rank) = rank
+            && best.is_none_or(|(b, _)| rank > b)
+        {
+            best = Some((rank, c));
+        }
+    }
+    if let Some((_, c)) = best {
+        return Some(c);
+    }
+    // 4. A connector restricted to IP ranges or a certificate guards its partner's domains
+    // whatever identifies it (Exchange's RestrictDomainsToIPAddresses): mail from those domains
+    // that rules 1-3 left unclaimed is claimed here, so the restriction refuses it. `*` names
+    // no partner domain: guarding it would turn one connector into a fleet-wide reject.
+    let domain = sender_domain?;
+    let mut best: Option<((u8, usize), &InboundConnector)> = None;
+    for c in connectors.iter().filter(|c| guards_domains(c)) {
+        let rank = c
+            .domains
+            .iter()
+            .filter(|p| p.as_str() != "*")
+            .filter_map(|p| domain_match(p, domain))
+            .max();
         if let Some(rank) = rank
             && best.is_none_or(|(b, _)| rank > b)
         {
@@ -346,8 +416,19 @@ pub fn decide_sender(
     facts: &Facts,
     sender: &str,
 ) -> SenderDecision {
-    let domain = address_domain(sender);
     let internal = is_internal(&fleet.internal_senders, facts);
+    let Ok(domain) = address_domain(sender) else {
+        // No rule can be applied to a domain that has no canonical form.
+        return SenderDecision {
+            connector: None,
+            verified_name: None,
+            internal,
+            outcome: Err(Refusal {
+                rule: Rule::InvalidDomain,
+                reply: fixed::BAD_SENDER_DOMAIN,
+            }),
+        };
+    };
     match claim(&connectors.inbound, facts, domain.as_deref()) {
         Some(c) => {
             let verified_name = verified_cert_name(c, facts);
@@ -387,7 +468,7 @@ pub enum Route {
     Upstream,
     /// Index into `ConnectorsFile::outbound` of the config the session started with.
     Outbound(usize),
-    /// A `useMX` Outbound connector (index as above) and the recipient domain (lower case)
+    /// A `useMX` Outbound connector (index as above) and the recipient domain (A-label form)
     /// whose MX hosts are the next hop: recipients of other domains need another transaction.
     OutboundMx(usize, String),
 }
@@ -420,7 +501,16 @@ pub fn decide_recipient(
             "Relaying denied: recipient domain is not accepted here".into(),
         )
     };
-    let domain = address_domain(recipient).ok_or_else(denied)?;
+    let domain = match address_domain(recipient) {
+        Ok(Some(d)) => d,
+        Ok(None) => return Err(denied()),
+        Err(InvalidDomain) => {
+            return Err(Refusal {
+                rule: Rule::InvalidDomain,
+                reply: fixed::BAD_RCPT_DOMAIN,
+            });
+        }
+    };
     let wanted = if best_domain_match(&fleet.accepted_domains, &domain).is_some() {
         Route::Upstream
     } else if internal {
@@ -435,7 +525,7 @@ pub fn decide_recipient(
             });
         match best {
             Some((_, i)) if connectors.outbound.get(i).is_some_and(|c| c.use_mx) => {
-                Route::OutboundMx(i, domain.to_ascii_lowercase())
+                Route::OutboundMx(i, domain)
             }
             Some((_, i)) => Route::Outbound(i),
             None => return Err(denied()),
@@ -951,8 +1041,306 @@ mod tests {
         assert_eq!(domain_match("contoso.com", "contosö.com"), None);
         assert_eq!(
             address_domain("User@Contoso.COM"),
-            Some("contoso.com".into())
+            Ok(Some("contoso.com".into()))
         );
-        assert_eq!(address_domain(""), None);
+        assert_eq!(address_domain(""), Ok(None));
+    }
+
+    /// Section 3: "Domains (sender and recipient) are compared after UTS-46 normalisation to
+    /// A-labels".
+    #[test]
+    fn uts46_normalisation_of_envelope_domains() {
+        for (address, want) in [
+            ("ceo@bücher.test", "xn--bcher-kva.test"),
+            ("ceo@BÜCHER.test", "xn--bcher-kva.test"),
+            ("ceo@xn--bcher-kva.test", "xn--bcher-kva.test"),
+            ("ceo@ｃｏｎｔｏｓｏ.test", "contoso.test"),
+            ("ceo@contoso。test", "contoso.test"),
+            ("ceo@contoso．test", "contoso.test"),
+            ("ceo@contoso｡test", "contoso.test"),
+            ("ceo@Contoso.Test.", "contoso.test"),
+            ("ceo@contoso.test。", "contoso.test"),
+            ("x@ｅｘａｍｐｌｅ.org", "example.org"),
+            ("x@exаmple.org", "xn--exmple-4nf.org"), // Cyrillic а: another domain
+            ("x@ab--cd.test", "ab--cd.test"),
+            ("x@under_score.test", "under_score.test"),
+            ("x@[192.0.2.1]", "[192.0.2.1]"),
+            // A sharp s stays (nontransitional), so it is not "ss".
+            ("x@straße.test", "xn--strae-oqa.test"),
+        ] {
+            assert_eq!(
+                address_domain(address),
+                Ok(Some(want.to_string())),
+                "{address}"
+            );
+        }
+        for bad in [
+            "x@",
+            "x@.",
+            "x@a..b",
+            "x@xn--a.test",     // not valid Punycode
+            "x@xn--ls8h-.test", // hyphen after a Punycode label's end
+            "x@exa mple.org",
+            "x@exa%mple.org",
+            "x@exa\u{0}mple.org",
+            "x@a\u{200d}b.test", // ZWJ outside a joining context
+            "x@\u{0660}.\u{06f0}.test",
+            &format!("x@{}.test", "a".repeat(64)),
+        ] {
+            assert_eq!(address_domain(bad), Err(InvalidDomain), "{bad:?}");
+        }
+        assert_eq!(address_domain("postmaster"), Ok(None));
+    }
+
+    /// Section 3, UTS-46 clause: Unicode spellings claim the same connector as the ASCII form,
+    /// so its rules apply (here requireTls on a plaintext session).
+    #[test]
+    fn unicode_forms_of_a_partner_domain_claim_its_connector() {
+        let mut bucher = inbound("mail/bucher", &["xn--bcher-kva.test"]);
+        bucher.require_tls = true;
+        let mut contoso = inbound("mail/contoso", &["contoso.test"]);
+        contoso.require_tls = true;
+        let cs = set(vec![bucher, contoso]);
+        let plain = facts("192.0.2.1", None, None);
+        for (sender, connector) in [
+            ("ceo@bücher.test", "mail/bucher"),
+            ("ceo@BÜCHER.TEST", "mail/bucher"),
+            ("ceo@ｃｏｎｔｏｓｏ.test", "mail/contoso"),
+            ("ceo@contoso。test", "mail/contoso"),
+            ("ceo@contoso.test", "mail/contoso"),
+        ] {
+            let d = decide_sender(&fleet(), &cs, &plain, sender);
+            assert_eq!(d.connector.as_deref(), Some(connector), "{sender}");
+            assert_eq!(
+                code(&d),
+                Some((530, "5.7.0".into(), Rule::RequireTls)),
+                "{sender}"
+            );
+        }
+        let d = decide_sender(&fleet(), &cs, &plain, "ceo@bucher.test");
+        assert_eq!((d.connector, d.outcome), (None, Ok(())), "another domain");
+    }
+
+    /// Section 3: "an address whose domain is not valid IDNA is refused (553 5.1.7)"; the
+    /// recipient counterpart is 553 5.1.3.
+    #[test]
+    fn invalid_idna_is_refused_553() {
+        let cs = set(vec![inbound("mail/any", &["*"])]);
+        let f = facts("10.1.2.3", TLS13, None); // internal: nothing else would refuse
+        let d = decide_sender(&fleet(), &cs, &f, "ceo@xn--a.test");
+        assert_eq!(code(&d), Some((553, "5.1.7".into(), Rule::InvalidDomain)));
+        assert_eq!(
+            d.connector, None,
+            "nothing claims a domain without a canonical form"
+        );
+        assert!(decide_sender(&fleet(), &cs, &f, "").outcome.is_ok());
+        let r =
+            decide_recipient(&fleet(), &cs, true, "bob@xn--a.example.org", None, 0).unwrap_err();
+        assert_eq!(
+            (r.reply.code, r.reply.esc_string(), r.rule),
+            (553, "5.1.3".into(), Rule::InvalidDomain)
+        );
+    }
+
+    /// Row 7 with UTS-46: recipient domains are normalised before the accepted-domains check
+    /// and the Outbound match; an MX route carries the A-label domain (what DNS is asked).
+    #[test]
+    fn recipient_domains_are_normalised_before_the_relay_check() {
+        let f = fleet();
+        let mut cs = set(vec![]);
+        cs.outbound.push(OutboundConnector {
+            name: "mail/bucher".into(),
+            generation: 1,
+            domains: vec!["xn--bcher-kva.test".into()],
+            smart_hosts: vec![],
+            use_mx: true,
+            tls: crate::config::TlsLevel::Opportunistic,
+            tls_domain: None,
+            trust_bundle_file: None,
+            client_certificate: None,
+        });
+        let r = |internal: bool, rcpt: &str| decide_recipient(&f, &cs, internal, rcpt, None, 0);
+        for ours in [
+            "x@ｅｘａｍｐｌｅ.org",
+            "x@example。org",
+            "x@ＥＵ.example.org",
+        ] {
+            assert_eq!(r(false, ours), Ok(Route::Upstream), "{ours}");
+        }
+        for theirs in ["x@exаmple.org", "x@example.org.evil.test"] {
+            assert_eq!(
+                r(false, theirs).map_err(|e| e.rule),
+                Err(Rule::RelayingDenied)
+            );
+        }
+        assert_eq!(
+            r(true, "x@BÜCHER.test"),
+            Ok(Route::OutboundMx(0, "xn--bcher-kva.test".into()))
+        );
+        assert_eq!(
+            r(false, "x@bücher.test").map_err(|e| e.rule),
+            Err(Rule::RelayingDenied)
+        );
+    }
+
+    /// Section 3 rule 4: a connector with restrictToIPRanges / restrictToCertificate claims
+    /// mail from its `domains` that rules 1-3 leave unclaimed, whatever its identifyBy.
+    #[test]
+    fn rule4_restrictions_guard_the_domains_whatever_identifies() {
+        let mut ip_restricted = by_ip("mail/tailspin", &["tailspin.test"], &["127.0.77.0/24"]);
+        ip_restricted.restrict_to_ip_ranges = true;
+        let mut cert_restricted = by_ip("mail/contoso", &["*.contoso.test"], &["203.0.113.0/24"]);
+        cert_restricted.restrict_to_certificate = true;
+        cert_restricted.certificate = Some(CertificateRule {
+            subject_name: "mail.contoso.test".into(),
+            trust_bundle_file: Some("ca.pem".into()),
+        });
+        let mut cert_id = by_cert(
+            "mail/fabrikam",
+            &["fabrikam.test"],
+            "mx.fabrikam.test",
+            Some("ca.pem"),
+        );
+        cert_id.restrict_to_certificate = true;
+        let mut unrestricted = by_ip("mail/northwind", &["northwind.test"], &["198.51.100.0/24"]);
+        unrestricted.require_tls = false;
+        let mut star = by_ip("mail/any", &["*"], &["192.0.2.0/28"]);
+        star.restrict_to_ip_ranges = true;
+        let cs = set(vec![
+            ip_restricted,
+            cert_restricted,
+            cert_id,
+            unrestricted,
+            star,
+        ]);
+        let good_contoso = cert(&["mail.contoso.test"], &[Some("ca.pem")]);
+        let good_fabrikam = cert(&["mx.fabrikam.test"], &[Some("ca.pem")]);
+        let untrusted = cert(&["mx.fabrikam.test"], &[None]);
+        type Row<'a> = (
+            &'a str,
+            Option<&'a dyn CertFacts>,
+            &'a str,
+            Option<&'a str>,
+            Option<Rule>,
+        );
+        let rows: [Row; 12] = [
+            // The issue's case: from outside the ranges, claimed at rule 4 and refused.
+            (
+                "127.0.0.5",
+                None,
+                "x@tailspin.test",
+                Some("mail/tailspin"),
+                Some(Rule::RestrictToIpRanges),
+            ),
+            (
+                "127.0.0.5",
+                None,
+                "x@TAILSPIN.test",
+                Some("mail/tailspin"),
+                Some(Rule::RestrictToIpRanges),
+            ),
+            // From inside: rule 2 claims and the restriction passes.
+            (
+                "127.0.77.9",
+                None,
+                "x@tailspin.test",
+                Some("mail/tailspin"),
+                None,
+            ),
+            // restrictToCertificate guards *.contoso.test for a SenderIP connector.
+            (
+                "127.0.0.5",
+                None,
+                "x@eu.contoso.test",
+                Some("mail/contoso"),
+                Some(Rule::RestrictToCertificate),
+            ),
+            (
+                "127.0.0.5",
+                Some(&good_contoso),
+                "x@eu.contoso.test",
+                Some("mail/contoso"),
+                None,
+            ),
+            ("127.0.0.5", None, "x@contoso.test", None, None), // *.x does not cover x
+            // ... and fabrikam.test for a Certificate connector.
+            (
+                "127.0.0.5",
+                None,
+                "x@fabrikam.test",
+                Some("mail/fabrikam"),
+                Some(Rule::RestrictToCertificate),
+            ),
+            (
+                "127.0.0.5",
+                Some(&untrusted),
+                "x@fabrikam.test",
+                Some("mail/fabrikam"),
+                Some(Rule::RestrictToCertificate),
+            ),
+            (
+                "127.0.0.5",
+                Some(&good_fabrikam),
+                "x@fabrikam.test",
+                Some("mail/fabrikam"),
+                None,
+            ),
+            // No restriction: nothing to guard, the domain stays unclaimed elsewhere.
+            ("127.0.0.5", None, "x@northwind.test", None, None),
+            // `*` guards nothing, and bounces have no domain to guard.
+            ("127.0.0.5", None, "x@elsewhere.test", None, None),
+            ("127.0.0.5", None, "", None, None),
+        ];
+        for (i, (ip, c, sender, connector, rule)) in rows.into_iter().enumerate() {
+            let d = decide_sender(&fleet(), &cs, &facts(ip, TLS13, c), sender);
+            assert_eq!(
+                d.connector.as_deref(),
+                connector,
+                "row {i}: {sender} from {ip}"
+            );
+            assert_eq!(code(&d).map(|c| c.2), rule, "row {i}: {sender} from {ip}");
+            if rule.is_some() {
+                assert_eq!(
+                    code(&d).map(|c| (c.0, c.1)),
+                    Some((550, "5.7.1".into())),
+                    "row {i}"
+                );
+            }
+        }
+    }
+
+    /// Rule 4 sits below rules 1-3, picks the most specific pattern, and breaks ties by file
+    /// order (the operator never renders a tie: it keeps the oldest connector).
+    #[test]
+    fn rule4_has_lowest_precedence_and_is_deterministic() {
+        let mut guard = by_ip("mail/guard", &["contoso.test"], &["203.0.113.0/24"]);
+        guard.restrict_to_ip_ranges = true;
+        let domain_claim = inbound("mail/contoso", &["contoso.test"]);
+        let cs = vec![guard.clone(), domain_claim];
+        let f = facts("198.51.100.1", TLS13, None);
+        let name =
+            |cs: &[InboundConnector], d: &str| claim(cs, &f, Some(d)).map(|c| c.name.clone());
+        assert_eq!(
+            name(&cs, "contoso.test").as_deref(),
+            Some("mail/contoso"),
+            "rule 3 first"
+        );
+        let mut wide = by_ip("mail/wide", &["*.test"], &["192.0.2.0/24"]);
+        wide.restrict_to_ip_ranges = true;
+        let mut twin = guard.clone();
+        twin.name = "mail/twin".into();
+        let cs = vec![wide.clone(), guard.clone(), twin.clone()];
+        assert_eq!(
+            name(&cs, "contoso.test").as_deref(),
+            Some("mail/guard"),
+            "exact beats *.test"
+        );
+        assert_eq!(name(&cs, "other.test").as_deref(), Some("mail/wide"));
+        let cs = vec![twin, guard, wide];
+        assert_eq!(
+            name(&cs, "contoso.test").as_deref(),
+            Some("mail/twin"),
+            "tie: first in file"
+        );
     }
 }

@@ -107,6 +107,20 @@ pub mod fixed {
     pub const NO_VALID_RCPT: Reply = Reply::new(554, [5, 5, 1], "No valid recipients");
     pub const BAD_SENDER: Reply = Reply::new(501, [5, 1, 7], "Bad sender address syntax");
     pub const BAD_RCPT: Reply = Reply::new(501, [5, 1, 3], "Bad recipient address syntax");
+    /// The sender's domain has no UTS-46 A-label form, so no connector rule can be applied
+    /// to it (RFC 3463 X.1.7: bad sender's mailbox address syntax).
+    pub const BAD_SENDER_DOMAIN: Reply = Reply::new(
+        553,
+        [5, 1, 7],
+        "Sender address domain is not a valid (IDNA) domain name",
+    );
+    /// The recipient's domain has no UTS-46 A-label form (RFC 3463 X.1.3: bad destination
+    /// mailbox address syntax).
+    pub const BAD_RCPT_DOMAIN: Reply = Reply::new(
+        553,
+        [5, 1, 3],
+        "Recipient address domain is not a valid (IDNA) domain name",
+    );
     pub const NEED_SMTPUTF8: Reply =
         Reply::new(553, [5, 6, 7], "Non-ASCII address requires SMTPUTF8");
     pub const UNSUPPORTED_PARAM: Reply = Reply::new(
