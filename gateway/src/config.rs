@@ -361,6 +361,40 @@ pub fn validate_domain_pattern(pattern: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a certificate name (`tlsDomain`, `internalSenders.certificateNames`,
+/// `certificate.subjectName`): an IP address, a DNS name, or a `*.` wildcard over at least two
+/// labels. `*.com` or `*.test` would accept a certificate for any name under a top-level
+/// domain, and a lone `*` any certificate at all. (Wildcards over multi-label public suffixes
+/// such as `*.co.uk` are not detected: that needs the public suffix list.)
+pub fn validate_certificate_name(name: &str) -> Result<(), String> {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return Ok(());
+    }
+    if name == "*" {
+        return Err(
+            "a lone * would match any certificate; name the host (mail.example.com) \
+             or its domain (*.example.com)"
+                .into(),
+        );
+    }
+    validate_domain_pattern(name)?;
+    if let Some(base) = name.strip_prefix("*.")
+        && !base.contains('.')
+    {
+        return Err(format!(
+            "{name:?} is a wildcard over a single label (a whole top-level domain); a \
+             certificate name wildcard needs at least two labels after \"*.\" (*.example.com)"
+        ));
+    }
+    Ok(())
+}
+
+fn check_certificate_name(errors: &mut Vec<FieldError>, path: String, name: &str) {
+    if let Err(message) = validate_certificate_name(name) {
+        errors.push(FieldError { path, message });
+    }
+}
+
 fn check_domains(errors: &mut Vec<FieldError>, path: &str, domains: &[String]) {
     if domains.is_empty() {
         errors.push(FieldError {
@@ -445,6 +479,16 @@ impl FleetSettings {
                 path: "upstream.tlsDomain".into(),
                 message: "is only used with tls: DomainValidation".into(),
             });
+        }
+        if let Some(name) = &self.upstream.tls_domain {
+            check_certificate_name(&mut errors, "upstream.tlsDomain".into(), name);
+        }
+        for (i, name) in self.internal_senders.certificate_names.iter().enumerate() {
+            check_certificate_name(
+                &mut errors,
+                format!("internalSenders.certificateNames[{i}]"),
+                name,
+            );
         }
         if let Some(r) = &self.dns_resolver
             && let Err(message) = parse_dns_resolver(r)
@@ -535,15 +579,24 @@ impl ConnectorsFile {
                         "required when identifyBy is Certificate or restrictToCertificate is set"
                             .into(),
                 }),
-                Some(cert) => {
-                    if let Err(message) = validate_domain_pattern(&cert.subject_name) {
-                        errors.push(FieldError {
-                            path: format!("{p}.certificate.subjectName"),
-                            message,
-                        });
-                    }
-                }
+                Some(cert) => check_certificate_name(
+                    &mut errors,
+                    format!("{p}.certificate.subjectName"),
+                    &cert.subject_name,
+                ),
                 None => {}
+            }
+            // With requireTls false a sender can skip TLS altogether, so a minimum version
+            // would refuse only the senders that do use TLS: refused as incoherent rather
+            // than silently reinterpreted (docs/partnerconnector.md).
+            if !c.require_tls && c.min_tls_version > MinTlsVersion::Tls12 {
+                errors.push(FieldError {
+                    path: format!("{p}.minTlsVersion"),
+                    message: "\"1.3\" needs requireTls: true (with requireTls false a sender \
+                              can skip TLS altogether, so the minimum would only refuse \
+                              senders that use TLS 1.2)"
+                        .into(),
+                });
             }
         }
         for (i, c) in self.outbound.iter().enumerate() {
@@ -574,6 +627,9 @@ impl ConnectorsFile {
                     path: format!("{p}.tlsDomain"),
                     message: "is only used with tls: DomainValidation".into(),
                 });
+            }
+            if let Some(name) = &c.tls_domain {
+                check_certificate_name(&mut errors, format!("{p}.tlsDomain"), name);
             }
         }
         errors
@@ -648,6 +704,92 @@ mod tests {
         ] {
             assert!(parse_smart_host(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn certificate_names() {
+        for ok in [
+            "mail.example.com",
+            "*.example.com",
+            "*.eu.example.com",
+            "Mail.Example.COM",
+            "localhost",
+            "192.0.2.10",
+            "2001:db8::25",
+        ] {
+            assert!(validate_certificate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "*", "*.com", "*.test", "*.", "a.*.com", "**.com", "bad name", "",
+        ] {
+            assert!(validate_certificate_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// Review finding: `tlsDomain`, `upstream.tlsDomain` and `internalSenders.certificateNames`
+    /// (and `certificate.subjectName`) accepted `*.com`.
+    #[test]
+    fn single_label_wildcards_are_refused_naming_the_field() {
+        let file: ConnectorsFile = serde_json::from_str(
+            r#"{"inbound":[{"name":"mail/contoso","domains":["contoso.com"],
+                            "certificate":{"subjectName":"*.com"}},
+                           {"name":"mail/ok","domains":["ok.com"],
+                            "certificate":{"subjectName":"*.ok.com"}}],
+                "outbound":[{"name":"mail/fabrikam","domains":["fabrikam.com"],"useMX":true,
+                             "tls":"DomainValidation","tlsDomain":"*.test"},
+                            {"name":"mail/any","domains":["any.com"],"useMX":true,
+                             "tls":"DomainValidation","tlsDomain":"*"},
+                            {"name":"mail/good","domains":["good.com"],"useMX":true,
+                             "tls":"DomainValidation","tlsDomain":"*.mx.good.com"}]}"#,
+        )
+        .unwrap();
+        let errors = file.validate();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "inbound[0].certificate.subjectName",
+                "outbound[0].tlsDomain",
+                "outbound[1].tlsDomain"
+            ]
+        );
+        assert!(errors[0].message.contains("single label"), "{}", errors[0]);
+
+        let mut fleet: FleetSettings = serde_json::from_str(
+            r#"{"hostname":"gw.example.org","serverCertificate":{"certFile":"c","keyFile":"k"},
+                "internalSenders":{"certificateNames":["relay.example.org","*.com","*.relays.example.org"]},
+                "upstream":{"host":"mail.example.org","tlsDomain":"*.org"}}"#,
+        )
+        .unwrap();
+        let paths: Vec<String> = fleet.validate().into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            ["upstream.tlsDomain", "internalSenders.certificateNames[1]"]
+        );
+        fleet.upstream.tls_domain = Some("*.example.org".into());
+        fleet.internal_senders.certificate_names.remove(1);
+        assert_eq!(fleet.validate(), []);
+    }
+
+    /// Review finding: requireTls false with minTlsVersion "1.3" accepted plaintext but
+    /// refused TLS 1.2. The combination is refused; "1.2" (the floor the gateway has anyway)
+    /// stays valid with requireTls false.
+    #[test]
+    fn min_tls_13_needs_require_tls() {
+        let file = |require: bool, min: &str| -> Vec<FieldError> {
+            serde_json::from_value::<ConnectorsFile>(serde_json::json!({"inbound": [{
+                "name": "mail/contoso", "domains": ["contoso.com"],
+                "requireTls": require, "minTlsVersion": min}]}))
+            .unwrap()
+            .validate()
+        };
+        let e = file(false, "1.3");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert_eq!(e[0].path, "inbound[0].minTlsVersion");
+        assert!(e[0].message.contains("requireTls"), "{}", e[0]);
+        assert_eq!(file(true, "1.3"), []);
+        assert_eq!(file(false, "1.2"), []);
+        assert_eq!(file(true, "1.2"), []);
     }
 
     #[test]
