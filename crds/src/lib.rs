@@ -71,7 +71,12 @@ pub struct PartnerConnectorSpec {
 
     /// The partner's domains. Inbound: envelope sender (MAIL FROM) domains; Outbound: recipient
     /// domains routed through this connector. `example.com` matches that domain only,
-    /// `*.example.com` its subdomains, `*` any domain.
+    /// `*.example.com` its subdomains, `*` any domain. Write internationalised domains as
+    /// A-labels (`xn--bcher-kva.example`): envelope domains are normalised with UTS-46 before
+    /// matching, so `bücher.example` and fullwidth or ideographic-dot spellings match too.
+    /// An Inbound connector with restrictToIPRanges or restrictToCertificate also guards these
+    /// domains (all but `*`) whatever identifyBy says; two connectors guarding the same domain
+    /// conflict and the younger is not accepted.
     #[schemars(length(min = 1, max = 256), inner(length(max = 253)))]
     #[x_kube(
         validation = Rule::new(r"self.all(d, d == '*' || d.matches('^(\\*\\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$'))")
@@ -144,6 +149,9 @@ pub enum MinTlsVersion {
 /// Rules for mail from the partner.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[x_kube(
+    validation = Rule::new("!(has(self.requireTls) && !self.requireTls && has(self.minTlsVersion) && self.minTlsVersion == '1.3')")
+        .message("spec.inbound.minTlsVersion \"1.3\" needs requireTls: true (with requireTls false a sender can skip TLS altogether)")
+        .field_path(".minTlsVersion"),
     validation = Rule::new("!((has(self.identifyBy) && self.identifyBy == 'SenderIP') || (has(self.restrictToIPRanges) && self.restrictToIPRanges)) || (has(self.senderIPRanges) && size(self.senderIPRanges) > 0)")
         .message("spec.inbound.senderIPRanges is required when identifyBy is SenderIP or restrictToIPRanges is true")
         .field_path(".senderIPRanges"),
@@ -178,7 +186,9 @@ pub struct InboundSpec {
     #[serde(default = "default_true")]
     pub require_tls: bool,
 
-    /// Lowest TLS version accepted from the partner: "1.2" or "1.3".
+    /// Lowest TLS version accepted from the partner: "1.2" or "1.3". "1.3" needs requireTls:
+    /// true (with requireTls false a sender could skip TLS altogether, so the minimum would
+    /// only refuse senders that do use TLS 1.2).
     #[serde(default)]
     pub min_tls_version: MinTlsVersion,
 
@@ -187,11 +197,16 @@ pub struct InboundSpec {
     pub certificate: Option<InboundCertificate>,
 
     /// Refuse mail claimed by this connector when the client IP is outside `senderIPRanges`.
+    /// Whatever identifyBy says, the connector then also claims mail from its `domains` (all
+    /// but `*`) that no other connector claims, so mail from those domains sent from any
+    /// other address is refused (`550 5.7.1`), as Exchange's RestrictDomainsToIPAddresses.
     #[serde(rename = "restrictToIPRanges", default)]
     pub restrict_to_ip_ranges: bool,
 
     /// Refuse mail claimed by this connector without a client certificate that is trusted by
-    /// `certificate.trustBundle` and matches `certificate.subjectName`.
+    /// `certificate.trustBundle` and matches `certificate.subjectName`. Whatever identifyBy
+    /// says, the connector then also claims mail from its `domains` (all but `*`) that no other
+    /// connector claims, so those domains cannot be used without the certificate.
     #[serde(default)]
     pub restrict_to_certificate: bool,
 }
@@ -201,11 +216,14 @@ pub struct InboundSpec {
 #[serde(rename_all = "camelCase")]
 pub struct InboundCertificate {
     /// Name the certificate must carry (`mail.contoso.com` or `*.contoso.com`), matched per
-    /// RFC 6125 against its DNS subjectAltNames (the subject CN only when it has none).
+    /// RFC 6125 against its DNS subjectAltNames (the subject CN only when it has none). A
+    /// wildcard needs two labels or more after `*.` (`*.com` is refused).
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(
         validation = Rule::new(r"self.matches('^(\\*\\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$')")
-            .message("spec.inbound.certificate.subjectName must be a domain name (mail.example.com) or wildcard (*.example.com)")
+            .message("spec.inbound.certificate.subjectName must be a domain name (mail.example.com) or wildcard (*.example.com)"),
+        validation = Rule::new("!self.startsWith('*.') || self.substring(2).contains('.')")
+            .message("spec.inbound.certificate.subjectName: a wildcard needs two labels or more after *. (*.example.com, not *.com)")
     )]
     pub subject_name: String,
 
@@ -286,12 +304,15 @@ pub struct OutboundSpec {
     pub tls: OutboundTls,
 
     /// Name the partner's certificate must match under DomainValidation (`smtp.fabrikam.com`
-    /// or `*.fabrikam.com`). Default: the host name connected to. Only with DomainValidation.
+    /// or `*.fabrikam.com`; a wildcard needs two labels or more after `*.`, so `*.com` is
+    /// refused). Default: the host name connected to. Only with DomainValidation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 253))]
     #[x_kube(
         validation = Rule::new(r"self.matches('^(\\*\\.)?[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*$')")
-            .message("spec.outbound.tlsDomain must be a domain name (smtp.example.com) or wildcard (*.example.com)")
+            .message("spec.outbound.tlsDomain must be a domain name (smtp.example.com) or wildcard (*.example.com)"),
+        validation = Rule::new("!self.startsWith('*.') || self.substring(2).contains('.')")
+            .message("spec.outbound.tlsDomain: a wildcard needs two labels or more after *. (*.example.com, not *.com)")
     )]
     pub tls_domain: Option<String>,
 

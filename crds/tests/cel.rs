@@ -177,3 +177,44 @@ fn outbound_rules() {
         "trustBundle: set exactly one",
     );
 }
+
+/// Review finding: a wildcard over a single label (`*.com`) in a certificate name.
+#[test]
+fn certificate_name_wildcards_need_two_labels() {
+    for bad in ["*.com", "*.test"] {
+        refused(
+            json!({"direction": "Outbound", "domains": ["f.com"],
+                "outbound": {"smartHosts": ["smtp.f.com"], "tls": "DomainValidation", "tlsDomain": bad}}),
+            "spec.outbound.tlsDomain: a wildcard needs two labels or more",
+        );
+        refused(
+            json!({"direction": "Inbound", "domains": ["a.com"],
+                "inbound": {"identifyBy": "Certificate", "certificate": {"subjectName": bad}}}),
+            "spec.inbound.certificate.subjectName: a wildcard needs two labels or more",
+        );
+    }
+    for good in ["*.f.com", "*.mx.f.com", "smtp.f.com", "localhost"] {
+        ok(json!({"direction": "Outbound", "domains": ["f.com"],
+                "outbound": {"smartHosts": ["smtp.f.com"], "tls": "DomainValidation", "tlsDomain": good}}));
+        ok(json!({"direction": "Inbound", "domains": ["a.com"],
+            "inbound": {"identifyBy": "Certificate", "certificate": {"subjectName": good}}}));
+    }
+}
+
+/// Review finding: requireTls false with minTlsVersion "1.3" accepted plaintext but refused
+/// TLS 1.2; the combination is refused at apply.
+#[test]
+fn min_tls_13_needs_require_tls() {
+    refused(
+        json!({"direction": "Inbound", "domains": ["a.com"],
+            "inbound": {"requireTls": false, "minTlsVersion": "1.3"}}),
+        "spec.inbound.minTlsVersion \\\"1.3\\\" needs requireTls: true",
+    );
+    ok(json!({"direction": "Inbound", "domains": ["a.com"],
+        "inbound": {"requireTls": true, "minTlsVersion": "1.3"}}));
+    ok(json!({"direction": "Inbound", "domains": ["a.com"],
+        "inbound": {"minTlsVersion": "1.3"}}));
+    ok(json!({"direction": "Inbound", "domains": ["a.com"],
+        "inbound": {"requireTls": false, "minTlsVersion": "1.2"}}));
+    ok(json!({"direction": "Inbound", "domains": ["a.com"], "inbound": {"requireTls": false}}));
+}
