@@ -10,7 +10,10 @@
 //! - each connector is validated on its own with the gateway's `ConnectorsFile::validate`;
 //!   an invalid one is left out (Accepted=False/Invalid);
 //! - among the valid ones, two claiming the same key conflict: the oldest (creationTimestamp,
-//!   then namespace/name) keeps it, the other is left out (Accepted=False/Conflicted);
+//!   then namespace/name) keeps it, the other is left out (Accepted=False/Conflicted). Keys
+//!   follow the claiming rules of section 3, including rule 4: a connector identified by IP or
+//!   certificate with restrictToIPRanges/restrictToCertificate guards each of its domains
+//!   (but `*`), so two such connectors guarding the same domain conflict;
 //! - a connector whose referenced Secret/ConfigMap (or key) is missing or does not parse is left
 //!   out (ResolvedRefs=False/SecretNotFound or InvalidCertificate); an expired certificate is
 //!   reported (ResolvedRefs=False/CertificateExpired) but the connector stays in, so its rules
@@ -416,6 +419,18 @@ pub fn claim_keys(pc: &PartnerConnector) -> BTreeSet<String> {
             let Some(i) = &pc.spec.inbound else {
                 return keys;
             };
+            // Rule 4 (the gateway's `policy::claim`): the restriction guards the partner's
+            // domains whatever identifies it. SenderDomain connectors claim their domains by
+            // rule 3 already; `*` is not guarded.
+            let restricted = i.restrict_to_ip_ranges || i.restrict_to_certificate;
+            if restricted && i.identify_by != IdentifyBy::SenderDomain {
+                for d in pc.spec.domains.iter().filter(|d| d.as_str() != "*") {
+                    keys.insert(format!(
+                        "restricted sender domain {}",
+                        d.to_ascii_lowercase()
+                    ));
+                }
+            }
             match i.identify_by {
                 IdentifyBy::Certificate => {
                     if let Some(c) = &i.certificate {
@@ -750,6 +765,85 @@ mod tests {
             r.outcomes["mail/j"].acceptance,
             Acceptance::Conflicted { .. }
         ));
+    }
+
+    /// Rule 4 keys: two connectors whose restrictions guard the same sender domain conflict,
+    /// the oldest keeps it (ARCHITECTURE section 3).
+    #[test]
+    fn restricted_domains_conflict_keep_the_oldest() {
+        let restricted = |name: &str, ranges: &[&str], domains: &[&str], created: i64| {
+            let mut pc = inbound_ip("mail", name, 1, ranges);
+            pc.spec.domains = domains.iter().map(|d| d.to_string()).collect();
+            if let Some(i) = pc.spec.inbound.as_mut() {
+                i.restrict_to_ip_ranges = true;
+            }
+            crate::fixtures::created(&mut pc, created);
+            pc
+        };
+        let old = restricted("old", &["127.0.77.0/24"], &["tailspin.test"], 1);
+        let young = restricted(
+            "young",
+            &["192.0.2.0/24"],
+            &["Tailspin.test", "other.test"],
+            2,
+        );
+        let r = render(&[young.clone(), old.clone()], &Objects::new(), now());
+        assert_eq!(r.outcomes["mail/old"].acceptance, Acceptance::Accepted);
+        match &r.outcomes["mail/young"].acceptance {
+            Acceptance::Conflicted { winner, key } => {
+                assert_eq!(winner, "mail/old");
+                assert_eq!(key, "restricted sender domain tailspin.test");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(!r.outcomes["mail/young"].included);
+        // Same creationTimestamp: namespace/name decides, whatever the input order.
+        let twin = restricted("aaa", &["198.51.100.0/24"], &["tailspin.test"], 1);
+        for set in [[old.clone(), twin.clone()], [twin.clone(), old.clone()]] {
+            let r = render(&set, &Objects::new(), now());
+            assert_eq!(r.outcomes["mail/aaa"].acceptance, Acceptance::Accepted);
+            assert!(matches!(
+                r.outcomes["mail/old"].acceptance,
+                Acceptance::Conflicted { .. }
+            ));
+        }
+        // restrictToCertificate guards too, for a Certificate connector.
+        let mut cert = inbound_cert("mail", "cert", 1, "mail.tailspin.test", None);
+        cert.spec.domains = vec!["tailspin.test".into()];
+        if let Some(i) = cert.spec.inbound.as_mut() {
+            i.restrict_to_certificate = true;
+        }
+        crate::fixtures::created(&mut cert, 3);
+        let r = render(&[old.clone(), cert.clone()], &Objects::new(), now());
+        assert!(matches!(
+            r.outcomes["mail/cert"].acceptance,
+            Acceptance::Conflicted { .. }
+        ));
+        // No conflict: different domains, `*`, an unrestricted connector, or a SenderDomain
+        // connector (rule 3 outranks rule 4, so there is nothing ambiguous).
+        let other = restricted("other", &["192.0.2.0/24"], &["other.test"], 4);
+        let star1 = restricted("star1", &["203.0.113.0/25"], &["*"], 5);
+        let star2 = restricted("star2", &["203.0.113.128/25"], &["*"], 6);
+        let mut plain = inbound_ip("mail", "plain", 1, &["198.51.100.0/25"]);
+        plain.spec.domains = vec!["tailspin.test".into()];
+        if let Some(i) = plain.spec.inbound.as_mut() {
+            i.restrict_to_ip_ranges = false;
+        }
+        crate::fixtures::created(&mut plain, 7);
+        let mut by_domain = connector("mail", "by-domain", 1, &["tailspin.test"]);
+        if let Some(i) = by_domain.spec.inbound.as_mut() {
+            i.restrict_to_ip_ranges = true;
+            i.sender_ip_ranges = vec!["198.51.100.128/25".into()];
+        }
+        crate::fixtures::created(&mut by_domain, 8);
+        let r = render(
+            &[old, other, star1, star2, plain, by_domain],
+            &Objects::new(),
+            now(),
+        );
+        for (name, o) in &r.outcomes {
+            assert_eq!(o.acceptance, Acceptance::Accepted, "{name}");
+        }
     }
 
     #[test]
