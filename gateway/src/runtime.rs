@@ -444,6 +444,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             .as_deref()
             .and_then(|r| crate::config::parse_dns_resolver(r).ok()),
         std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
+        fleet.allow_private_mx_addresses.clone(),
     ));
 
     match (server_tls, upstream) {
