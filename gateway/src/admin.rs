@@ -58,6 +58,8 @@ pub fn route(state: &State, path: &str) -> Response {
     match path {
         "/healthz" => (200, "text/plain", "ok\n".into()),
         "/readyz" => {
+            // `listening` is set only once the SMTP listener runs, which `main` starts after the
+            // config watcher has registered its watches: ready means changes are being watched.
             let ready = state.listening.load(Ordering::SeqCst)
                 && !state.shutting_down.load(Ordering::SeqCst);
             if ready {

@@ -1,6 +1,9 @@
 //! Certificate material: PEM loading (rustls-pki-types `PemObject`), the facts we report about a
 //! certificate, client-certificate chain verification with rustls-webpki, and RFC 6125 name
 //! matching between a configured pattern and a certificate's names.
+//!
+//! Invariant: a client certificate's names ([`PeerCert`]) are DNS names only ([`is_dns_name`]);
+//! anything else in a SAN is ignored for matching and never reaches a header.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -87,6 +90,27 @@ fn normalise(name: &str) -> String {
     name.trim().trim_end_matches('.').to_ascii_lowercase()
 }
 
+/// A DNS name a client certificate may be known by: LDH labels of 1 to 63 characters (no
+/// leading or trailing hyphen), an optional `*` as the whole left-most label, an optional
+/// trailing dot, at most 253 characters.
+pub fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    let rest = name.strip_prefix("*.").unwrap_or(name);
+    !rest.is_empty()
+        && rest.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
 /// RFC 6125 matching of a configured name or `*.` pattern against one certificate name (which
 /// may itself be a `*.` wildcard). Wildcards cover exactly one left-most label; partial-label
 /// wildcards (`f*.example.com`) are not honoured, as RFC 6125 6.4.3 allows.
@@ -146,8 +170,9 @@ pub fn verify_chain(
     }
 }
 
-/// The trust bundles a config refers to, keyed by their path as written in the config
-/// (`None` = public web PKI roots).
+/// The trust bundles a config refers to, keyed by their resolved absolute path (the loader
+/// rewrites the config's bundle fields to that key, so two files with the same relative name
+/// under different roots never share an entry); `None` = public web PKI roots.
 #[derive(Debug, Clone)]
 pub struct TrustStore {
     pub bundles: HashMap<PathBuf, Anchors>,
@@ -175,7 +200,10 @@ pub struct PeerCert {
 
 impl PeerCert {
     pub fn new(chain: Vec<CertificateDer<'static>>, store: Arc<TrustStore>) -> Option<PeerCert> {
-        let info = cert_info(chain.first()?).ok()?;
+        let mut info = cert_info(chain.first()?).ok()?;
+        // A matched name is written into the `X-Partnergate-Connector` header: a SAN carrying
+        // CR/LF, spaces or other bytes could end or forge headers, so it never becomes a name.
+        info.names.retain(|n| is_dns_name(n));
         Some(PeerCert {
             chain,
             info,
@@ -232,6 +260,41 @@ mod tests {
         assert!(!name_matches("*.contoso.com", "*.fabrikam.com"));
         assert!(!name_matches("mail.contoso.com", "m*.contoso.com"));
         assert!(!name_matches("", "x"));
+    }
+
+    #[test]
+    fn only_dns_names_are_names() {
+        for ok in [
+            "mail.contoso.com",
+            "MX-1.Contoso.com.",
+            "*.contoso.com",
+            "localhost",
+            "xn--bcher-kva.test",
+        ] {
+            assert!(is_dns_name(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            ".",
+            "*.",
+            "*",
+            "a\r\nX-Injected: yes\r\nb.contoso.com",
+            "mail.contoso.com\r\n",
+            "mail contoso.com",
+            "mail..contoso.com",
+            ".contoso.com",
+            "-mail.contoso.com",
+            "mail-.contoso.com",
+            "a.*.contoso.com",
+            "m*.contoso.com",
+            "mail_1.contoso.com",
+            "bücher.test",
+            "mail.contoso.com\0",
+        ] {
+            assert!(!is_dns_name(bad), "{bad:?}");
+        }
+        assert!(is_dns_name(&format!("{}.com", "a".repeat(63))));
+        assert!(!is_dns_name(&format!("{}.com", "a".repeat(64))));
     }
 
     #[test]

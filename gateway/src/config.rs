@@ -60,6 +60,11 @@ pub struct FleetSettings {
     /// `[ip]:port`), queried over UDP and TCP. Default: the system resolver (/etc/resolv.conf).
     #[serde(default)]
     pub dns_resolver: Option<String>,
+    /// Non-public address ranges (loopback, RFC 1918, ULA, link-local, CGNAT, documentation,
+    /// …) that the MX answers of `useMX` connectors may point at and be connected to. Default:
+    /// none, so a partner's DNS cannot aim the gateway at internal services.
+    #[serde(default)]
+    pub allow_private_mx_addresses: Vec<IpNet>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

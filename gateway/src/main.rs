@@ -220,14 +220,15 @@ async fn serve(
             return ExitCode::FAILURE;
         }
     };
+    // The watches are registered before the listener starts (which turns /readyz to 200): a
+    // change made the moment the gateway reports ready must not go unnoticed.
+    if let Some(watcher) =
+        reload::Watcher::start(paths, state.clone(), reload_poll, loaded_files).await
+    {
+        tokio::spawn(watcher.run());
+    }
     tracing::info!(smtp = %listen, admin = %admin_listen, "listening");
     tokio::spawn(admin::serve(admin_listener, state.clone()));
-    tokio::spawn(reload::watch(
-        paths,
-        state.clone(),
-        reload_poll,
-        loaded_files,
-    ));
     tokio::spawn(validation::run(state.clone()));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);

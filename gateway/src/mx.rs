@@ -4,6 +4,12 @@
 //!
 //! The resolver is hickory's, pointed at the fleet's `dnsResolver` or the system resolver. It is
 //! built lazily (inside the tokio runtime) once per loaded config.
+//!
+//! Invariant: an MX answer is DNS data the gateway does not control, so an address that is not
+//! globally reachable ([`special_purpose`]: loopback, private, ULA, link-local, CGNAT,
+//! documentation, multicast, …) is never returned as a target unless the fleet's
+//! `allowPrivateMxAddresses` covers it; otherwise a partner's (or a spoofed) DNS answer could aim
+//! the gateway at internal services.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
@@ -15,6 +21,7 @@ use hickory_resolver::config::{
 };
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use hickory_resolver::proto::rr::RData;
+use ipnet::IpNet;
 
 use crate::reply::Reply;
 
@@ -77,10 +84,72 @@ impl std::fmt::Display for MxError {
     }
 }
 
+/// What kind of not-globally-reachable address `ip` is (RFC 6890 special-purpose ranges), or
+/// `None` for an ordinary public address. IPv4-mapped and NAT64 (64:ff9b::/96) addresses are
+/// judged by the IPv4 address they carry.
+pub fn special_purpose(ip: IpAddr) -> Option<&'static str> {
+    match ip.to_canonical() {
+        IpAddr::V4(a) => {
+            let o = a.octets();
+            if o[0] == 0 {
+                Some("unspecified (0.0.0.0/8)")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if a.is_private() {
+                Some("private (RFC 1918)")
+            } else if o[0] == 100 && o[1] & 0xc0 == 64 {
+                Some("shared CGNAT (100.64.0.0/10)")
+            } else if a.is_link_local() {
+                Some("link-local")
+            } else if a.is_documentation() {
+                Some("documentation")
+            } else if o[..3] == [192, 0, 0] {
+                Some("IETF protocol assignment (192.0.0.0/24)")
+            } else if o[0] == 198 && o[1] & 0xfe == 18 {
+                Some("benchmarking (198.18.0.0/15)")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else if o[0] >= 240 {
+                Some("reserved or broadcast (240.0.0.0/4)")
+            } else {
+                None
+            }
+        }
+        IpAddr::V6(a) => {
+            let s = a.segments();
+            if a.is_unspecified() {
+                Some("unspecified")
+            } else if a.is_loopback() {
+                Some("loopback")
+            } else if s[0] & 0xfe00 == 0xfc00 {
+                Some("unique local (fc00::/7)")
+            } else if s[0] & 0xffc0 == 0xfe80 {
+                Some("link-local")
+            } else if s[0] & 0xffc0 == 0xfec0 {
+                Some("site-local (fec0::/10)")
+            } else if a.is_multicast() {
+                Some("multicast")
+            } else if (s[0] == 0x2001 && s[1] == 0x0db8) || (s[0] == 0x3fff && s[1] & 0xf000 == 0) {
+                Some("documentation")
+            } else if s[..4] == [0x100, 0, 0, 0] {
+                Some("discard-only (100::/64)")
+            } else if s[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
+                let [a, b] = s[6].to_be_bytes();
+                let [c, d] = s[7].to_be_bytes();
+                special_purpose(IpAddr::from([a, b, c, d]))
+            } else {
+                None
+            }
+        }
+    }
+}
+
 /// The resolver of one loaded config, built on first use.
 pub struct MxResolver {
     server: Option<SocketAddr>,
     timeout: Duration,
+    /// The fleet's `allowPrivateMxAddresses`.
+    allowed: Vec<IpNet>,
     inner: OnceLock<Result<Arc<TokioResolver>, String>>,
 }
 
@@ -158,12 +227,43 @@ fn order(mut hosts: Vec<(u16, String)>) -> Vec<(u16, String)> {
 
 impl MxResolver {
     /// `server`: the fleet's `dnsResolver`, already validated; `None` = system resolver.
-    pub fn new(server: Option<SocketAddr>, timeout: Duration) -> MxResolver {
+    /// `allowed`: the fleet's `allowPrivateMxAddresses`.
+    pub fn new(server: Option<SocketAddr>, timeout: Duration, allowed: Vec<IpNet>) -> MxResolver {
         MxResolver {
             server,
             timeout,
+            allowed,
             inner: OnceLock::new(),
         }
+    }
+
+    /// Splits the addresses of MX host `name` into those that may be connected to (at most
+    /// [`MAX_ADDRS_PER_HOST`]) and, when none may, why not.
+    fn screen(&self, name: &str, addrs: Vec<IpAddr>) -> (Vec<IpAddr>, Option<String>) {
+        let mut usable = Vec::new();
+        let mut refused = Vec::new();
+        for ip in addrs {
+            match special_purpose(ip) {
+                Some(kind)
+                    if !self
+                        .allowed
+                        .iter()
+                        .any(|n| n.contains(&ip) || n.contains(&ip.to_canonical())) =>
+                {
+                    tracing::warn!(mx_host = name, address = %ip, kind, "MX address refused: not a public address and not in allowPrivateMxAddresses");
+                    refused.push(format!("{ip} is a {kind} address"));
+                }
+                _ => usable.push(ip),
+            }
+        }
+        usable.truncate(MAX_ADDRS_PER_HOST);
+        let why = (usable.is_empty() && !refused.is_empty()).then(|| {
+            format!(
+                "{name}: {}, refused (not in allowPrivateMxAddresses)",
+                refused.join(", ")
+            )
+        });
+        (usable, why)
     }
 
     fn resolver(&self) -> Result<Arc<TokioResolver>, MxError> {
@@ -223,24 +323,25 @@ impl MxResolver {
                     "{domain} has no MX, A or AAAA records"
                 )));
             }
+            let (addrs, error) = self.screen(&domain, addrs);
             return Ok(vec![MxHost {
                 name: domain,
                 preference: 0,
-                addrs: addrs.into_iter().take(MAX_ADDRS_PER_HOST).collect(),
-                error: None,
+                addrs,
+                error,
             }]);
         }
         let mut hosts = Vec::new();
         for (preference, name) in order(records).into_iter().take(MAX_MX_HOSTS) {
             let (addrs, error) = match self.addresses(&name).await {
                 Ok(a) if a.is_empty() => (a, Some(format!("{name} has no A/AAAA records"))),
-                Ok(a) => (a, None),
+                Ok(a) => self.screen(&name, a),
                 Err(e) => (Vec::new(), Some(format!("{name}: {e}"))),
             };
             hosts.push(MxHost {
                 name,
                 preference,
-                addrs: addrs.into_iter().take(MAX_ADDRS_PER_HOST).collect(),
+                addrs,
                 error,
             });
         }
@@ -270,6 +371,87 @@ mod tests {
         );
         assert!(is_root("") && is_root(".") && !is_root("a"));
         assert_eq!(normalise("MX1.Example.ORG."), "mx1.example.org");
+    }
+
+    #[test]
+    fn special_purpose_addresses() {
+        for ip in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.5",
+            "10.1.2.3",
+            "172.16.0.1",
+            "172.31.255.254",
+            "192.168.1.1",
+            "100.64.0.1",
+            "100.127.255.254",
+            "169.254.169.254",
+            "192.0.2.1",
+            "198.51.100.7",
+            "203.0.113.9",
+            "192.0.0.8",
+            "198.18.0.1",
+            "224.0.0.1",
+            "255.255.255.255",
+            "::",
+            "::1",
+            "fc00::1",
+            "fd12:3456::1",
+            "fe80::1",
+            "fec0::1",
+            "ff02::1",
+            "2001:db8::25",
+            "3fff::1",
+            "100::1",
+            "::ffff:127.0.0.1",
+            "::ffff:10.0.0.1",
+            "64:ff9b::a9fe:a9fe",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(special_purpose(ip).is_some(), "{ip} is special-purpose");
+        }
+        for ip in [
+            "8.8.8.8",
+            "100.63.255.255",
+            "100.128.0.1",
+            "172.32.0.1",
+            "192.0.3.1",
+            "198.20.0.1",
+            "2a00:1450::1",
+            "::ffff:8.8.8.8",
+            "64:ff9b::808:808",
+        ] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert_eq!(special_purpose(ip), None, "{ip} is public");
+        }
+    }
+
+    #[test]
+    fn private_mx_addresses_are_refused_unless_allowed() {
+        let ips = |v: &[&str]| v.iter().map(|s| s.parse::<IpAddr>().unwrap()).collect();
+        let strict = MxResolver::new(None, Duration::from_secs(1), vec![]);
+        let (usable, why) = strict.screen("mx.test", ips(&["127.0.0.5", "10.0.0.1"]));
+        assert!(usable.is_empty());
+        let why = why.unwrap();
+        assert!(
+            why.contains("127.0.0.5 is a loopback address")
+                && why.contains("10.0.0.1 is a private (RFC 1918) address")
+                && why.contains("allowPrivateMxAddresses"),
+            "{why}"
+        );
+        let (usable, why) = strict.screen("mx.test", ips(&["10.0.0.1", "8.8.8.8"]));
+        assert_eq!((usable, why), (ips(&["8.8.8.8"]), None));
+        let loopback = MxResolver::new(
+            None,
+            Duration::from_secs(1),
+            vec!["127.0.0.0/8".parse().unwrap()],
+        );
+        let (usable, why) = loopback.screen(
+            "mx.test",
+            ips(&["127.0.0.5", "::ffff:127.0.0.6", "10.0.0.1"]),
+        );
+        assert_eq!(usable, ips(&["127.0.0.5", "::ffff:127.0.0.6"]));
+        assert_eq!(why, None);
     }
 
     #[test]

@@ -6,6 +6,10 @@
 //! fallback for filesystems without events, for files whose directory appears later, and for a
 //! parent directory that is itself a symlink swapped to another target (inotify follows the
 //! target it was given).
+//!
+//! Invariants: readiness implies the watches are registered ([`Watcher::start`] completes before
+//! the listener starts); a check follows every registration, so a change made between taking a
+//! fingerprint and registering the watches is never left to the periodic check alone.
 
 use std::collections::HashSet;
 use std::ffi::{OsStr, OsString};
@@ -191,62 +195,104 @@ fn event_watcher(
     Some(watcher)
 }
 
-/// Runs forever: on a filesystem event (after [`SETTLE`]) or every `every`, compares the
-/// fingerprint with `last` and, when it moved, loads and applies the config. The directory
-/// watches are set up again after every change, so a directory replaced by a rename is watched
-/// anew; the new watcher exists before the old one is dropped, so no change falls in between.
-pub async fn watch(paths: ConfigPaths, state: Arc<State>, every: Duration, mut last: Fingerprint) {
-    let (wake_tx, mut wake_rx) = tokio::sync::mpsc::channel::<()>(1);
-    let (p, tx) = (paths.clone(), wake_tx.clone());
-    let Ok((mut files, mut watcher)) = tokio::task::spawn_blocking(move || {
-        let files: Arc<[PathBuf]> = watched_files(&p).into();
-        let watcher = event_watcher(WatchSet::of(&files), tx);
-        (files, watcher)
-    })
-    .await
-    else {
-        tracing::error!("config watcher could not start; config changes need a restart");
-        return;
-    };
-    loop {
-        tokio::select! {
-            _ = tokio::time::sleep(every) => {}
-            Some(()) = wake_rx.recv() => {
-                let give_up = tokio::time::Instant::now() + SETTLE_MAX;
-                while let Ok(Some(())) = tokio::time::timeout(SETTLE, wake_rx.recv()).await {
-                    if tokio::time::Instant::now() >= give_up {
-                        break;
+/// The config watcher, its directory watches registered. [`Watcher::start`] returns only once
+/// they are, and `main` starts the SMTP listener (which is what turns `/readyz` to 200) only after
+/// that: a ready gateway is one whose config changes are being watched.
+pub struct Watcher {
+    paths: ConfigPaths,
+    state: Arc<State>,
+    every: Duration,
+    last: Fingerprint,
+    files: Arc<[PathBuf]>,
+    watcher: Option<notify::RecommendedWatcher>,
+    wake_tx: tokio::sync::mpsc::Sender<()>,
+    wake_rx: tokio::sync::mpsc::Receiver<()>,
+}
+
+impl Watcher {
+    /// Registers the directory watches. `last` is the fingerprint taken before the initial load;
+    /// a change made after it but before the watches existed raised no event, so the first check
+    /// runs at once instead of after `every`.
+    pub async fn start(
+        paths: ConfigPaths,
+        state: Arc<State>,
+        every: Duration,
+        last: Fingerprint,
+    ) -> Option<Watcher> {
+        let (wake_tx, wake_rx) = tokio::sync::mpsc::channel::<()>(1);
+        let (p, tx) = (paths.clone(), wake_tx.clone());
+        let Ok((files, watcher)) = tokio::task::spawn_blocking(move || {
+            let files: Arc<[PathBuf]> = watched_files(&p).into();
+            let watcher = event_watcher(WatchSet::of(&files), tx);
+            (files, watcher)
+        })
+        .await
+        else {
+            tracing::error!("config watcher could not start; config changes need a restart");
+            return None;
+        };
+        let _ = wake_tx.try_send(());
+        Some(Watcher {
+            paths,
+            state,
+            every,
+            last,
+            files,
+            watcher,
+            wake_tx,
+            wake_rx,
+        })
+    }
+
+    /// Runs forever: on a filesystem event (after [`SETTLE`]) or every `every`, compares the
+    /// fingerprint with the last one and, when it moved, loads and applies the config. The
+    /// directory watches are set up again after every change, so a directory replaced by a rename
+    /// is watched anew; the new watcher exists before the old one is dropped, and one more check
+    /// follows its registration, so a change to a newly named directory made between the marks
+    /// and the registration is not left to the periodic check.
+    pub async fn run(mut self) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.every) => {}
+                Some(()) = self.wake_rx.recv() => {
+                    let give_up = tokio::time::Instant::now() + SETTLE_MAX;
+                    while let Ok(Some(())) = tokio::time::timeout(SETTLE, self.wake_rx.recv()).await {
+                        if tokio::time::Instant::now() >= give_up {
+                            break;
+                        }
                     }
                 }
             }
+            let f = self.files.clone();
+            let Ok(now) = tokio::task::spawn_blocking(move || marks(&f)).await else {
+                continue;
+            };
+            if now == self.last {
+                continue;
+            }
+            let (p, tx) = (self.paths.clone(), self.wake_tx.clone());
+            let Ok((result, new_files, new_last, new_watcher)) =
+                tokio::task::spawn_blocking(move || {
+                    // The new config may name other material files (in other directories): mark
+                    // and watch those. Marked before the load, so a change during it is seen next
+                    // time.
+                    let new_files: Arc<[PathBuf]> = watched_files(&p).into();
+                    let new_last = marks(&new_files);
+                    let result = load(&p);
+                    let watcher = event_watcher(WatchSet::of(&new_files), tx);
+                    (result, new_files, new_last, watcher)
+                })
+                .await
+            else {
+                continue;
+            };
+            apply(&self.state, result);
+            (self.files, self.last) = (new_files, new_last);
+            let old = std::mem::replace(&mut self.watcher, new_watcher);
+            let _ = self.wake_tx.try_send(());
+            // Dropping an inotify watcher joins its thread: not on an async worker.
+            tokio::task::spawn_blocking(move || drop(old));
         }
-        let f = files.clone();
-        let Ok(now) = tokio::task::spawn_blocking(move || marks(&f)).await else {
-            continue;
-        };
-        if now == last {
-            continue;
-        }
-        let (p, tx) = (paths.clone(), wake_tx.clone());
-        let Ok((result, new_files, new_last, new_watcher)) =
-            tokio::task::spawn_blocking(move || {
-                // The new config may name other material files (in other directories): mark and
-                // watch those. Marked before the load, so a change during it is seen next time.
-                let new_files: Arc<[PathBuf]> = watched_files(&p).into();
-                let new_last = marks(&new_files);
-                let result = load(&p);
-                let watcher = event_watcher(WatchSet::of(&new_files), tx);
-                (result, new_files, new_last, watcher)
-            })
-            .await
-        else {
-            continue;
-        };
-        apply(&state, result);
-        (files, last) = (new_files, new_last);
-        let old = std::mem::replace(&mut watcher, new_watcher);
-        // Dropping an inotify watcher joins its thread: not on an async worker.
-        tokio::task::spawn_blocking(move || drop(old));
     }
 }
 

@@ -143,6 +143,13 @@ fn resolve(base: &Path, p: &Path) -> PathBuf {
     }
 }
 
+/// The key of a client-certificate trust bundle: its path resolved against `root` and made
+/// absolute (a relative fleet path would otherwise depend on how the gateway was started).
+fn bundle_key(root: &Path, written: &Path) -> PathBuf {
+    let full = resolve(root, written);
+    std::path::absolute(&full).unwrap_or(full)
+}
+
 /// Directory fleet-file paths are relative to.
 pub fn fleet_base(paths: &ConfigPaths) -> PathBuf {
     paths
@@ -247,7 +254,7 @@ fn earliest(file: String, chain: &[rustls_pki_types::CertificateDer<'_>]) -> Opt
 
 /// Loads everything; every problem is returned with its field path.
 pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
-    let (fleet, connectors, bytes) = parse_files(paths)?;
+    let (mut fleet, mut connectors, bytes) = parse_files(paths)?;
     let mut errors = Vec::new();
     let base = fleet_base(paths);
     let material = material_dir(&fleet, paths);
@@ -272,24 +279,30 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
         None => None,
     };
 
-    // Trust bundles named by rules that check client certificates.
+    // Trust bundles named by rules that check client certificates, keyed by the resolved path:
+    // the internal-senders bundle is relative to the fleet file, connector bundles to
+    // materialDir, so one relative name can mean two files. The config's fields are rewritten
+    // to that key, which is what the policy asks the store for.
     let mut bundles: HashMap<PathBuf, Anchors> = HashMap::new();
-    let mut want = |rel: &Path, root: &Path, field: String, errors: &mut Vec<FieldError>| {
-        if bundles.contains_key(rel) {
-            return;
-        }
-        let full = resolve(root, rel);
-        match load_anchors(&full) {
-            Ok(a) => {
-                if let Ok(chain) = load_certs(&full) {
-                    certificates.extend(earliest(rel.display().to_string(), &chain));
-                }
-                bundles.insert(rel.to_path_buf(), a);
+    let mut want =
+        |slot: &mut PathBuf, root: &Path, field: String, errors: &mut Vec<FieldError>| {
+            let written = slot.display().to_string();
+            let full = bundle_key(root, slot);
+            *slot = full.clone();
+            if bundles.contains_key(&full) {
+                return;
             }
-            Err(e) => errors.push(err(field, e)),
-        }
-    };
-    if let Some(b) = &fleet.internal_senders.trust_bundle_file {
+            match load_anchors(&full) {
+                Ok(a) => {
+                    if let Ok(chain) = load_certs(&full) {
+                        certificates.extend(earliest(written, &chain));
+                    }
+                    bundles.insert(full, a);
+                }
+                Err(e) => errors.push(err(field, e)),
+            }
+        };
+    if let Some(b) = &mut fleet.internal_senders.trust_bundle_file {
         want(
             b,
             &base,
@@ -297,11 +310,11 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             &mut errors,
         );
     }
-    for (i, c) in connectors.inbound.iter().enumerate() {
+    for (i, c) in connectors.inbound.iter_mut().enumerate() {
         if let Some(b) = c
             .certificate
-            .as_ref()
-            .and_then(|r| r.trust_bundle_file.as_ref())
+            .as_mut()
+            .and_then(|r| r.trust_bundle_file.as_mut())
         {
             want(
                 b,
@@ -431,6 +444,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
             .as_deref()
             .and_then(|r| crate::config::parse_dns_resolver(r).ok()),
         std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
+        fleet.allow_private_mx_addresses.clone(),
     ));
 
     match (server_tls, upstream) {

@@ -3,7 +3,8 @@
 //! when it has no MX), looked up on the fleet's `dnsResolver` — here a DNS server of the test on
 //! a loopback address, so no other DNS server is ever asked. A private Postfix on port 25 of
 //! the test's own address plays the partner's MX host; DomainValidation checks the MX host's
-//! own name.
+//! own name. MX answers pointing at loopback are refused unless `allowPrivateMxAddresses`
+//! covers them: the tests that deliver allow their own /24 explicitly.
 
 mod outbound_support;
 mod support;
@@ -82,6 +83,7 @@ fn mx_routing_end_to_end() {
         .fleet(json!({
             "internalSenders": {"ipRanges": [net.cidr()]},
             "dnsResolver": dns.addr.to_string(),
+            "allowPrivateMxAddresses": [net.cidr()],
             "validationIntervalSecs": 600,
         })),
     );
@@ -169,4 +171,60 @@ fn mx_routing_end_to_end() {
             .is_some_and(|e| e.contains("556 5.1.10")),
         "{null}"
     );
+}
+
+/// Issue 12 review: an MX answer (or a domain's own A record, the implicit MX) pointing at a
+/// loopback address was connected to as-is. Without `allowPrivateMxAddresses` covering it the
+/// recipient gets `451 4.4.1` naming the reason, and nothing connects to the address.
+#[test]
+fn mx_answers_pointing_at_loopback_are_refused_unless_allowed() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let org = Sink::start(net.sink_ip());
+    let dns = DnsServer::start(net.ip(53));
+    let internal = net.ip(30);
+    // An "internal service" on the address the MX answers name: it must never be connected to.
+    let service = std::net::TcpListener::bind((internal, 25)).expect("bind the internal service");
+    service.set_nonblocking(true).expect("nonblocking");
+    dns.mx("aimed.test", 10, "mx.aimed.test")
+        .a("mx.aimed.test", internal)
+        .a("implicit-aimed.test", internal);
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [{
+                "name": "partners/mx", "generation": 1,
+                "domains": ["aimed.test", "implicit-aimed.test"],
+                "useMX": true,
+                "tls": "Opportunistic",
+            }]}),
+        )
+        .fleet(json!({
+            "internalSenders": {"ipRanges": [net.cidr()]},
+            "dnsResolver": dns.addr.to_string(),
+            // Allowing some other private range does not allow loopback.
+            "allowPrivateMxAddresses": ["10.0.0.0/8"],
+        })),
+    );
+    for (from, to) in [
+        ("ops@example.org", "dana@aimed.test"),
+        ("ops@example.org", "erin@implicit-aimed.test"),
+    ] {
+        let t = send(&gw, &net, from, to);
+        t.assert_refused("451 4.4.1", "MX address on loopback");
+        let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+        assert!(
+            text.contains(&format!("{internal} is a loopback address"))
+                && text.contains("allowPrivateMxAddresses"),
+            "{to}: the reply says why: {text}"
+        );
+    }
+    gw.wait_log(&["MX address refused", &internal.to_string()]);
+    match service.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the gateway connected to the internal service: {other:?}"),
+    }
+    assert!(org.messages().is_empty(), "nothing went upstream");
 }

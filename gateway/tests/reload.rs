@@ -2,10 +2,14 @@
 //! swap of the connectors file while a session is open. The open session finishes on the config
 //! it started with, a new session sees the new one, nothing is dropped; a broken file keeps the
 //! last good config and is reported in /status. Filesystem events alone (periodic check off)
-//! trigger reloads.
+//! trigger reloads, including a rewrite made the moment `/readyz` first answers 200 (readiness
+//! means the files are being watched).
 
 mod support;
 
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -158,6 +162,126 @@ fn filesystem_events_alone_trigger_reloads() {
     }
     let t = Python::new(kubelet.gw.smtp).send(ALICE, &[BOB], &message(ALICE, BOB, "events", &[]));
     t.assert_delivered("contoso after two event-driven swaps");
+}
+
+/// Busy-loop threads competing with the gateway for the CPU (stopped when dropped), so its
+/// start-up tasks interleave in as many orders as the scheduler allows.
+struct CpuLoad {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl CpuLoad {
+    fn start(n: usize) -> CpuLoad {
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads = (0..n)
+            .map(|_| {
+                let stop = stop.clone();
+                std::thread::spawn(move || {
+                    let mut x = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        x = std::hint::black_box(
+                            x.wrapping_mul(6364136223846793005).wrapping_add(1),
+                        );
+                    }
+                })
+            })
+            .collect();
+        CpuLoad { stop, threads }
+    }
+}
+
+impl Drop for CpuLoad {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+/// The gateway binary on the fixture's files, periodic check off; killed when dropped.
+struct Bare(Child);
+
+impl Bare {
+    fn spawn(gw: &support::Gateway, log: &std::path::Path) -> Bare {
+        let out = std::fs::File::create(log).expect("log file");
+        let err = out.try_clone().expect("log file");
+        let child = Command::new(support::gateway::BIN)
+            .arg("--fleet")
+            .arg(&gw.fleet_path)
+            .arg("--connectors")
+            .arg(&gw.connectors_path)
+            .env("PARTNERGATE_RELOAD_POLL_SECS", "3600")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .expect("spawn partnergate-gateway");
+        Bare(child)
+    }
+}
+
+impl Drop for Bare {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Issue 12 item 5: `/readyz` answered 200 before the watcher had registered its inotify
+/// watches, so a rewrite made right then was never loaded (with the periodic check off). Each
+/// round starts the binary, polls `/readyz` as fast as it can, rewrites the connectors file the
+/// moment it answers 200 and requires the new config to go live, under CPU load.
+#[test]
+fn rewrite_right_after_readiness_is_always_loaded() {
+    const ROUNDS: i64 = 30;
+    let mut f = reject_unclaimed_with(false, true);
+    // The fixture's own process only wrote the files and found the ports; the rounds run their own.
+    f.gw.signal("TERM");
+    wait_for(
+        Duration::from_secs(60),
+        "the fixture gateway to exit",
+        || f.gw.exited(),
+    );
+    let _load = CpuLoad::start(3);
+    for round in 0..ROUNDS {
+        let log = f.gw.dir().join(format!("round-{round}.log"));
+        let gw = Bare::spawn(&f.gw, &log);
+        // Not `wait_for`: its 50 ms between polls would give the watcher time to catch up.
+        let start = std::time::Instant::now();
+        while !matches!(
+            support::gateway::http_get(f.gw.admin, "/readyz"),
+            Ok((200, _))
+        ) {
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "round {round}: not ready after 30 s; log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let generation = round + 2;
+        let next = if round % 2 == 0 {
+            fabrikam(generation)
+        } else {
+            contoso(generation)
+        };
+        f.gw.rewrite_connectors(&next);
+        let hash = f.gw.expected_hash();
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f.gw.wait_config_hash(&hash)
+        }));
+        let status = loaded.unwrap_or_else(|_| {
+            panic!(
+                "round {round}: a rewrite right after readiness was never loaded; gateway log:\n{}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+        });
+        assert_eq!(status["connectors"][0]["generation"], generation);
+        drop(gw);
+    }
 }
 
 #[test]
