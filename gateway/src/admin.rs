@@ -1,15 +1,16 @@
 //! The admin HTTP port: /healthz, /readyz, /metrics, /status (docs/interfaces.md), served by
-//! the shared responder in `http.rs`.
+//! the shared responder (`partnergate_core::http`); `/status` is the typed document of
+//! `partnergate_core::status` the operator reads.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use serde_json::json;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use tokio::net::TcpListener;
 
 use crate::http::Response;
+use crate::status::{GatewayStatus, StatusCertificate, StatusConnector};
 
 use crate::server::State;
 
@@ -20,37 +21,47 @@ fn rfc3339(unix: i64) -> String {
         .unwrap_or_default()
 }
 
-pub fn status_json(state: &State) -> serde_json::Value {
+/// The `/status` document of the live config.
+pub fn status(state: &State) -> GatewayStatus {
     let rt = state.config.load();
-    let mut connectors = Vec::new();
-    for c in &rt.connectors.inbound {
-        connectors
-            .push(json!({"name": c.name, "direction": "Inbound", "generation": c.generation}));
+    let inbound = rt.connectors.inbound.iter().map(|c| StatusConnector {
+        name: c.name.clone(),
+        direction: "Inbound".into(),
+        generation: c.generation,
+    });
+    let outbound = rt.connectors.outbound.iter().map(|c| StatusConnector {
+        name: c.name.clone(),
+        direction: "Outbound".into(),
+        generation: c.generation,
+    });
+    GatewayStatus {
+        config_hash: rt.hash.clone(),
+        loaded_at: rt.loaded_at.format(&Rfc3339).ok(),
+        last_reload_error: state.last_reload_error.lock().ok().and_then(|e| e.clone()),
+        connectors: inbound.chain(outbound).collect(),
+        certificates: rt
+            .certificates
+            .iter()
+            .map(|c| StatusCertificate {
+                file: c.file.clone(),
+                subject: c.subject.clone(),
+                not_after: rfc3339(c.not_after),
+            })
+            .collect(),
+        validation: state
+            .validation
+            .snapshot()
+            .iter()
+            .map(crate::validation::ProbeResult::to_status)
+            .collect(),
     }
-    for c in &rt.connectors.outbound {
-        connectors
-            .push(json!({"name": c.name, "direction": "Outbound", "generation": c.generation}));
+}
+
+fn status_body(state: &State) -> String {
+    match serde_json::to_string(&status(state)) {
+        Ok(body) => body + "\n",
+        Err(e) => format!("{{\"error\":\"{e}\"}}\n"),
     }
-    let certificates: Vec<_> = rt
-        .certificates
-        .iter()
-        .map(|c| json!({"file": c.file, "subject": c.subject, "notAfter": rfc3339(c.not_after)}))
-        .collect();
-    let last_error = state.last_reload_error.lock().ok().and_then(|e| e.clone());
-    let validation: Vec<_> = state
-        .validation
-        .snapshot()
-        .iter()
-        .map(crate::validation::ProbeResult::to_json)
-        .collect();
-    json!({
-        "configHash": rt.hash,
-        "loadedAt": rt.loaded_at.format(&Rfc3339).unwrap_or_default(),
-        "lastReloadError": last_error,
-        "connectors": connectors,
-        "certificates": certificates,
-        "validation": validation,
-    })
 }
 
 /// The response for a GET/HEAD of `path` (query string already removed).
@@ -73,7 +84,7 @@ pub fn route(state: &State, path: &str) -> Response {
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
             state.metrics.encode(),
         ),
-        "/status" => (200, "application/json", format!("{}\n", status_json(state))),
+        "/status" => (200, "application/json", status_body(state)),
         _ => (404, "text/plain", "not found\n".into()),
     }
 }

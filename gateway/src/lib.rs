@@ -1,11 +1,11 @@
 //! partnergate gateway: an SMTP server that terminates STARTTLS, applies partner connector
 //! rules and relays accepted mail inline to the next hop.
 
+pub use partnergate_core::{config, http, status};
+
 pub mod admin;
 pub mod certs;
-pub mod config;
 pub mod data;
-pub mod http;
 pub mod metrics;
 pub mod mx;
 pub mod policy;

@@ -15,6 +15,7 @@ use crate::config::{OutboundConnector, Timeouts};
 use crate::relay::{NextHop, host_port, mx_targets};
 use crate::runtime::{Hop, Runtime, Target};
 use crate::server::State;
+use crate::status::StatusValidation;
 
 /// Probes running at the same time, across connectors.
 const MAX_CONCURRENT_PROBES: usize = 8;
@@ -39,22 +40,23 @@ pub struct ProbeResult {
 }
 
 impl ProbeResult {
-    pub fn to_json(&self) -> serde_json::Value {
+    /// The probe as `/status` reports it.
+    pub fn to_status(&self) -> StatusValidation {
         use time::format_description::well_known::Rfc3339;
         let not_after = self
             .peer_not_after
             .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
             .and_then(|t| t.format(&Rfc3339).ok());
-        serde_json::json!({
-            "connector": self.connector,
-            "host": self.host,
-            "time": self.time.format(&Rfc3339).unwrap_or_default(),
-            "result": if self.success { "Success" } else { "Failure" },
-            "tlsVersion": self.tls_version,
-            "peerSubject": self.peer_subject,
-            "peerNotAfter": not_after,
-            "error": self.error,
-        })
+        StatusValidation {
+            connector: self.connector.clone(),
+            host: self.host.clone(),
+            time: self.time.format(&Rfc3339).ok(),
+            result: if self.success { "Success" } else { "Failure" }.into(),
+            tls_version: self.tls_version.clone(),
+            peer_subject: self.peer_subject.clone(),
+            peer_not_after: not_after,
+            error: self.error.clone(),
+        }
     }
 }
 
@@ -349,7 +351,7 @@ mod tests {
             peer_not_after: None,
             error: Some("451 4.7.5 TLS to next hop mail/fabrikam failed".into()),
         };
-        let j = r.to_json();
+        let j = serde_json::to_value(r.to_status()).unwrap();
         assert_eq!(j["result"], "Failure");
         assert_eq!(j["time"], "2027-01-15T08:00:00Z");
         assert!(j["tlsVersion"].is_null() && j["peerNotAfter"].is_null());

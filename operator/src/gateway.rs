@@ -4,41 +4,11 @@
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use serde::Deserialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// `/status` of one gateway pod (only the fields the operator uses; unknown ones ignored).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct GatewayStatus {
-    pub config_hash: String,
-    pub loaded_at: Option<String>,
-    pub last_reload_error: Option<String>,
-    pub connectors: Vec<StatusConnector>,
-    pub validation: Vec<StatusValidation>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct StatusConnector {
-    pub name: String,
-    pub direction: String,
-    pub generation: i64,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "camelCase", default)]
-pub struct StatusValidation {
-    pub connector: String,
-    pub host: String,
-    pub time: Option<String>,
-    pub result: String,
-    pub tls_version: Option<String>,
-    pub peer_subject: Option<String>,
-    pub peer_not_after: Option<String>,
-    pub error: Option<String>,
-}
+/// The document is typed once, in `partnergate_core::status`, for both sides.
+pub use partnergate_core::status::{GatewayStatus, StatusConnector, StatusValidation};
 
 /// One ready gateway pod and what its `/status` said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -214,7 +184,7 @@ mod tests {
 
     #[tokio::test]
     async fn chunked_and_errors() {
-        let port = serve_once("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"con\r\ne\r\nfigHash\":\"x\"}\n\r\n0\r\n\r\n").await;
+        let port = serve_once("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\n{\"con\r\n1e\r\nfigHash\":\"x\",\"connectors\":[]}\n\r\n0\r\n\r\n").await;
         let st = fetch_status("127.0.0.1", port, Duration::from_secs(2))
             .await
             .unwrap();

@@ -147,7 +147,7 @@ async fn main() -> anyhow::Result<()> {
     let bind_ip = std::env::var("PARTNERGATE_BIND_IP")
         .ok()
         .and_then(|v| v.parse().ok());
-    let listen = partnergate_gateway::config::with_bind_ip(args.listen, bind_ip);
+    let listen = partnergate_core::config::with_bind_ip(args.listen, bind_ip);
     let listener = TcpListener::bind(listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;

@@ -23,11 +23,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use ipnet::IpNet;
+use partnergate_core::config as gw;
 use partnergate_crds::{
     CertificateStatus, Direction, IdentifyBy, MinTlsVersion, OutboundTls, PartnerConnector,
     TrustBundle,
 };
-use partnergate_gateway::config as gw;
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 

@@ -1,10 +1,10 @@
 //! /healthz, /readyz and /metrics on `--listen`, served by the gateway crate's shared HTTP
-//! responder (`partnergate_gateway::http`).
+//! responder (`partnergate_core::http`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use partnergate_gateway::http::Response;
+use partnergate_core::http::Response;
 use tokio::net::TcpListener;
 
 use crate::metrics::Metrics;
@@ -31,5 +31,5 @@ fn route(h: &Health, path: &str) -> Response {
 }
 
 pub async fn serve(listener: TcpListener, h: Health) {
-    partnergate_gateway::http::serve(listener, move |path: &str| route(&h, path)).await
+    partnergate_core::http::serve(listener, move |path: &str| route(&h, path)).await
 }

@@ -20,7 +20,7 @@ import yaml
 
 NS = "partnergate"
 HERE = Path(__file__).resolve().parent
-FLEET_FIELDS = {  # gateway/src/config.rs FleetSettings (serde camelCase names)
+FLEET_FIELDS = {  # core/src/config.rs FleetSettings (serde camelCase names)
     "listen", "adminListen", "hostname", "serverCertificate", "acceptedDomains",
     "internalSenders", "upstream", "defaultInbound", "materialDir", "limits", "timeouts",
     "trustedProxies", "validationIntervalSecs",
