@@ -1,6 +1,7 @@
 //! Support for the gateway's real-peer tests: generated certificates, a recording sink playing
 //! the organisation's mail server, a launcher for the real `partnergate-gateway` binary, a
-//! private Postfix instance playing a partner's MTA, and wrappers around swaks, `openssl
+//! private Postfix instance playing a partner's MTA, a scripted next hop (per-command accept,
+//! refuse, drop or stall, for the relay-transaction tests), and wrappers around swaks, `openssl
 //! s_client` and Python smtplib.
 //!
 //! Every test gets its own 127.x.y.0/24 block ([`Net`]), so tests in one binary (and test
@@ -15,6 +16,7 @@ pub mod net;
 pub mod peers;
 pub mod pki;
 pub mod postfix;
+pub mod scripted_hop;
 pub mod sink;
 pub mod smtp;
 pub mod wire;

@@ -1,0 +1,1063 @@
+//! Model-based test of the relay transaction (issue 11, /work/notes/relay-spec.md): seeded
+//! random sessions of 1–4 transactions of 1–6 recipients over three routes — the upstream
+//! (`org.test`) and two Outbound smart-host connectors (`partner-a.test`, `partner-b.test`) —
+//! against one gateway and one scripted next hop per route. Every next-hop command has a
+//! scripted action (accept, 4xx, 5xx, 3xx, accept-then-close, drop, stall); a reference model
+//! of the contract, written from the spec and not from the code, predicts every reply the
+//! client gets (code and enhanced code, for RCPT, DATA and the final dot) and every delivery
+//! each hop records.
+//!
+//! Besides "gateway == model", invariants checked independently of the model:
+//! - each hop only ever saw RCPTs of its own route's domain;
+//! - a 250 to the final dot means exactly one delivery, at the recipients' route, with exactly
+//!   the recipients the client got a 250 for (no acknowledged recipient missing, no extra);
+//!   no 250 → no delivery; never two deliveries of one transaction;
+//! - a 5xx to the client is a policy refusal, `554 5.5.1` with no recipient ever accepted by a
+//!   hop, or a 5xx the hop itself sent in that transaction (never one for a drop or stall).
+//!
+//! Knobs: RELAY_MODEL_CASES (transactions, default 2000), RELAY_MODEL_SEED (default fixed),
+//! RELAY_MODEL_PARALLEL (concurrent sessions, default 48), RELAY_MODEL_SESSION (run only that
+//! session index of the seed, to reproduce a failure). Each session's PRNG is derived from
+//! (seed, session index), so a printed seed + index reproduces it exactly.
+//!
+//! The fleet here sets nextHopSecs and nextHopDataEndSecs to 1 (test-only, so stalls cost a
+//! second instead of a minute); defaults are untouched. Not modelled: next-hop open failures
+//! (greeting/EHLO/connect), which cannot be keyed to a transaction; relay.rs covers them.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fmt::Write as _;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use serde_json::json;
+use support::scripted_hop::{Action, Key, Kind, Script, ScriptedHop};
+use support::{Gateway, GatewaySpec, Net, Pki, Reply, SmtpConn};
+
+const HOPS: [&str; 3] = ["upstream", "partner-a", "partner-b"];
+const DOMAINS: [&str; 3] = ["org.test", "partner-a.test", "partner-b.test"];
+/// Transactions per gateway instance (its logs and the hops' records are kept in memory).
+const BATCH: usize = 5000;
+
+// ---------------------------------------------------------------------------------------------
+// PRNG and generator
+
+/// splitmix64: tiny, seedable, good enough to pick actions.
+struct Rng(u64);
+
+impl Rng {
+    fn new(seed: u64) -> Rng {
+        Rng(seed)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> &'a T {
+        &v[self.below(v.len() as u64) as usize]
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Rcpt {
+    addr: String,
+    /// `None`: a domain nobody routes (policy refuses it).
+    route: Option<usize>,
+}
+
+#[derive(Debug, Clone)]
+struct TxnPlan {
+    id: String,
+    rcpts: Vec<Rcpt>,
+    /// RSET instead of DATA.
+    abandon: bool,
+    script: BTreeMap<Key, Vec<Action>>,
+}
+
+#[derive(Debug, Clone)]
+struct SessionPlan {
+    index: usize,
+    txns: Vec<TxnPlan>,
+}
+
+/// Weighted choice of an action for one command kind (weights in per mille, rest: accept).
+fn action(rng: &mut Rng, kind: Kind) -> Action {
+    let r = rng.below(1000);
+    let reply = |rng: &mut Rng, v: &[&str]| Action::reply(*rng.pick(v));
+    match kind {
+        Kind::Mail => match r {
+            0..30 => reply(
+                rng,
+                &["451 4.3.0 try later", "450 mailbox busy", "421 4.4.2 bye"],
+            ),
+            30..50 => reply(rng, &["550 5.7.1 sender refused", "553 bad sender"]),
+            50..60 => reply(rng, &["354 odd", "334 eh"]),
+            60..85 => Action::Drop,
+            85..95 => Action::Stall,
+            95..115 => Action::AcceptThenClose,
+            _ => Action::Accept,
+        },
+        Kind::Rcpt => match r {
+            0..60 => reply(rng, &["450 4.2.1 mailbox busy", "452 too many"]),
+            60..120 => reply(rng, &["550 5.1.1 no such user", "551 not local"]),
+            120..135 => reply(rng, &["354 odd", "334 eh"]),
+            135..175 => Action::Drop,
+            175..185 => Action::Stall,
+            185..210 => Action::AcceptThenClose,
+            _ => Action::Accept,
+        },
+        Kind::Data => match r {
+            0..30 => reply(rng, &["451 4.3.0 later"]),
+            30..55 => reply(rng, &["554 5.6.0 no"]),
+            55..70 => reply(rng, &["250 2.0.0 not 354", "334 eh"]),
+            70..110 => Action::Drop,
+            110..125 => Action::Stall,
+            _ => Action::Accept,
+        },
+        Kind::Body => match r {
+            0..40 => Action::Drop,
+            _ => Action::Accept,
+        },
+        Kind::Dot => match r {
+            0..30 => reply(rng, &["452 4.3.1 full"]),
+            30..55 => reply(rng, &["554 5.7.0 rejected"]),
+            55..90 => Action::Drop,
+            90..110 => Action::Stall,
+            110..170 => Action::AcceptThenClose,
+            _ => Action::Accept,
+        },
+        Kind::Rset => match r {
+            0..30 => reply(rng, &["451 4.3.0 no", "500 5.5.1 what"]),
+            30..60 => Action::Drop,
+            60..75 => Action::Stall,
+            75..135 => Action::AcceptThenClose,
+            _ => Action::Accept,
+        },
+    }
+}
+
+/// Actions for attempts 0..n (trailing accepts trimmed).
+fn actions(rng: &mut Rng, kind: Kind, n: usize) -> Vec<Action> {
+    let mut v: Vec<Action> = (0..n).map(|_| action(rng, kind)).collect();
+    while v.last() == Some(&Action::Accept) {
+        v.pop();
+    }
+    v
+}
+
+fn session_rng(seed: u64, index: usize) -> Rng {
+    let mut r = Rng::new(seed ^ (index as u64).wrapping_mul(0xA24B_AED4_963E_E407));
+    r.next();
+    r
+}
+
+fn gen_session(seed: u64, index: usize) -> SessionPlan {
+    let mut rng = session_rng(seed, index);
+    let n_txn = 1 + rng.below(4) as usize;
+    let mut txns = Vec::new();
+    for t in 0..n_txn {
+        let id = format!("s{index}t{t}");
+        let main = rng.below(3) as usize;
+        let n = 1 + rng.below(6) as usize;
+        let mut rcpts = Vec::new();
+        for k in 0..n {
+            let r = rng.below(100);
+            let route = match r {
+                0..75 => Some(main),
+                75..96 => Some(rng.below(3) as usize),
+                _ => None,
+            };
+            let domain = route.map_or("elsewhere.test", |i| DOMAINS[i]);
+            rcpts.push(Rcpt {
+                addr: format!("r{k}.{id}@{domain}"),
+                route,
+            });
+        }
+        let abandon = rng.below(100) < 8;
+        let mut script = BTreeMap::new();
+        let routes: Vec<usize> = {
+            let mut v: Vec<usize> = rcpts.iter().filter_map(|r| r.route).collect();
+            v.sort_unstable();
+            v.dedup();
+            v
+        };
+        for &route in &routes {
+            let hop = HOPS[route];
+            let mut put = |kind: Kind, rcpt: &str, n: usize, rng: &mut Rng| {
+                let a = actions(rng, kind, n);
+                if !a.is_empty() {
+                    script.insert(Key::new(&id, hop, kind, rcpt), a);
+                }
+            };
+            put(Kind::Mail, "", 3, &mut rng);
+            for r in rcpts.iter().filter(|r| r.route == Some(route)) {
+                put(Kind::Rcpt, &r.addr, 4, &mut rng);
+            }
+            put(Kind::Data, "", 2, &mut rng);
+            put(Kind::Body, "", 1, &mut rng);
+            put(Kind::Dot, "", 1, &mut rng);
+            put(Kind::Rset, "", 3, &mut rng);
+        }
+        txns.push(TxnPlan {
+            id,
+            rcpts,
+            abandon,
+            script,
+        });
+    }
+    SessionPlan { index, txns }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The reference model (from relay-spec.md)
+
+/// An expected reply: code, and the enhanced code when it matters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Exp {
+    code: u16,
+    esc: Option<String>,
+}
+
+fn exp(code: u16, esc: &str) -> Exp {
+    Exp {
+        code,
+        esc: (!esc.is_empty()).then(|| esc.to_string()),
+    }
+}
+
+impl std::fmt::Display for Exp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.esc.as_deref().unwrap_or(""))
+    }
+}
+
+fn matches(got: &Reply, e: &Exp) -> bool {
+    got.code == e.code
+        && e.esc.as_ref().is_none_or(|esc| {
+            let first = got.lines.first().map(String::as_str).unwrap_or("");
+            first == esc || first.starts_with(&format!("{esc} "))
+        })
+}
+
+const LOST: (u16, &str) = (451, "4.4.1");
+const PROTO: (u16, &str) = (451, "4.5.0");
+
+/// A next-hop connection as the model sees it.
+#[derive(Debug, Clone)]
+struct MConn {
+    route: usize,
+    /// False once the hop closed it (drop, stall, accept-then-close): later commands on it are
+    /// lost without reaching the hop.
+    alive: bool,
+    mail: bool,
+    rcpts: Vec<String>,
+}
+
+impl MConn {
+    fn fresh(route: usize) -> MConn {
+        MConn {
+            route,
+            alive: true,
+            mail: false,
+            rcpts: Vec::new(),
+        }
+    }
+}
+
+/// What a command on a connection got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Resp {
+    /// I/O error, EOF or timeout.
+    Lost,
+    Code(u16, Option<[u16; 3]>),
+}
+
+fn parse_reply(s: &str) -> Resp {
+    let code: u16 = s[..3].parse().expect("scripted reply code");
+    let esc = s.get(4..).and_then(|rest| {
+        let head = rest.split(' ').next()?;
+        let p: Vec<u16> = head.split('.').filter_map(|x| x.parse().ok()).collect();
+        (p.len() == 3 && head.split('.').count() == 3 && (2..=5).contains(&p[0]))
+            .then(|| [p[0], p[1], p[2]])
+    });
+    Resp::Code(code, esc)
+}
+
+fn mirror(code: u16, esc: Option<[u16; 3]>, default: [u16; 2]) -> Exp {
+    let e = esc.unwrap_or([code / 100, default[0], default[1]]);
+    exp(code, &format!("{}.{}.{}", e[0], e[1], e[2]))
+}
+
+struct MTxn {
+    id: String,
+    pinned: Option<usize>,
+    ledger: Vec<String>,
+    held: Option<MConn>,
+    broken: bool,
+}
+
+#[derive(Default)]
+struct Model {
+    script: HashMap<Key, Vec<Action>>,
+    seen: HashMap<Key, usize>,
+    pool: Option<MConn>,
+    /// (txn, route, recipients) in the order the hops accept them.
+    deliveries: Vec<(String, usize, Vec<String>)>,
+}
+
+struct DataExp {
+    data: Exp,
+    dot: Option<Exp>,
+}
+
+impl Model {
+    fn send(&mut self, txn: &str, c: &mut MConn, kind: Kind, rcpt: &str) -> Resp {
+        if !c.alive {
+            return Resp::Lost;
+        }
+        let key = Key::new(txn, HOPS[c.route], kind, rcpt);
+        let n = self.seen.entry(key.clone()).or_default();
+        let a = self
+            .script
+            .get(&key)
+            .and_then(|v| v.get(*n).cloned())
+            .unwrap_or(Action::Accept);
+        *n += 1;
+        let ok = match kind {
+            Kind::Mail => parse_reply("250 2.1.0 Ok"),
+            Kind::Rcpt => parse_reply("250 2.1.5 Ok"),
+            Kind::Data => parse_reply("354 go"),
+            Kind::Body => Resp::Code(0, None),
+            Kind::Dot => parse_reply("250 2.0.0 Ok"),
+            Kind::Rset => parse_reply("250 2.0.0 Ok"),
+        };
+        let r = match a {
+            Action::Accept => ok,
+            Action::AcceptThenClose => {
+                c.alive = false;
+                ok
+            }
+            Action::Reply(s) if kind != Kind::Body => parse_reply(&s),
+            Action::Reply(_) => ok,
+            Action::Drop => {
+                c.alive = false;
+                Resp::Lost
+            }
+            Action::Stall if kind == Kind::Body => ok,
+            Action::Stall => {
+                c.alive = false;
+                Resp::Lost
+            }
+        };
+        if let Resp::Code(code, _) = r
+            && (200..300).contains(&code)
+        {
+            match kind {
+                Kind::Mail => {
+                    c.mail = true;
+                    c.rcpts.clear();
+                }
+                Kind::Rcpt => c.rcpts.push(rcpt.to_string()),
+                Kind::Dot => {
+                    self.deliveries
+                        .push((txn.to_string(), c.route, c.rcpts.clone()));
+                    c.mail = false;
+                    c.rcpts.clear();
+                }
+                Kind::Rset => {
+                    c.mail = false;
+                    c.rcpts.clear();
+                }
+                _ => {}
+            }
+        }
+        r
+    }
+
+    /// Puts a connection in the one-slot pool (the previous one is QUIT).
+    fn to_pool(&mut self, mut c: MConn) {
+        c.mail = false;
+        c.rcpts.clear();
+        self.pool = Some(c);
+    }
+
+    /// RSET on a held connection with MAIL sent: 250 → pool, else closed.
+    fn release(&mut self, txn: &str, mut c: MConn) {
+        if !c.mail {
+            self.to_pool(c);
+            return;
+        }
+        if let Resp::Code(250..=299, _) = self.send(txn, &mut c, Kind::Rset, "") {
+            self.to_pool(c);
+        }
+    }
+
+    /// MAIL on `c` (from the pool or fresh): Ok(connection ready) or the RCPT's reply.
+    fn mail(&mut self, txn: &str, mut c: MConn, from_pool: bool) -> Result<MConn, Exp> {
+        match self.send(txn, &mut c, Kind::Mail, "") {
+            Resp::Code(200..=299, _) => Ok(c),
+            Resp::Code(421, _) | Resp::Lost if from_pool => {
+                self.mail(txn, MConn::fresh(c.route), false)
+            }
+            Resp::Code(300..=399, _) => Err(exp(PROTO.0, PROTO.1)),
+            Resp::Code(code, esc) => Err(mirror(code, esc, [1, 0])),
+            Resp::Lost => Err(exp(LOST.0, LOST.1)),
+        }
+    }
+
+    /// A fresh connection with MAIL and every ledger recipient replayed, or None (broken).
+    fn replay(&mut self, t: &MTxn, route: usize) -> Option<MConn> {
+        let mut c = MConn::fresh(route);
+        if !matches!(
+            self.send(&t.id, &mut c, Kind::Mail, ""),
+            Resp::Code(200..=299, _)
+        ) {
+            return None;
+        }
+        for r in t.ledger.clone() {
+            if !matches!(
+                self.send(&t.id, &mut c, Kind::Rcpt, &r),
+                Resp::Code(200..=299, _)
+            ) {
+                return None;
+            }
+        }
+        Some(c)
+    }
+
+    fn rcpt(&mut self, t: &mut MTxn, r: &Rcpt) -> Exp {
+        let Some(route) = r.route else {
+            return exp(550, "5.7.1");
+        };
+        if t.pinned.is_some_and(|p| p != route) {
+            return exp(452, "4.5.3");
+        }
+        if t.broken {
+            return exp(LOST.0, LOST.1);
+        }
+        let conn = match t.held.take() {
+            Some(c) if c.route == route => Some(c),
+            other => {
+                if let Some(c) = other {
+                    self.release(&t.id, c);
+                }
+                None
+            }
+        };
+        let mut conn = match conn {
+            Some(c) => c,
+            None => {
+                let (c, from_pool) = match self.pool.take() {
+                    Some(p) if p.route == route => (p, true),
+                    other => {
+                        self.pool = other;
+                        (MConn::fresh(route), false)
+                    }
+                };
+                match self.mail(&t.id, c, from_pool) {
+                    Ok(c) => c,
+                    Err(e) => return e,
+                }
+            }
+        };
+        match self.send(&t.id, &mut conn, Kind::Rcpt, &r.addr) {
+            Resp::Code(200..=299, _) => {
+                t.ledger.push(r.addr.clone());
+                t.pinned = Some(route);
+                t.held = Some(conn);
+                exp(250, "2.1.5")
+            }
+            Resp::Code(code @ 400..=599, esc) => {
+                t.held = Some(conn);
+                mirror(code, esc, [1, 5])
+            }
+            lost => {
+                let proto = matches!(lost, Resp::Code(..));
+                if t.ledger.is_empty() {
+                    return if proto {
+                        exp(PROTO.0, PROTO.1)
+                    } else {
+                        exp(LOST.0, LOST.1)
+                    };
+                }
+                let Some(mut c) = self.replay(t, route) else {
+                    t.broken = true;
+                    return exp(LOST.0, LOST.1);
+                };
+                match self.send(&t.id, &mut c, Kind::Rcpt, &r.addr) {
+                    Resp::Code(200..=299, _) => {
+                        t.ledger.push(r.addr.clone());
+                        t.held = Some(c);
+                        exp(250, "2.1.5")
+                    }
+                    Resp::Code(code @ 400..=599, esc) => {
+                        t.held = Some(c);
+                        mirror(code, esc, [1, 5])
+                    }
+                    _ => {
+                        t.broken = true;
+                        exp(LOST.0, LOST.1)
+                    }
+                }
+            }
+        }
+    }
+
+    fn data(&mut self, t: &mut MTxn) -> DataExp {
+        let only = |data: Exp| DataExp { data, dot: None };
+        if t.broken {
+            return only(exp(LOST.0, LOST.1));
+        }
+        if t.ledger.is_empty() {
+            return only(exp(554, "5.5.1"));
+        }
+        let Some(mut c) = t.held.take() else {
+            panic!("model: pinned transaction {} without a connection", t.id);
+        };
+        let mut r = self.send(&t.id, &mut c, Kind::Data, "");
+        if r == Resp::Lost {
+            match self.replay(t, c.route) {
+                Some(n) => {
+                    c = n;
+                    r = self.send(&t.id, &mut c, Kind::Data, "");
+                }
+                None => return only(exp(LOST.0, LOST.1)),
+            }
+        }
+        match r {
+            Resp::Code(354, _) => {}
+            Resp::Code(code @ 400..=599, esc) => {
+                self.release(&t.id, c);
+                return only(mirror(code, esc, [0, 0]));
+            }
+            Resp::Code(..) => return only(exp(PROTO.0, PROTO.1)),
+            Resp::Lost => return only(exp(LOST.0, LOST.1)),
+        }
+        let data = exp(354, "");
+        if self.send(&t.id, &mut c, Kind::Body, "") == Resp::Lost {
+            return DataExp {
+                data,
+                dot: Some(exp(LOST.0, LOST.1)),
+            };
+        }
+        let dot = match self.send(&t.id, &mut c, Kind::Dot, "") {
+            Resp::Code(code, esc) => {
+                self.to_pool(c);
+                mirror(code, esc, [0, 0])
+            }
+            Resp::Lost => exp(LOST.0, LOST.1),
+        };
+        DataExp {
+            data,
+            dot: Some(dot),
+        }
+    }
+
+    /// Client RSET (or the end of the transaction).
+    fn rset(&mut self, t: &mut MTxn) {
+        if let Some(c) = t.held.take() {
+            self.release(&t.id, c);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Running sessions
+
+/// What a session produced, per transaction.
+#[derive(Debug, Default, Clone)]
+struct TxnResult {
+    id: String,
+    /// Recipients the gateway answered 250.
+    acked: Vec<String>,
+    /// Reply to the final dot, if the client got that far.
+    dot: Option<u16>,
+    /// Every 5xx the client got, with the command.
+    fivexx: Vec<(String, u16)>,
+}
+
+struct SessionResult {
+    index: usize,
+    txns: Vec<TxnResult>,
+    /// The model's deliveries, when the session ran to the end without a mismatch.
+    model_deliveries: Option<Vec<(String, usize, Vec<String>)>>,
+    mismatch: Option<(String, String)>,
+}
+
+fn body(id: &str) -> String {
+    format!(
+        "From: <{id}@org.test>\r\nSubject: model {id}\r\nMessage-ID: <{id}@model.test>\r\n\r\nline one\r\nline two\r\n"
+    )
+}
+
+fn show(r: &Option<Reply>) -> String {
+    r.as_ref()
+        .map_or_else(|| "<no reply>".into(), |r| r.summary())
+}
+
+fn run_session(gw: SocketAddr, ip: Ipv4Addr, plan: &SessionPlan) -> SessionResult {
+    let mut model = Model::default();
+    for t in &plan.txns {
+        model.script.extend(t.script.clone());
+    }
+    let mut results = Vec::new();
+    let mut log = String::new();
+    let fail = |log: &mut String, txn: &str, msg: String| -> Option<(String, String)> {
+        let _ = writeln!(log, "  MISMATCH: {msg}");
+        Some((txn.to_string(), std::mem::take(log)))
+    };
+    let (mut c, _) = SmtpConn::connect(gw, Some(ip));
+    let r = c.try_cmd("EHLO client.org.test");
+    let mut mismatch = None;
+    if r.as_ref().map(|r| r.code) != Some(250) {
+        mismatch = fail(&mut log, "", format!("EHLO got {}", show(&r)));
+    }
+    'txns: for t in &plan.txns {
+        if mismatch.is_some() {
+            break;
+        }
+        let mut res = TxnResult {
+            id: t.id.clone(),
+            ..Default::default()
+        };
+        let mut mt = MTxn {
+            id: t.id.clone(),
+            pinned: None,
+            ledger: Vec::new(),
+            held: None,
+            broken: false,
+        };
+        let step = |c: &mut SmtpConn,
+                    log: &mut String,
+                    res: &mut TxnResult,
+                    cmd: &str,
+                    e: &Exp|
+         -> Result<Reply, String> {
+            let got = c.try_cmd(cmd);
+            let _ = writeln!(log, "  C: {cmd:<44} S: {:<14} model: {e}", show(&got));
+            match got {
+                Some(g) if matches(&g, e) => {
+                    if g.code >= 500 {
+                        res.fivexx.push((cmd.to_string(), g.code));
+                    }
+                    Ok(g)
+                }
+                g => Err(format!("{cmd}: gateway {} but model {e}", show(&g))),
+            }
+        };
+        let cmd = format!("MAIL FROM:<{}@org.test>", t.id);
+        if let Err(m) = step(&mut c, &mut log, &mut res, &cmd, &exp(250, "")) {
+            mismatch = fail(&mut log, &t.id, m);
+            results.push(res);
+            break;
+        }
+        for r in &t.rcpts {
+            let e = model.rcpt(&mut mt, r);
+            let cmd = format!("RCPT TO:<{}>", r.addr);
+            match step(&mut c, &mut log, &mut res, &cmd, &e) {
+                Ok(g) if g.code == 250 => res.acked.push(r.addr.clone()),
+                Ok(_) => {}
+                Err(m) => {
+                    mismatch = fail(&mut log, &t.id, m);
+                    results.push(res);
+                    break 'txns;
+                }
+            }
+        }
+        if t.abandon {
+            model.rset(&mut mt);
+            if let Err(m) = step(&mut c, &mut log, &mut res, "RSET", &exp(250, "")) {
+                mismatch = fail(&mut log, &t.id, m);
+                results.push(res);
+                break;
+            }
+            results.push(res);
+            continue;
+        }
+        let de = model.data(&mut mt);
+        let got = c.try_cmd("DATA");
+        let _ = writeln!(
+            log,
+            "  C: {:<44} S: {:<14} model: {}",
+            "DATA",
+            show(&got),
+            de.data
+        );
+        let Some(got) = got else {
+            mismatch = fail(&mut log, &t.id, "no reply to DATA".into());
+            results.push(res);
+            break;
+        };
+        if got.code >= 500 {
+            res.fivexx.push(("DATA".into(), got.code));
+        }
+        let data_ok = matches(&got, &de.data);
+        if got.code == 354 {
+            // Finish the message whatever the model said, to keep the session in step.
+            let sent = c.send_raw(body(&t.id).as_bytes()).is_ok() && c.send_raw(b".\r\n").is_ok();
+            let end = if sent { c.read_reply() } else { None };
+            let want = de.dot.clone().unwrap_or(exp(0, ""));
+            let _ = writeln!(
+                log,
+                "  C: {:<44} S: {:<14} model: {}",
+                "<body> .",
+                show(&end),
+                want
+            );
+            res.dot = end.as_ref().map(|r| r.code);
+            if let Some(e) = &end
+                && e.code >= 500
+            {
+                res.fivexx.push((".".into(), e.code));
+            }
+            if !data_ok {
+                mismatch = fail(
+                    &mut log,
+                    &t.id,
+                    format!("DATA: gateway {} but model {}", got.summary(), de.data),
+                );
+                results.push(res);
+                break;
+            }
+            if !end.as_ref().is_some_and(|e| matches(e, &want)) {
+                mismatch = fail(
+                    &mut log,
+                    &t.id,
+                    format!("final dot: gateway {} but model {want}", show(&end)),
+                );
+                results.push(res);
+                break;
+            }
+        } else {
+            if !data_ok {
+                mismatch = fail(
+                    &mut log,
+                    &t.id,
+                    format!("DATA: gateway {} but model {}", got.summary(), de.data),
+                );
+                results.push(res);
+                break;
+            }
+            model.rset(&mut mt);
+            if let Err(m) = step(&mut c, &mut log, &mut res, "RSET", &exp(250, "")) {
+                mismatch = fail(&mut log, &t.id, m);
+                results.push(res);
+                break;
+            }
+        }
+        results.push(res);
+    }
+    if mismatch.is_none() {
+        c.quit();
+    }
+    SessionResult {
+        index: plan.index,
+        txns: results,
+        model_deliveries: mismatch.is_none().then(|| model.deliveries.clone()),
+        mismatch,
+    }
+}
+
+fn describe_txn(plan: &TxnPlan) -> String {
+    let mut s = format!("  transaction {} (abandon: {}):\n", plan.id, plan.abandon);
+    for r in &plan.rcpts {
+        let _ = writeln!(s, "    rcpt {}", r.addr);
+    }
+    for (k, v) in &plan.script {
+        let what = if k.rcpt.is_empty() {
+            format!("{:?}", k.kind)
+        } else {
+            format!("{:?} {}", k.kind, k.rcpt)
+        };
+        let _ = writeln!(s, "    {:<10} {:<36} attempts {:?}", k.hop, what, v);
+    }
+    s
+}
+
+struct BatchOutcome {
+    failures: Vec<String>,
+    txns: usize,
+    deliveries: usize,
+    dot_250: usize,
+    replies: usize,
+}
+
+fn run_batch(seed: u64, plans: Vec<SessionPlan>, parallel: usize) -> BatchOutcome {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let script = Script::new();
+    let hops: Vec<ScriptedHop> = HOPS
+        .iter()
+        .enumerate()
+        .map(|(i, name)| {
+            ScriptedHop::start(
+                SocketAddr::from((net.ip(2 + i as u8), 0)),
+                name,
+                script.clone(),
+            )
+        })
+        .collect();
+    for p in &plans {
+        for t in &p.txns {
+            for (k, v) in &t.script {
+                script.set(k.clone(), v.clone());
+            }
+        }
+    }
+    let outbound = |i: usize| {
+        json!({
+            "name": format!("partners/{}", &HOPS[i][8..]), "generation": 1,
+            "domains": [DOMAINS[i]],
+            "smartHosts": [hops[i].smart_host()],
+            "tls": "Opportunistic",
+        })
+    };
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            hops[0].addr,
+            json!({"inbound": [], "outbound": [outbound(1), outbound(2)]}),
+        )
+        .fleet(json!({
+            "acceptedDomains": ["org.test"],
+            "internalSenders": {"ipRanges": [net.cidr()]},
+            "timeouts": {"nextHopSecs": 1, "nextHopDataEndSecs": 1},
+        })),
+    );
+    let by_index: HashMap<usize, SessionPlan> =
+        plans.iter().map(|p| (p.index, p.clone())).collect();
+    let txns: usize = plans.iter().map(|p| p.txns.len()).sum();
+    let queue = Mutex::new(plans.into_iter().collect::<VecDeque<_>>());
+    let results = Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for w in 0..parallel {
+            let (queue, results) = (&queue, &results);
+            let (gw_addr, ip) = (gw.smtp, net.ip(100 + (w % 150) as u8));
+            s.spawn(move || {
+                loop {
+                    let Some(plan) = queue.lock().expect("lock").pop_front() else {
+                        break;
+                    };
+                    let r = run_session(gw_addr, ip, &plan);
+                    results.lock().expect("lock").push(r);
+                }
+            });
+        }
+    });
+    let results = results.into_inner().expect("lock");
+
+    // Everything the hops recorded, indexed by transaction.
+    let mut delivered: HashMap<String, Vec<(usize, Vec<String>)>> = HashMap::new();
+    let mut hop_2xx_rcpt: HashSet<String> = HashSet::new();
+    let mut hop_codes: HashMap<String, HashSet<u16>> = HashMap::new();
+    let mut failures = Vec::new();
+    let mut n_deliveries = 0;
+    for (i, hop) in hops.iter().enumerate() {
+        for d in hop.deliveries() {
+            n_deliveries += 1;
+            delivered.entry(d.txn).or_default().push((i, d.rcpts));
+        }
+        for c in hop.connections() {
+            for e in &c.events {
+                if let Some(r) = support::scripted_hop::rcpt_of(&e.command) {
+                    if !r.ends_with(&format!("@{}", DOMAINS[i])) {
+                        failures.push(format!(
+                            "hop {} (route {}) was sent RCPT {r} of another route (transaction {}, conn #{})",
+                            hop.name, DOMAINS[i], e.txn, c.id
+                        ));
+                    }
+                    if e.reply.starts_with('2') {
+                        hop_2xx_rcpt.insert(e.txn.clone());
+                    }
+                }
+                if let Some(code) = e.reply.get(..3).and_then(|c| c.parse::<u16>().ok()) {
+                    hop_codes.entry(e.txn.clone()).or_default().insert(code);
+                }
+            }
+        }
+    }
+    let mut replies = 0;
+    let mut dot_250 = 0;
+    let context = |index: usize, txn: &str, log: &str| -> String {
+        let plan = &by_index[&index];
+        let mut s = format!(
+            "seed {seed} session {index} (reproduce: RELAY_MODEL_SEED={seed} RELAY_MODEL_SESSION={index})\n"
+        );
+        for t in &plan.txns {
+            s.push_str(&describe_txn(t));
+            if t.id == txn {
+                break;
+            }
+        }
+        s.push_str("  client transcript (last transaction):\n");
+        s.push_str(log);
+        s.push_str("  next hops, this transaction:\n");
+        for h in &hops {
+            for l in h.transcript_for(txn) {
+                s.push_str(&l);
+                s.push('\n');
+            }
+        }
+        s
+    };
+    for r in &results {
+        if let Some((txn, log)) = &r.mismatch {
+            failures.push(format!(
+                "reply mismatch in {txn}\n{}",
+                context(r.index, txn, log)
+            ));
+        }
+        for t in &r.txns {
+            replies += t.acked.len() + 2;
+            let got = delivered.get(&t.id).cloned().unwrap_or_default();
+            let mut problems = Vec::new();
+            if got.len() > 1 {
+                problems.push(format!("delivered {} times: {got:?}", got.len()));
+            }
+            if t.dot == Some(250) {
+                dot_250 += 1;
+                match got.first() {
+                    None => problems.push(format!(
+                        "250 to the final dot but nothing delivered (acked {:?})",
+                        t.acked
+                    )),
+                    Some((route, rcpts)) => {
+                        let mut a = t.acked.clone();
+                        let mut d = rcpts.clone();
+                        a.sort();
+                        d.sort();
+                        if a != d {
+                            problems.push(format!(
+                                "250 to the final dot: acknowledged {:?} but {} got {:?}",
+                                t.acked, HOPS[*route], rcpts
+                            ));
+                        }
+                    }
+                }
+            } else if !got.is_empty() {
+                problems.push(format!(
+                    "no 250 to the final dot ({:?}) but delivered: {got:?}",
+                    t.dot
+                ));
+            }
+            for (cmd, code) in &t.fivexx {
+                let policy = *code == 550 && cmd.starts_with("RCPT") && cmd.contains("elsewhere");
+                let empty = *code == 554 && cmd == "DATA" && !hop_2xx_rcpt.contains(&t.id);
+                let mirrored = hop_codes.get(&t.id).is_some_and(|c| c.contains(code));
+                if !(policy || empty || mirrored) {
+                    problems.push(format!(
+                        "{code} to {cmd}: a permanent failure no next hop or policy gave"
+                    ));
+                }
+            }
+            if !problems.is_empty() {
+                failures.push(format!(
+                    "invariant broken in {}: {}\n{}",
+                    t.id,
+                    problems.join("; "),
+                    context(r.index, &t.id, "  (see the mismatch above, if any)\n")
+                ));
+            }
+        }
+        if let Some(model) = &r.model_deliveries {
+            let plan = &by_index[&r.index];
+            for t in &plan.txns {
+                let want: Vec<(usize, Vec<String>)> = model
+                    .iter()
+                    .filter(|(id, _, _)| *id == t.id)
+                    .map(|(_, route, rcpts)| (*route, rcpts.clone()))
+                    .collect();
+                let got = delivered.get(&t.id).cloned().unwrap_or_default();
+                if want != got {
+                    failures.push(format!(
+                        "deliveries of {}: hops {got:?} but model {want:?}\n{}",
+                        t.id,
+                        context(r.index, &t.id, "")
+                    ));
+                }
+            }
+        }
+    }
+    drop(gw);
+    BatchOutcome {
+        failures,
+        txns,
+        deliveries: n_deliveries,
+        dot_250,
+        replies,
+    }
+}
+
+fn env_num(name: &str, default: u64) -> u64 {
+    match std::env::var(name) {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("{name}={v:?} is not a number")),
+        Err(_) => default,
+    }
+}
+
+#[test]
+fn relay_transactions_match_the_model() {
+    let cases = env_num("RELAY_MODEL_CASES", 2000) as usize;
+    let seed = env_num("RELAY_MODEL_SEED", 0x11_5eed);
+    let parallel = env_num("RELAY_MODEL_PARALLEL", 48).max(1) as usize;
+    let only = std::env::var("RELAY_MODEL_SESSION")
+        .ok()
+        .map(|v| v.parse::<usize>().expect("RELAY_MODEL_SESSION"));
+    println!("relay model: seed {seed}, {cases} transactions, {parallel} sessions in parallel");
+    let started = Instant::now();
+    let mut all_failures = Vec::new();
+    let (mut txns, mut deliveries, mut dot_250, mut replies, mut sessions) = (0, 0, 0, 0, 0);
+    let mut next = 0usize;
+    let mut planned = 0usize;
+    while planned < cases {
+        let mut plans = Vec::new();
+        if let Some(o) = only {
+            plans.push(gen_session(seed, o));
+            planned = cases;
+        }
+        while planned < cases && plans.iter().map(|p| p.txns.len()).sum::<usize>() < BATCH {
+            let p = gen_session(seed, next);
+            next += 1;
+            planned += p.txns.len();
+            plans.push(p);
+        }
+        sessions += plans.len();
+        let b = run_batch(seed, plans, parallel);
+        txns += b.txns;
+        deliveries += b.deliveries;
+        dot_250 += b.dot_250;
+        replies += b.replies;
+        all_failures.extend(b.failures);
+        if all_failures.len() > 50 {
+            break;
+        }
+    }
+    println!(
+        "relay model: {sessions} sessions, {txns} transactions, {replies} replies compared, \
+         {dot_250} acknowledged messages, {deliveries} deliveries at the hops, {} failures, {:?}",
+        all_failures.len(),
+        started.elapsed()
+    );
+    if !all_failures.is_empty() {
+        for f in all_failures.iter().take(5) {
+            eprintln!("{f}\n");
+        }
+        panic!(
+            "relay model (seed {seed}): {} failures (first 5 above); reproduce one with \
+             RELAY_MODEL_SEED={seed} RELAY_MODEL_SESSION=<index>",
+            all_failures.len()
+        );
+    }
+    assert!(txns > 0, "no transaction ran");
+}
