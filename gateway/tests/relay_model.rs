@@ -311,6 +311,8 @@ struct Model {
     pool: Option<MConn>,
     /// (txn, route, recipients) in the order the hops accept them.
     deliveries: Vec<(String, usize, Vec<String>)>,
+    /// How often each path of the contract was taken (coverage, printed at the end).
+    paths: BTreeMap<&'static str, usize>,
 }
 
 struct DataExp {
@@ -319,6 +321,10 @@ struct DataExp {
 }
 
 impl Model {
+    fn hit(&mut self, path: &'static str) {
+        *self.paths.entry(path).or_default() += 1;
+    }
+
     fn send(&mut self, txn: &str, c: &mut MConn, kind: Kind, rcpt: &str) -> Resp {
         if !c.alive {
             return Resp::Lost;
@@ -396,7 +402,10 @@ impl Model {
             return;
         }
         if let Resp::Code(250..=299, _) = self.send(txn, &mut c, Kind::Rset, "") {
+            self.hit("RSET 250: connection pooled");
             self.to_pool(c);
+        } else {
+            self.hit("RSET failed: connection closed");
         }
     }
 
@@ -405,6 +414,11 @@ impl Model {
         match self.send(txn, &mut c, Kind::Mail, "") {
             Resp::Code(200..=299, _) => Ok(c),
             Resp::Code(421, _) | Resp::Lost if from_pool => {
+                self.hit(if c.alive {
+                    "pooled connection: MAIL lost or 421, replaced"
+                } else {
+                    "pooled connection closed by the hop, replaced"
+                });
                 self.mail(txn, MConn::fresh(c.route), false)
             }
             Resp::Code(300..=399, _) => Err(exp(PROTO.0, PROTO.1)),
@@ -447,6 +461,7 @@ impl Model {
             Some(c) if c.route == route => Some(c),
             other => {
                 if let Some(c) = other {
+                    self.hit("RCPT of another route: unpinned held connection released");
                     self.release(&t.id, c);
                 }
                 None
@@ -456,7 +471,10 @@ impl Model {
             Some(c) => c,
             None => {
                 let (c, from_pool) = match self.pool.take() {
-                    Some(p) if p.route == route => (p, true),
+                    Some(p) if p.route == route => {
+                        self.hit("pooled connection taken");
+                        (p, true)
+                    }
                     other => {
                         self.pool = other;
                         (MConn::fresh(route), false)
@@ -482,6 +500,7 @@ impl Model {
             lost => {
                 let proto = matches!(lost, Resp::Code(..));
                 if t.ledger.is_empty() {
+                    self.hit("RCPT lost, empty ledger: 451");
                     return if proto {
                         exp(PROTO.0, PROTO.1)
                     } else {
@@ -489,9 +508,11 @@ impl Model {
                     };
                 }
                 let Some(mut c) = self.replay(t, route) else {
+                    self.hit("RCPT lost: replay failed, broken");
                     t.broken = true;
                     return exp(LOST.0, LOST.1);
                 };
+                self.hit("RCPT lost: ledger replayed");
                 match self.send(&t.id, &mut c, Kind::Rcpt, &r.addr) {
                     Resp::Code(200..=299, _) => {
                         t.ledger.push(r.addr.clone());
@@ -502,7 +523,15 @@ impl Model {
                         t.held = Some(c);
                         mirror(code, esc, [1, 5])
                     }
-                    _ => {
+                    // A second loss breaks the transaction; the reply says which kind of
+                    // loss it was, as for the first one ("its reply used").
+                    Resp::Code(..) => {
+                        self.hit("RCPT lost twice: broken");
+                        t.broken = true;
+                        exp(PROTO.0, PROTO.1)
+                    }
+                    Resp::Lost => {
+                        self.hit("RCPT lost twice: broken");
                         t.broken = true;
                         exp(LOST.0, LOST.1)
                     }
@@ -526,10 +555,14 @@ impl Model {
         if r == Resp::Lost {
             match self.replay(t, c.route) {
                 Some(n) => {
+                    self.hit("DATA lost: ledger replayed");
                     c = n;
                     r = self.send(&t.id, &mut c, Kind::Data, "");
                 }
-                None => return only(exp(LOST.0, LOST.1)),
+                None => {
+                    self.hit("DATA lost: replay failed");
+                    return only(exp(LOST.0, LOST.1));
+                }
             }
         }
         match r {
@@ -550,6 +583,13 @@ impl Model {
         }
         let dot = match self.send(&t.id, &mut c, Kind::Dot, "") {
             Resp::Code(code, esc) => {
+                if (200..300).contains(&code) {
+                    self.hit(if t.ledger.len() > 1 {
+                        "delivered, several recipients"
+                    } else {
+                        "delivered, one recipient"
+                    });
+                }
                 self.to_pool(c);
                 mirror(code, esc, [0, 0])
             }
@@ -590,6 +630,7 @@ struct SessionResult {
     /// The model's deliveries, when the session ran to the end without a mismatch.
     model_deliveries: Option<Vec<(String, usize, Vec<String>)>>,
     mismatch: Option<(String, String)>,
+    paths: BTreeMap<&'static str, usize>,
 }
 
 fn body(id: &str) -> String {
@@ -763,6 +804,7 @@ fn run_session(gw: SocketAddr, ip: Ipv4Addr, plan: &SessionPlan) -> SessionResul
         txns: results,
         model_deliveries: mismatch.is_none().then(|| model.deliveries.clone()),
         mismatch,
+        paths: model.paths,
     }
 }
 
@@ -788,6 +830,7 @@ struct BatchOutcome {
     deliveries: usize,
     dot_250: usize,
     replies: usize,
+    paths: BTreeMap<&'static str, usize>,
 }
 
 fn run_batch(seed: u64, plans: Vec<SessionPlan>, parallel: usize) -> BatchOutcome {
@@ -887,6 +930,7 @@ fn run_batch(seed: u64, plans: Vec<SessionPlan>, parallel: usize) -> BatchOutcom
     }
     let mut replies = 0;
     let mut dot_250 = 0;
+    let mut paths: BTreeMap<&'static str, usize> = BTreeMap::new();
     let context = |index: usize, txn: &str, log: &str| -> String {
         let plan = &by_index[&index];
         let mut s = format!(
@@ -910,6 +954,9 @@ fn run_batch(seed: u64, plans: Vec<SessionPlan>, parallel: usize) -> BatchOutcom
         s
     };
     for r in &results {
+        for (k, v) in &r.paths {
+            *paths.entry(k).or_default() += v;
+        }
         if let Some((txn, log)) = &r.mismatch {
             failures.push(format!(
                 "reply mismatch in {txn}\n{}",
@@ -994,6 +1041,7 @@ fn run_batch(seed: u64, plans: Vec<SessionPlan>, parallel: usize) -> BatchOutcom
         deliveries: n_deliveries,
         dot_250,
         replies,
+        paths,
     }
 }
 
@@ -1018,6 +1066,7 @@ fn relay_transactions_match_the_model() {
     let started = Instant::now();
     let mut all_failures = Vec::new();
     let (mut txns, mut deliveries, mut dot_250, mut replies, mut sessions) = (0, 0, 0, 0, 0);
+    let mut paths: BTreeMap<&'static str, usize> = BTreeMap::new();
     let mut next = 0usize;
     let mut planned = 0usize;
     while planned < cases {
@@ -1038,6 +1087,9 @@ fn relay_transactions_match_the_model() {
         deliveries += b.deliveries;
         dot_250 += b.dot_250;
         replies += b.replies;
+        for (k, v) in b.paths {
+            *paths.entry(k).or_default() += v;
+        }
         all_failures.extend(b.failures);
         if all_failures.len() > 50 {
             break;
@@ -1049,6 +1101,10 @@ fn relay_transactions_match_the_model() {
         all_failures.len(),
         started.elapsed()
     );
+    println!("paths of the contract taken (model):");
+    for (k, v) in &paths {
+        println!("  {v:>7}  {k}");
+    }
     if !all_failures.is_empty() {
         for f in all_failures.iter().take(5) {
             eprintln!("{f}\n");
