@@ -440,6 +440,23 @@ struct Mixed {
     faults_done: AtomicBool,
 }
 
+/// Recipients the upstream refuses with 550 (never in the ledger): on the first attempt of
+/// every fourth shared message one goes first, followed by a partner.test recipient, which
+/// must then not travel over the upstream's connection.
+fn nobody(id: usize) -> Option<String> {
+    (id < MIXED_N && id % 4 == 3).then(|| format!("nobody.m{id}@{ORG}"))
+}
+
+fn upstream_options() -> SinkOptions {
+    SinkOptions {
+        reject_rcpt: (0..MIXED_N)
+            .filter_map(nobody)
+            .map(|a| (a, "550 5.1.1 no such user".to_string()))
+            .collect(),
+        ..SinkOptions::default()
+    }
+}
+
 fn mixed_recipients(id: usize) -> Vec<String> {
     // 3–5 recipients: all but one of the route `id % 2`, the odd one at position `id % n`.
     let n = 3 + id % 3;
@@ -575,6 +592,13 @@ fn mixed_send_one(
     if let Some(r) = first_route {
         rcpts.sort_by_key(|a| route_of(a) != r);
     }
+    let first_attempt = rcpts.first().is_some_and(|r| {
+        !ledger
+            .attempts
+            .lock()
+            .expect("lock")
+            .contains_key(&(id, r.clone()))
+    });
     for r in &rcpts {
         *ledger
             .attempts
@@ -582,6 +606,9 @@ fn mixed_send_one(
             .expect("lock")
             .entry((id, r.clone()))
             .or_default() += 1;
+    }
+    if first_attempt && let Some(n) = nobody(id) {
+        rcpts.insert(0, n);
     }
     let (accepted, end, why) = mixed_attempt(gw, ip, id, &rcpts, slow.then_some(ledger));
     match end {
@@ -685,7 +712,7 @@ fn no_acknowledged_recipient_is_lost_in_mixed_route_transactions() {
     let pki = Pki::generate();
     // sinks[0]: the upstream (example.org), sinks[1]: the partner's smart host.
     let mut sinks = [
-        Some(Sink::start(net.sink_ip())),
+        Some(Sink::start_with(net.sink_ip(), upstream_options())),
         Some(Sink::start(net.ip(3))),
     ];
     let addrs = [
@@ -747,7 +774,12 @@ fn no_acknowledged_recipient_is_lost_in_mixed_route_transactions() {
         // slow sender is still paused: the held connection is dead, the hop is up again.
         let old = sinks[route].take().expect("sink");
         recorded.extend(old.kill().into_iter().map(|m| (route, m)));
-        sinks[route] = Some(Sink::start_at(addrs[route], SinkOptions::default()));
+        let opts = if route == 0 {
+            upstream_options()
+        } else {
+            SinkOptions::default()
+        };
+        sinks[route] = Some(Sink::start_at(addrs[route], opts));
         kills.push(fault);
         support::wait_for(Duration::from_secs(10), "the slow sender to go on", || {
             (ledger.paused.load(Ordering::SeqCst) == 0).then_some(())
