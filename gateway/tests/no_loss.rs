@@ -460,7 +460,7 @@ fn upstream_options() -> SinkOptions {
 fn mixed_recipients(id: usize) -> Vec<String> {
     // 3–5 recipients: all but one of the route `id % 2`, the odd one at position `id % n`.
     let n = 3 + id % 3;
-    let (major, minor) = if id % 2 == 0 {
+    let (major, minor) = if id.is_multiple_of(2) {
         (ORG, PARTNER)
     } else {
         (PARTNER, ORG)

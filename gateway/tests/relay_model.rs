@@ -91,7 +91,7 @@ struct SessionPlan {
 /// Weighted choice of an action for one command kind (weights in per mille, rest: accept).
 fn action(rng: &mut Rng, kind: Kind) -> Action {
     let r = rng.below(1000);
-    let reply = |rng: &mut Rng, v: &[&str]| Action::reply(*rng.pick(v));
+    let reply = |rng: &mut Rng, v: &[&str]| Action::reply(rng.pick::<&str>(v));
     match kind {
         Kind::Mail => match r {
             0..30 => reply(
@@ -389,7 +389,7 @@ impl Model {
     }
 
     /// Puts a connection in the one-slot pool (the previous one is QUIT).
-    fn to_pool(&mut self, mut c: MConn) {
+    fn put_in_pool(&mut self, mut c: MConn) {
         c.mail = false;
         c.rcpts.clear();
         self.pool = Some(c);
@@ -398,12 +398,12 @@ impl Model {
     /// RSET on a held connection with MAIL sent: 250 → pool, else closed.
     fn release(&mut self, txn: &str, mut c: MConn) {
         if !c.mail {
-            self.to_pool(c);
+            self.put_in_pool(c);
             return;
         }
         if let Resp::Code(250..=299, _) = self.send(txn, &mut c, Kind::Rset, "") {
             self.hit("RSET 250: connection pooled");
-            self.to_pool(c);
+            self.put_in_pool(c);
         } else {
             self.hit("RSET failed: connection closed");
         }
@@ -590,7 +590,7 @@ impl Model {
                         "delivered, one recipient"
                     });
                 }
-                self.to_pool(c);
+                self.put_in_pool(c);
                 mirror(code, esc, [0, 0])
             }
             Resp::Lost => exp(LOST.0, LOST.1),
