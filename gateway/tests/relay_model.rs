@@ -7,6 +7,11 @@
 //! client gets (code and enhanced code, for RCPT, DATA and the final dot) and every delivery
 //! each hop records.
 //!
+//! Where relay-spec.md leaves a reply open, the model follows docs/gateway.md "Multi-recipient
+//! transactions": a retried RCPT (after a successful replay) that is lost again breaks the
+//! transaction with `451 4.4.1`, or `451 4.5.0` if that loss was a 3xx; a 3xx to the final dot
+//! is `451 4.5.0` and the connection is dropped.
+//!
 //! Besides "gateway == model", invariants checked independently of the model:
 //! - each hop only ever saw RCPTs of its own route's domain;
 //! - a 250 to the final dot means exactly one delivery, at the recipients' route, with exactly
@@ -77,8 +82,8 @@ struct Rcpt {
 struct TxnPlan {
     id: String,
     rcpts: Vec<Rcpt>,
-    /// RSET instead of DATA.
-    abandon: bool,
+    /// Instead of DATA: `RSET` or `EHLO …` (both end the transaction the same way).
+    abandon: Option<&'static str>,
     script: BTreeMap<Key, Vec<Action>>,
 }
 
@@ -132,6 +137,7 @@ fn action(rng: &mut Rng, kind: Kind) -> Action {
             55..90 => Action::Drop,
             90..110 => Action::Stall,
             110..170 => Action::AcceptThenClose,
+            170..180 => reply(rng, &["354 odd", "334 eh"]),
             _ => Action::Accept,
         },
         Kind::Rset => match r {
@@ -181,7 +187,11 @@ fn gen_session(seed: u64, index: usize) -> SessionPlan {
                 route,
             });
         }
-        let abandon = rng.below(100) < 8;
+        let abandon = match rng.below(100) {
+            0..5 => Some("RSET"),
+            5..8 => Some("EHLO again.org.test"),
+            _ => None,
+        };
         let mut script = BTreeMap::new();
         let routes: Vec<usize> = {
             let mut v: Vec<usize> = rcpts.iter().filter_map(|r| r.route).collect();
@@ -582,6 +592,12 @@ impl Model {
             };
         }
         let dot = match self.send(&t.id, &mut c, Kind::Dot, "") {
+            // docs/gateway.md: a 3xx to the final dot is a protocol error, the connection is
+            // dropped (relay-spec.md only says "mirrored").
+            Resp::Code(300..=399, _) => {
+                self.hit("3xx to the final dot: 451 4.5.0");
+                exp(PROTO.0, PROTO.1)
+            }
             Resp::Code(code, esc) => {
                 if (200..300).contains(&code) {
                     self.hit(if t.ledger.len() > 1 {
@@ -719,12 +735,12 @@ fn run_session(gw: SocketAddr, ip: Ipv4Addr, plan: &SessionPlan) -> SessionResul
             }
         }
         let diverged = first.is_some();
-        if t.abandon {
+        if let Some(cmd) = t.abandon {
             if !diverged {
                 model.rset(&mut mt);
             }
-            let got = c.try_cmd("RSET");
-            step(&mut log, &mut first, &mut res, "RSET", got, &exp(250, ""));
+            let got = c.try_cmd(cmd);
+            step(&mut log, &mut first, &mut res, cmd, got, &exp(250, ""));
             results.push(res);
             continue;
         }
@@ -773,7 +789,10 @@ fn run_session(gw: SocketAddr, ip: Ipv4Addr, plan: &SessionPlan) -> SessionResul
 }
 
 fn describe_txn(plan: &TxnPlan) -> String {
-    let mut s = format!("  transaction {} (abandon: {}):\n", plan.id, plan.abandon);
+    let mut s = format!(
+        "  transaction {} (abandoned with: {:?}):\n",
+        plan.id, plan.abandon
+    );
     for r in &plan.rcpts {
         let _ = writeln!(s, "    rcpt {}", r.addr);
     }
