@@ -103,38 +103,20 @@ impl Script {
         self.set(Key::new(txn, hop, kind, rcpt), actions);
     }
 
-    /// The attempt number and action for the next occurrence of `key`.
-    fn next(&self, key: &Key) -> (usize, Action) {
+    /// The action for the next occurrence (attempt) of `key`.
+    fn next(&self, key: &Key) -> Action {
         let n = {
             let mut seen = self.seen.lock().expect("lock");
             let c = seen.entry(key.clone()).or_default();
             *c += 1;
             *c - 1
         };
-        let a = self
-            .actions
+        self.actions
             .lock()
             .expect("lock")
             .get(key)
             .and_then(|v| v.get(n).cloned())
-            .unwrap_or(Action::Accept);
-        (n, a)
-    }
-
-    /// How many times `key` was seen.
-    pub fn seen(&self, key: &Key) -> usize {
-        self.seen
-            .lock()
-            .expect("lock")
-            .get(key)
-            .copied()
-            .unwrap_or(0)
-    }
-
-    /// Forgets every action and counter (between batches of a long run).
-    pub fn clear(&self) {
-        self.actions.lock().expect("lock").clear();
-        self.seen.lock().expect("lock").clear();
+            .unwrap_or(Action::Accept)
     }
 }
 
@@ -273,15 +255,6 @@ impl ScriptedHop {
         }
         out
     }
-
-    /// Forgets what was recorded (between batches of a long run).
-    pub fn clear(&self) {
-        let mut s = self.state.lock().expect("lock");
-        s.deliveries.clear();
-        for c in &mut s.conns {
-            c.events.clear();
-        }
-    }
 }
 
 impl Drop for ScriptedHop {
@@ -339,7 +312,7 @@ impl HopConn {
     /// Applies the script to a command whose positive reply is `ok`; returns the reply line
     /// (if any), whether it is positive, and what to do next.
     fn act(&self, txn: &str, kind: Kind, rcpt: &str, ok: &str) -> (Option<String>, bool, Then) {
-        let (_, action) = self.script.next(&Key::new(txn, &self.name, kind, rcpt));
+        let action = self.script.next(&Key::new(txn, &self.name, kind, rcpt));
         match action {
             Action::Accept => (Some(ok.to_string()), true, Then::Continue),
             Action::AcceptThenClose => (Some(ok.to_string()), true, Then::Close),
@@ -436,7 +409,7 @@ impl HopConn {
                             break;
                         }
                         if lines == 0 {
-                            let (_, action) =
+                            let action =
                                 self.script
                                     .next(&Key::new(&txn, &self.name, Kind::Body, ""));
                             if action == Action::Drop {
