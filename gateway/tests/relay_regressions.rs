@@ -316,6 +316,8 @@ fn refused_recipient_of_one_mx_domain_leaves_no_connection_for_another() {
             "acceptedDomains": ["org.test"],
             "internalSenders": {"ipRanges": [net.cidr()]},
             "dnsResolver": dns.addr.to_string(),
+            // The MX hosts are on loopback: allowed for this test's block only.
+            "allowPrivateMxAddresses": [net.cidr()],
         })),
     );
     script.on(
