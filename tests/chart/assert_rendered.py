@@ -23,7 +23,7 @@ HERE = Path(__file__).resolve().parent
 FLEET_FIELDS = {  # core/src/config.rs FleetSettings (serde camelCase names)
     "listen", "adminListen", "hostname", "serverCertificate", "acceptedDomains",
     "internalSenders", "upstream", "defaultInbound", "materialDir", "limits", "timeouts",
-    "trustedProxies", "validationIntervalSecs",
+    "trustedProxies", "allowPrivateMxAddresses", "validationIntervalSecs",
 }
 NESTED_FIELDS = {
     "serverCertificate": {"certFile", "keyFile"},

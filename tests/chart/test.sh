@@ -87,6 +87,7 @@ reject "defaultInbound=Maybe" --set gateway.settings.defaultInbound=Maybe
 reject "upstream.tls=Strict" --set gateway.settings.upstream.tls=Strict
 reject "maxCommandLine below 512" --set gateway.settings.limits.maxCommandLine=100
 reject "a CIDR without prefix" --set 'gateway.settings.trustedProxies={10.0.0.1}'
+reject "an MX allowance without prefix" --set 'gateway.settings.allowPrivateMxAddresses={10.0.0.1}'
 reject "service.type=ExternalName" --set gateway.service.type=ExternalName
 reject "cert-manager without issuer" --set gateway.tls.certManager.enabled=true
 echo "ok   bad values are refused (schema and template checks)"
