@@ -1,4 +1,4 @@
-//! /healthz, /readyz and /metrics on `--listen`, served by the gateway crate's shared HTTP
+//! /healthz, /readyz and /metrics on `--listen`, served by the shared HTTP
 //! responder (`partnergate_core::http`).
 
 use std::sync::Arc;
