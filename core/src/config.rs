@@ -155,6 +155,16 @@ pub struct Limits {
     pub max_text_line: usize,
     /// Commands refused in one session before it is closed.
     pub max_errors: usize,
+    /// Percent of `maxConnections` only internal senders (`internalSenders.ipRanges`) and
+    /// Inbound connectors' `senderIPRanges` may use, so a flood from elsewhere cannot take
+    /// every slot.
+    pub reserved_connections_percent: usize,
+    /// Percent of `maxConnections` in use from which the listener is under stress: sessions
+    /// before MAIL FROM get `timeouts.stressCommandSecs`.
+    pub stress_percent: usize,
+    /// IPv6 clients are counted per prefix of this length by `maxConnectionsPerIp` (one
+    /// subscriber usually holds a whole /64).
+    pub ipv6_prefix_length: u8,
 }
 
 /// Timeouts in seconds, all in one place.
@@ -173,6 +183,12 @@ pub struct Timeouts {
     pub next_hop_data_end_secs: u64,
     /// After SIGTERM, how long sessions may finish before `421 4.3.2`.
     pub shutdown_grace_secs: u64,
+    /// Waiting for a command before MAIL FROM while the listener is under stress
+    /// (`limits.stressPercent`); the shorter of this and `commandSecs` applies.
+    pub stress_command_secs: u64,
+    /// A full listener sheds the oldest session that has not reached MAIL FROM to admit a new
+    /// client, once that session is at least this old.
+    pub shed_after_secs: u64,
 }
 
 mod defaults {
@@ -202,6 +218,9 @@ impl Default for Limits {
             max_command_line: 512,
             max_text_line: 1000,
             max_errors: 10,
+            reserved_connections_percent: 10,
+            stress_percent: 80,
+            ipv6_prefix_length: 64,
         }
     }
 }
@@ -215,6 +234,8 @@ impl Default for Timeouts {
             next_hop_secs: 60,
             next_hop_data_end_secs: 600,
             shutdown_grace_secs: 30,
+            stress_command_secs: 10,
+            shed_after_secs: 5,
         }
     }
 }
@@ -524,6 +545,26 @@ impl FleetSettings {
                 message: "must be at least 1".into(),
             });
         }
+        for (name, value, range) in [
+            (
+                "limits.reservedConnectionsPercent",
+                l.reserved_connections_percent,
+                0..=100,
+            ),
+            ("limits.stressPercent", l.stress_percent, 1..=100),
+            (
+                "limits.ipv6PrefixLength",
+                usize::from(l.ipv6_prefix_length),
+                1..=128,
+            ),
+        ] {
+            if !range.contains(&value) {
+                errors.push(FieldError {
+                    path: name.into(),
+                    message: format!("must be between {} and {}", range.start(), range.end()),
+                });
+            }
+        }
         let t = &self.timeouts;
         for (name, value) in [
             ("timeouts.commandSecs", t.command_secs),
@@ -531,6 +572,7 @@ impl FleetSettings {
             ("timeouts.tlsHandshakeSecs", t.tls_handshake_secs),
             ("timeouts.nextHopSecs", t.next_hop_secs),
             ("timeouts.nextHopDataEndSecs", t.next_hop_data_end_secs),
+            ("timeouts.stressCommandSecs", t.stress_command_secs),
         ] {
             if value == 0 {
                 errors.push(FieldError {

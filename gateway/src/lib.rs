@@ -4,6 +4,7 @@
 pub use partnergate_core::{config, http, status};
 
 pub mod admin;
+pub mod admission;
 pub mod certs;
 pub mod data;
 pub mod metrics;

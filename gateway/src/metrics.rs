@@ -39,6 +39,17 @@ pub struct ValidationLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClassLabels {
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub rule: String,
+    pub class: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
     pub secret: String,
 }
@@ -54,6 +65,10 @@ pub struct Metrics {
     pub config_reloads: Family<ResultLabels, Counter>,
     pub certificate_expiry: Family<SecretLabels, Gauge>,
     pub connector_validation: Family<ValidationLabels, Counter>,
+    /// Sessions before MAIL FROM given up to admit a new client (by the victim's class).
+    pub sessions_shed: Family<ClassLabels, Counter>,
+    /// Connections refused with `421 4.7.0` before the greeting, by limit and client class.
+    pub connections_refused: Family<RefusedLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -75,6 +90,8 @@ impl Metrics {
         let config_reloads = Family::<ResultLabels, Counter>::default();
         let certificate_expiry = Family::<SecretLabels, Gauge>::default();
         let connector_validation = Family::<ValidationLabels, Counter>::default();
+        let sessions_shed = Family::<ClassLabels, Counter>::default();
+        let connections_refused = Family::<RefusedLabels, Counter>::default();
         registry.register(
             "partnergate_sessions",
             "SMTP sessions accepted",
@@ -120,6 +137,16 @@ impl Metrics {
             "Outbound connector validation probes by connector and result",
             connector_validation.clone(),
         );
+        registry.register(
+            "partnergate_sessions_shed",
+            "Sessions before MAIL FROM shed (421 4.7.0) to admit a new client, by class",
+            sessions_shed.clone(),
+        );
+        registry.register(
+            "partnergate_connections_refused",
+            "Connections refused (421 4.7.0) by limit and client class",
+            connections_refused.clone(),
+        );
         Metrics {
             registry,
             sessions,
@@ -131,7 +158,26 @@ impl Metrics {
             config_reloads,
             certificate_expiry,
             connector_validation,
+            sessions_shed,
+            connections_refused,
         }
+    }
+
+    pub fn session_shed(&self, class: &str) {
+        self.sessions_shed
+            .get_or_create(&ClassLabels {
+                class: class.into(),
+            })
+            .inc();
+    }
+
+    pub fn connection_refused(&self, rule: &str, class: &str) {
+        self.connections_refused
+            .get_or_create(&RefusedLabels {
+                rule: rule.into(),
+                class: class.into(),
+            })
+            .inc();
     }
 
     pub fn validation(&self, connector: &str, result: &str) {
@@ -208,6 +254,8 @@ mod tests {
         m.rejection("mail/contoso", "requireTls");
         m.reload("success");
         m.validation("mail/fabrikam", "failure");
+        m.session_shed("general");
+        m.connection_refused("maxConnectionsPerIp", "general");
         let text = m.encode();
         for name in [
             "partnergate_sessions_total 1",
@@ -215,6 +263,8 @@ mod tests {
             "partnergate_config_reloads_total{result=\"success\"} 1",
             "partnergate_connector_validation_total{connector=\"mail/fabrikam\",result=\"failure\"} 1",
             "# TYPE partnergate_relay_duration_seconds histogram",
+            "partnergate_sessions_shed_total{class=\"general\"} 1",
+            "partnergate_connections_refused_total{rule=\"maxConnectionsPerIp\",class=\"general\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -1,17 +1,21 @@
-//! The SMTP listener: connection limits (total and per client IP), optional PROXY protocol v2
-//! from trusted proxies, and graceful shutdown.
+//! The SMTP listener: optional PROXY protocol v2 from trusted proxies, admission (connection
+//! limits, reserved slots, shedding: see `admission`), and graceful shutdown.
+//!
+//! Every IP rule here sees the canonical client address: a dual-stack listener reports IPv4
+//! clients as `::ffff:a.b.c.d`, which must match IPv4 `trustedProxies`, count as the IPv4
+//! client and reach the session as IPv4.
 
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
+use crate::admission::{Admission, SHED_GRACE};
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::reply::fixed;
@@ -28,61 +32,41 @@ pub struct State {
     pub active: AtomicUsize,
     /// Latest connector validation probe results.
     pub validation: crate::validation::Validation,
-    per_ip: Mutex<HashMap<IpAddr, usize>>,
+    pub admission: Arc<Admission>,
 }
 
 impl State {
     pub fn new(runtime: Arc<Runtime>, metrics: Arc<Metrics>) -> State {
         State {
             config: ArcSwap::new(runtime),
-            metrics,
             listening: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_reload_error: Mutex::new(None),
             active: AtomicUsize::new(0),
             validation: crate::validation::Validation::default(),
-            per_ip: Mutex::new(HashMap::new()),
+            admission: Arc::new(Admission::new(metrics.clone())),
+            metrics,
         }
     }
 }
 
-/// Holds one connection slot; releasing it on drop keeps the counts right on every exit path.
-struct Slot {
-    state: Arc<State>,
-    ip: IpAddr,
+/// Counts a live session (shed or not) for shutdown draining and the active-sessions gauge;
+/// released on drop, so every exit path keeps the count right.
+struct Live(Arc<State>);
+
+impl Live {
+    fn new(state: &Arc<State>) -> Live {
+        state.active.fetch_add(1, Ordering::SeqCst);
+        state.metrics.sessions_active.inc();
+        Live(state.clone())
+    }
 }
 
-impl Drop for Slot {
+impl Drop for Live {
     fn drop(&mut self) {
-        self.state.active.fetch_sub(1, Ordering::SeqCst);
-        self.state.metrics.sessions_active.dec();
-        if let Ok(mut m) = self.state.per_ip.lock()
-            && let Some(n) = m.get_mut(&self.ip)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.ip);
-            }
-        }
+        self.0.active.fetch_sub(1, Ordering::SeqCst);
+        self.0.metrics.sessions_active.dec();
     }
-}
-
-fn take_slot(state: &Arc<State>, ip: IpAddr, total: usize, per_ip: usize) -> Option<Slot> {
-    let mut m = state.per_ip.lock().ok()?;
-    let n = m.entry(ip).or_insert(0);
-    if *n >= per_ip || state.active.load(Ordering::SeqCst) >= total {
-        if *n == 0 {
-            m.remove(&ip);
-        }
-        return None;
-    }
-    *n += 1;
-    state.active.fetch_add(1, Ordering::SeqCst);
-    state.metrics.sessions_active.inc();
-    Some(Slot {
-        state: state.clone(),
-        ip,
-    })
 }
 
 /// Accepts until `stop` turns true.
@@ -125,6 +109,15 @@ async fn read_proxy_header(tcp: &mut TcpStream) -> Option<Option<SocketAddr>> {
     proxy::source(&fixed_part, &rest).ok()
 }
 
+/// Whether `peer` may send a PROXY header. The canonical form is what IPv4 ranges match; the
+/// raw form still matches a range written as `::ffff:a.b.c.d/n`.
+fn is_trusted_proxy(trusted: &[ipnet::IpNet], peer: IpAddr) -> bool {
+    let canonical = peer.to_canonical();
+    trusted
+        .iter()
+        .any(|n| n.contains(&canonical) || n.contains(&peer))
+}
+
 async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
@@ -133,49 +126,73 @@ async fn handle(
 ) {
     let runtime = state.config.load_full();
     let _ = tcp.set_nodelay(true);
-    let mut client = peer.ip();
-    if runtime
-        .fleet
-        .trusted_proxies
-        .iter()
-        .any(|n| n.contains(&peer.ip()))
-    {
+    let mut client = peer.ip().to_canonical();
+    if is_trusted_proxy(&runtime.fleet.trusted_proxies, peer.ip()) {
         let secs = Duration::from_secs(runtime.fleet.timeouts.tls_handshake_secs);
         match tokio::time::timeout(secs, read_proxy_header(&mut tcp)).await {
-            Ok(Some(Some(addr))) => client = addr.ip(),
+            Ok(Some(Some(addr))) => client = addr.ip().to_canonical(),
             Ok(Some(None)) => {}
             _ => {
-                tracing::info!(target: "decision", client_ip = %peer.ip(), rule = "proxyProtocol", outcome = "closed", "invalid or missing PROXY v2 header from trusted proxy");
+                tracing::info!(target: "decision", client_ip = %client, rule = "proxyProtocol", outcome = "closed", "invalid or missing PROXY v2 header from trusted proxy");
                 return;
             }
         }
     }
-    // IPv4-mapped IPv6 addresses (dual-stack listeners) are matched as IPv4.
-    if let IpAddr::V6(v6) = client
-        && let Some(v4) = v6.to_ipv4_mapped()
+    let ticket = match state
+        .admission
+        .admit_under(&runtime, client, Instant::now())
     {
-        client = IpAddr::V4(v4);
-    }
-    let limits = &runtime.fleet.limits;
-    let Some(_slot) = take_slot(
-        &state,
-        client,
-        limits.max_connections,
-        limits.max_connections_per_ip,
-    ) else {
-        let mut out = Vec::new();
-        fixed::TOO_MANY_CONNECTIONS.write_to(&mut out);
-        let _ = tcp.write_all(&out).await;
-        let _ = tcp.shutdown().await;
-        tracing::info!(target: "decision", client_ip = %client, rule = "maxConnections", outcome = "rejected", "connection limit reached");
-        return;
+        Ok(t) => t,
+        Err(refusal) => {
+            let mut out = Vec::new();
+            fixed::TOO_MANY_CONNECTIONS.write_to(&mut out);
+            let _ = tcp.write_all(&out).await;
+            let _ = tcp.shutdown().await;
+            tracing::info!(target: "decision", client_ip = %client, rule = refusal.rule(), outcome = "rejected", "connection limit reached");
+            return;
+        }
     };
+    let _live = Live::new(&state);
     state.metrics.sessions.inc();
+    // A shed session normally notices at its next wait for a command; one that does not (in a
+    // TLS handshake, or blocked writing to a client that does not read) is dropped after a
+    // grace period. Only sessions before MAIL FROM are shed, so nothing is in flight.
+    let shed = ticket.shed();
     let ctx = SessionCtx {
         runtime,
         metrics: state.metrics.clone(),
         deadline,
         client_ip: client,
     };
-    Session::new(tcp, ctx).run().await;
+    let session = Session::new(proxy::Guard::new(tcp, client), ctx).run();
+    tokio::select! {
+        _ = session => {}
+        _ = async { shed.await; tokio::time::sleep(SHED_GRACE).await } => {
+            tracing::info!(target: "decision", client_ip = %client, rule = "shed", outcome = "dropped", "shed session did not close by itself");
+        }
+    }
+    drop(ticket);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ipv4_mapped_peers_match_ipv4_trusted_proxies() {
+        let trusted: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().unwrap()];
+        let mapped: IpAddr = "::ffff:127.0.0.5".parse().unwrap();
+        assert!(is_trusted_proxy(&trusted, mapped));
+        assert!(is_trusted_proxy(&trusted, "127.0.0.5".parse().unwrap()));
+        assert!(!is_trusted_proxy(
+            &trusted,
+            "::ffff:10.0.0.5".parse().unwrap()
+        ));
+        assert!(!is_trusted_proxy(&trusted, "::1".parse().unwrap()));
+        let written_mapped: Vec<ipnet::IpNet> = vec!["::ffff:10.0.0.0/104".parse().unwrap()];
+        assert!(is_trusted_proxy(
+            &written_mapped,
+            "::ffff:10.1.2.3".parse().unwrap()
+        ));
+    }
 }

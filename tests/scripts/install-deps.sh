@@ -4,7 +4,7 @@
 # instances on loopback ports instead.
 set -euo pipefail
 
-packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel4 python3 curl ca-certificates procps iproute2)
+packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel4 python3 curl ca-certificates procps iproute2 haproxy)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
