@@ -20,7 +20,7 @@
 //!   [`SHED_GRACE`].
 //! - Under stress (`limits.stressPercent` of `maxConnections` admitted) a session before MAIL
 //!   FROM waits at most `timeouts.stressCommandSecs` for a command (Postfix's
-//!   `smtpd_timeout = ${stress?10}{300}`).
+//!   `smtpd_timeout = ${stress?10}{300}`), also a wait that began before the stress did.
 //! - A ticket releases its counts exactly once, when dropped or when shed, whichever is first.
 
 use std::collections::{BTreeMap, HashMap};
@@ -304,6 +304,8 @@ pub struct Admission {
     admitted: AtomicUsize,
     stress_at: AtomicUsize,
     stress_command_ms: AtomicU64,
+    /// Whether the listener is under stress, for waits that began before it was.
+    stress: watch::Sender<bool>,
     priority: Mutex<Option<CachedSet>>,
     metrics: Arc<Metrics>,
 }
@@ -315,6 +317,7 @@ impl Admission {
             admitted: AtomicUsize::new(0),
             stress_at: AtomicUsize::new(usize::MAX),
             stress_command_ms: AtomicU64::new(u64::MAX),
+            stress: watch::Sender::new(false),
             priority: Mutex::new(None),
             metrics,
         }
@@ -421,12 +424,12 @@ impl Admission {
         }
         *t.per_client.entry(key).or_insert(0) += 1;
         t.pre_mail[class.index()].insert(id, now);
-        self.admitted.store(t.total, Ordering::Relaxed);
+        self.set_admitted(t.total);
         Ok(Ticket {
             owner: Some(self.clone()),
             id,
             class,
-            pre_mail: AtomicBool::new(true),
+            pre_mail: Arc::new(AtomicBool::new(true)),
             shed: rx,
         })
     }
@@ -440,10 +443,22 @@ impl Admission {
         self.admitted() >= self.stress_at.load(Ordering::Relaxed)
     }
 
+    /// Called with the table locked, so the stress flag follows the count in order.
+    fn set_admitted(&self, total: usize) {
+        self.admitted.store(total, Ordering::Relaxed);
+        let stressed = self.stressed();
+        self.stress
+            .send_if_modified(|s| std::mem::replace(s, stressed) != stressed);
+    }
+
+    fn stress_command(&self) -> Duration {
+        Duration::from_millis(self.stress_command_ms.load(Ordering::Relaxed))
+    }
+
     fn release(&self, id: u64) {
         if let Ok(mut t) = self.table.lock() {
             t.release(id);
-            self.admitted.store(t.total, Ordering::Relaxed);
+            self.set_admitted(t.total);
         }
     }
 
@@ -458,17 +473,26 @@ impl Admission {
     }
 }
 
+/// Why [`Ticket::interrupted`] ended a wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interrupt {
+    /// The slot went to a new client: reply [`SHED_REPLY`] and close.
+    Shed,
+    /// Under stress, this wait before MAIL FROM lasted `stressCommandSecs`: reply as to a
+    /// command timeout (`421 4.4.2`) and close.
+    StressTimeout,
+}
+
 /// A session's hold on its slot and its hooks into admission. Dropping it frees the slot.
 ///
 /// The session calls [`Ticket::in_transaction`] when it accepts MAIL FROM, asks
-/// [`Ticket::command_timeout`] before each wait for a command, and waits on
-/// [`Ticket::shed`] alongside each read: when it fires the session replies [`SHED_REPLY`] and
-/// closes.
+/// [`Ticket::command_timeout`] before each wait for a command, and races each read against
+/// [`Ticket::interrupted`].
 pub struct Ticket {
     owner: Option<Arc<Admission>>,
     id: u64,
     class: Class,
-    pre_mail: AtomicBool,
+    pre_mail: Arc<AtomicBool>,
     shed: watch::Receiver<bool>,
 }
 
@@ -480,7 +504,7 @@ impl Ticket {
             owner: None,
             id: 0,
             class: Class::General,
-            pre_mail: AtomicBool::new(true),
+            pre_mail: Arc::new(AtomicBool::new(true)),
             shed: rx,
         }
     }
@@ -514,20 +538,71 @@ impl Ticket {
         *self.shed.borrow()
     }
 
-    /// Completes when this session has been shed; never, for a session that is not.
-    pub fn shed(&self) -> impl Future<Output = ()> + Send + 'static {
-        let mut rx = self.shed.clone();
+    /// Completes when a wait that starts now must end: the session was shed, or the listener
+    /// is (or comes) under stress while this session, before MAIL FROM, has waited
+    /// `stressCommandSecs`. Create it when the wait starts.
+    pub fn interrupted(&self) -> impl Future<Output = Interrupt> + Send + 'static {
+        let start = tokio::time::Instant::now();
+        let mut shed = self.shed.clone();
+        let pre_mail = self.pre_mail.clone();
+        let stress = self
+            .owner
+            .as_ref()
+            .map(|a| (a.stress.subscribe(), a.stress_command()));
         async move {
+            let Some((mut stress, limit)) = stress else {
+                return Interrupt::Shed.after(shed).await;
+            };
+            let mut stress_open = true;
             loop {
-                if *rx.borrow_and_update() {
-                    return;
+                if *shed.borrow_and_update() {
+                    return Interrupt::Shed;
                 }
-                if rx.changed().await.is_err() {
-                    // Released without being shed: the session is over anyway.
-                    std::future::pending::<()>().await;
+                let deadline = (*stress.borrow_and_update() && pre_mail.load(Ordering::Relaxed))
+                    .then(|| start.checked_add(limit))
+                    .flatten();
+                tokio::select! {
+                    r = shed.changed() => {
+                        if r.is_err() {
+                            // Released without being shed: the session is over anyway.
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    r = stress.changed(), if stress_open => stress_open = r.is_ok(),
+                    _ = sleep_until_some(deadline) => return Interrupt::StressTimeout,
                 }
             }
         }
+    }
+
+    /// Completes when this session has been shed; never, for a session that is not.
+    pub fn shed(&self) -> impl Future<Output = ()> + Send + 'static {
+        let rx = self.shed.clone();
+        async move {
+            Interrupt::Shed.after(rx).await;
+        }
+    }
+}
+
+impl Interrupt {
+    /// `self` once `rx` turns true; never if it does not (a sender dropped without shedding
+    /// means the session is over anyway).
+    async fn after(self, mut rx: watch::Receiver<bool>) -> Interrupt {
+        loop {
+            if *rx.borrow_and_update() {
+                return self;
+            }
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -807,6 +882,57 @@ mod tests {
         );
         assert!(admit(ip("2001:db8:7:2::1"), later).is_ok());
         drop(v6);
+    }
+
+    #[tokio::test]
+    async fn stress_cuts_waits_that_began_before_it_but_not_transactions() {
+        let l = Limits {
+            max_total: 10,
+            max_per_client: 10,
+            reserved: 0,
+            stress_at: 3,
+            shed_after: Duration::ZERO,
+            stress_command: Duration::from_millis(200),
+            ipv6_prefix: 64,
+        };
+        let prio = PrioritySet::default();
+        let a = Arc::new(Admission::new(Arc::new(Metrics::new())));
+        let now = Instant::now();
+        let c = |i: u8| IpAddr::V4(std::net::Ipv4Addr::new(192, 0, 2, i));
+        let idle = a.admit(&l, &prio, c(1), now).unwrap();
+        let busy = a.admit(&l, &prio, c(2), now).unwrap();
+        busy.in_transaction();
+        // Not under stress yet: the waits start with the configured timeout.
+        assert_eq!(
+            idle.command_timeout(Duration::from_secs(300)),
+            Duration::from_secs(300)
+        );
+        let idle_wait = tokio::spawn(idle.interrupted());
+        let busy_wait = busy.interrupted();
+        let third = a.admit(&l, &prio, c(3), now).unwrap();
+        assert!(a.stressed());
+        let got = tokio::time::timeout(Duration::from_secs(5), idle_wait)
+            .await
+            .expect("a pre-MAIL wait ends under stress")
+            .unwrap();
+        assert_eq!(got, Interrupt::StressTimeout);
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), busy_wait)
+                .await
+                .is_err(),
+            "a session past MAIL FROM keeps its configured timeout"
+        );
+        // Shedding interrupts a wait too (shed_after 0: the oldest pre-MAIL one, `idle`).
+        let shed_wait = idle.interrupted();
+        let l_full = Limits { max_total: 3, ..l };
+        let fourth = a.admit(&l_full, &prio, c(4), now).unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), shed_wait)
+                .await
+                .expect("shed ends the wait"),
+            Interrupt::Shed
+        );
+        drop((third, fourth));
     }
 
     #[test]

@@ -163,6 +163,7 @@ async fn handle(
         metrics: state.metrics.clone(),
         deadline,
         client_ip: client,
+        admission: ticket,
     };
     let session = Session::new(proxy::Guard::new(tcp, client), ctx).run();
     tokio::select! {
@@ -171,7 +172,6 @@ async fn handle(
             tracing::info!(target: "decision", client_ip = %client, rule = "shed", outcome = "dropped", "shed session did not close by itself");
         }
     }
-    drop(ticket);
 }
 
 #[cfg(test)]

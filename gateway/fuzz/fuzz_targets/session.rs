@@ -143,6 +143,7 @@ fuzz_target!(|input: &[u8]| {
             metrics: w.metrics.clone(),
             deadline,
             client_ip: ip,
+            admission: partnergate_gateway::admission::Ticket::detached(),
         };
         let (client, server) = tokio::io::duplex(64 * 1024);
         let session = tokio::spawn(Session::new(server, ctx).run());

@@ -150,6 +150,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 match e {
                     ReadError::Timeout => self.reply(&fixed::TIMEOUT),
                     ReadError::Shutdown => self.reply(&fixed::SHUTTING_DOWN),
+                    ReadError::Shed => self.reply(&crate::admission::SHED_REPLY),
                     ReadError::Closed => {}
                 }
                 return Flow::Close;

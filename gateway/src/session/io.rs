@@ -9,10 +9,13 @@ use tokio::sync::watch;
 use tokio::time::timeout;
 
 use super::Session;
+use crate::admission::Interrupt;
 
 pub(super) enum ReadError {
     Timeout,
     Shutdown,
+    /// The listener gave this session's slot to a new client (admission).
+    Shed,
     Closed,
 }
 
@@ -73,6 +76,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let mut tmp = [0u8; 16 * 1024];
         let mut deadline = self.ctx.deadline.clone();
+        let interrupted = self.ctx.admission.interrupted();
         let read = timeout(Duration::from_secs(secs), self.conn.read(&mut tmp));
         tokio::select! {
             r = read => match r {
@@ -84,6 +88,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Err(_) => Err(ReadError::Timeout),
             },
             _ = wait_deadline(&mut deadline) => Err(ReadError::Shutdown),
+            i = interrupted => Err(match i {
+                Interrupt::Shed => ReadError::Shed,
+                Interrupt::StressTimeout => ReadError::Timeout,
+            }),
         }
     }
 
@@ -114,7 +122,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.flush().await.is_err() {
                 return Err(ReadError::Closed);
             }
-            let secs = self.rt.fleet.timeouts.command_secs;
+            // Shorter under stress for sessions before MAIL FROM (admission).
+            let configured = Duration::from_secs(self.rt.fleet.timeouts.command_secs);
+            let secs = self.ctx.admission.command_timeout(configured).as_secs();
             self.fill(secs).await?;
         }
     }

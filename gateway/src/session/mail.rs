@@ -77,6 +77,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     eightbit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
                     smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
                 };
+                self.ctx.admission.in_transaction();
                 self.tx = Some(Transaction {
                     decision,
                     relay: RelayTransaction::new(envelope),

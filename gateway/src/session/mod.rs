@@ -39,6 +39,8 @@ pub struct SessionCtx {
     /// Becomes true when the shutdown grace period is over.
     pub deadline: watch::Receiver<bool>,
     pub client_ip: IpAddr,
+    /// The session's connection slot: shed signal, stress timeout, MAIL FROM reached.
+    pub admission: crate::admission::Ticket,
 }
 
 enum Flow {
@@ -147,6 +149,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 Err(io::ReadError::Shutdown) => {
                     self.reply(&fixed::SHUTTING_DOWN);
+                    break;
+                }
+                Err(io::ReadError::Shed) => {
+                    self.reply(&crate::admission::SHED_REPLY);
                     break;
                 }
                 Err(io::ReadError::Closed) => {
@@ -299,6 +305,7 @@ mod tests {
             metrics: Arc::new(Metrics::new()),
             deadline,
             client_ip: "192.0.2.1".parse().unwrap(),
+            admission: crate::admission::Ticket::detached(),
         };
         let (mut client, server) = tokio::io::duplex(64 * 1024);
         let task = tokio::spawn(Session::new(server, ctx).run());
