@@ -13,11 +13,14 @@
 //! - `reservedConnectionsPercent` of `maxConnections` is kept for priority clients (fleet
 //!   `internalSenders.ipRanges` and every Inbound connector's `senderIPRanges`): other clients
 //!   never hold more than the rest.
-//! - Only sessions that have not reached MAIL FROM are shed, oldest admission first and only
-//!   once they are `timeouts.shedAfterSecs` old; a general client never sheds a priority session.
-//!   A shed session stops counting at once (the newcomer gets its slot), says `421 4.7.0` at its
-//!   next wait for a command and is dropped by the listener if still there after
-//!   [`SHED_GRACE`].
+//! - Only sessions that have not reached MAIL FROM are shed, and a general client never sheds
+//!   a priority session. The victim is chosen by fair share first: the oldest such session of
+//!   the client holding the most slots, if it holds at least two more than the newcomer (a flood
+//!   from a few dozen addresses cannot out-churn a newcomer, and reconnecting flood clients only
+//!   shuffle slots among themselves); failing that, the oldest such session of anyone once it is
+//!   `timeouts.shedAfterSecs` old. A shed session stops counting at once (the newcomer gets its
+//!   slot), says `421 4.7.0` at its next wait for a command and is dropped by the listener if
+//!   still there after [`SHED_GRACE`].
 //! - Under stress (`limits.stressPercent` of `maxConnections` admitted) a session before MAIL
 //!   FROM waits at most `timeouts.stressCommandSecs` for a command (Postfix's
 //!   `smtpd_timeout = ${stress?10}{300}`), also a wait that began before the stress did.
@@ -245,6 +248,46 @@ pub fn old_enough(oldest: Option<Instant>, now: Instant, shed_after: Duration) -
     oldest.is_some_and(|t| now.saturating_duration_since(t) >= shed_after)
 }
 
+/// One client key's sessions that may be shed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Candidate {
+    /// Sessions the client key holds in all.
+    pub held: usize,
+    /// Its oldest session before MAIL FROM (ids grow with admission order).
+    pub oldest_id: u64,
+    pub oldest_at: Instant,
+}
+
+/// The session to shed for a newcomer whose client key holds `newcomer_held` sessions, if
+/// any: fair share first, then age (see the module invariants).
+pub fn pick_victim(
+    candidates: impl IntoIterator<Item = Candidate>,
+    newcomer_held: usize,
+    now: Instant,
+    shed_after: Duration,
+) -> Option<u64> {
+    let mut heaviest: Option<Candidate> = None;
+    let mut oldest: Option<Candidate> = None;
+    for c in candidates {
+        if heaviest.is_none_or(|h| {
+            (c.held, std::cmp::Reverse(c.oldest_id)) > (h.held, std::cmp::Reverse(h.oldest_id))
+        }) {
+            heaviest = Some(c);
+        }
+        if oldest.is_none_or(|o| c.oldest_id < o.oldest_id) {
+            oldest = Some(c);
+        }
+    }
+    if let Some(h) = heaviest
+        && h.held >= newcomer_held + 2
+    {
+        return Some(h.oldest_id);
+    }
+    oldest
+        .filter(|o| old_enough(Some(o.oldest_at), now, shed_after))
+        .map(|o| o.oldest_id)
+}
+
 struct Entry {
     class: Class,
     key: IpAddr,
@@ -261,16 +304,34 @@ struct Table {
     per_client: HashMap<IpAddr, usize>,
     /// Live sessions that still count (not shed).
     entries: HashMap<u64, Entry>,
-    /// Sessions before MAIL FROM per class, by id (= admission order) with admission time.
-    pre_mail: [BTreeMap<u64, Instant>; 2],
+    /// Sessions before MAIL FROM per class and client key, by id (= admission order) with
+    /// admission time.
+    pre_mail: [HashMap<IpAddr, BTreeMap<u64, Instant>>; 2],
 }
 
 impl Table {
-    fn sheddable(&self, now: Instant, shed_after: Duration) -> Sheddable {
-        let oldest = |c: Class| self.pre_mail[c.index()].values().next().copied();
-        Sheddable {
-            general: old_enough(oldest(Class::General), now, shed_after),
-            priority: old_enough(oldest(Class::Priority), now, shed_after),
+    /// The session of `class` to shed for a newcomer holding `newcomer_held` slots.
+    fn victim(&self, class: Class, newcomer_held: usize, l: &Limits, now: Instant) -> Option<u64> {
+        let candidates = self.pre_mail[class.index()]
+            .iter()
+            .filter_map(|(key, ids)| {
+                let (&oldest_id, &oldest_at) = ids.first_key_value()?;
+                Some(Candidate {
+                    held: self.per_client.get(key).copied().unwrap_or(0),
+                    oldest_id,
+                    oldest_at,
+                })
+            });
+        pick_victim(candidates, newcomer_held, now, l.shed_after)
+    }
+
+    fn leave_pre_mail(&mut self, class: Class, key: IpAddr, id: u64) {
+        let by_key = &mut self.pre_mail[class.index()];
+        if let Some(ids) = by_key.get_mut(&key) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                by_key.remove(&key);
+            }
         }
     }
 
@@ -287,7 +348,7 @@ impl Table {
                 self.per_client.remove(&e.key);
             }
         }
-        self.pre_mail[e.class.index()].remove(&id);
+        self.leave_pre_mail(e.class, e.key, id);
         Some(e)
     }
 }
@@ -383,24 +444,25 @@ impl Admission {
             general: t.general,
             client: t.per_client.get(&key).copied().unwrap_or(0),
         };
-        let decision = decide(limits, counts, class, t.sheddable(now, limits.shed_after));
-        match decision {
+        let victims =
+            [Class::Priority, Class::General].map(|c| t.victim(c, counts.client, limits, now));
+        let sheddable = Sheddable {
+            general: victims[Class::General.index()].is_some(),
+            priority: victims[Class::Priority.index()].is_some(),
+        };
+        match decide(limits, counts, class, sheddable) {
             Decision::Refuse(r) => {
                 self.metrics.connection_refused(r.rule(), class.as_str());
                 return Err(r);
             }
             Decision::ShedThenAdmit(victim_class) => {
-                let victim = t.pre_mail[victim_class.index()]
-                    .keys()
-                    .next()
-                    .copied()
-                    .and_then(|id| t.release(id));
+                let victim = victims[victim_class.index()].and_then(|id| t.release(id));
                 if let Some(v) = victim {
                     let _ = v.shed.send(true);
                     self.metrics.session_shed(v.class.as_str());
                     tracing::info!(target: "decision", client_ip = %v.ip, rule = "shed", outcome = "shed",
                         class = v.class.as_str(), newcomer = %client,
-                        "listener full: oldest session before MAIL FROM shed for a new client");
+                        "listener full: a session before MAIL FROM shed for a new client");
                 }
             }
             Decision::Admit => {}
@@ -423,7 +485,10 @@ impl Admission {
             t.general += 1;
         }
         *t.per_client.entry(key).or_insert(0) += 1;
-        t.pre_mail[class.index()].insert(id, now);
+        t.pre_mail[class.index()]
+            .entry(key)
+            .or_default()
+            .insert(id, now);
         self.set_admitted(t.total);
         Ok(Ticket {
             owner: Some(self.clone()),
@@ -467,8 +532,8 @@ impl Admission {
             && let Some(e) = t.entries.get_mut(&id)
             && std::mem::take(&mut e.pre_mail)
         {
-            let class = e.class;
-            t.pre_mail[class.index()].remove(&id);
+            let (class, key) = (e.class, e.key);
+            t.leave_pre_mail(class, key, id);
         }
     }
 }
@@ -806,6 +871,38 @@ mod tests {
         assert!(old_enough(Some(t0), t0, Duration::ZERO));
     }
 
+    #[test]
+    fn victims_by_fair_share_then_age() {
+        let t0 = Instant::now();
+        let five = Duration::from_secs(5);
+        let c = |held, oldest_id, age: u64| Candidate {
+            held,
+            oldest_id,
+            oldest_at: t0 - Duration::from_secs(age),
+        };
+        // A newcomer with nothing takes a slot from the heaviest client, however young.
+        assert_eq!(
+            pick_victim([c(1, 1, 60), c(18, 7, 0), c(17, 3, 0)], 0, t0, five),
+            Some(7)
+        );
+        // Ties: the heaviest client's session that is oldest.
+        assert_eq!(
+            pick_victim([c(18, 9, 0), c(18, 4, 0)], 0, t0, five),
+            Some(4)
+        );
+        // A flood client holding 17 cannot take from one holding 18 (it would just shuffle);
+        // it gets only a session past shedAfterSecs, the oldest.
+        assert_eq!(pick_victim([c(18, 9, 1), c(18, 4, 2)], 17, t0, five), None);
+        assert_eq!(
+            pick_victim([c(18, 9, 1), c(18, 4, 6)], 17, t0, five),
+            Some(4)
+        );
+        // Equals (one session each): only age.
+        assert_eq!(pick_victim([c(1, 1, 0), c(1, 2, 0)], 0, t0, five), None);
+        assert_eq!(pick_victim([c(1, 1, 5), c(1, 2, 9)], 0, t0, five), Some(1));
+        assert_eq!(pick_victim([], 0, t0, five), None);
+    }
+
     #[tokio::test]
     async fn table_sheds_the_oldest_pre_mail_session_and_counts_stay_right() {
         let l = Limits {
@@ -882,6 +979,36 @@ mod tests {
         );
         assert!(admit(ip("2001:db8:7:2::1"), later).is_ok());
         drop(v6);
+    }
+
+    #[test]
+    fn a_fresh_client_takes_a_slot_from_the_heaviest_client_at_once() {
+        let l = Limits {
+            max_total: 4,
+            max_per_client: 3,
+            reserved: 0,
+            ..limits()
+        };
+        let prio = PrioritySet::default();
+        let a = Arc::new(Admission::new(Arc::new(Metrics::new())));
+        let now = Instant::now();
+        let heavy = ip("198.51.100.1");
+        let held: Vec<Ticket> = (0..3)
+            .map(|_| a.admit(&l, &prio, heavy, now).unwrap())
+            .collect();
+        let light = a.admit(&l, &prio, ip("198.51.100.2"), now).unwrap();
+        let fresh = a.admit(&l, &prio, ip("198.51.100.3"), now).unwrap();
+        assert!(held[0].is_shed() && !held[1].is_shed() && !light.is_shed());
+        // 2 / 1 / 1: the heavy client still holds two more than a newcomer.
+        let fourth = a.admit(&l, &prio, ip("198.51.100.4"), now).unwrap();
+        assert!(held[1].is_shed() && !held[2].is_shed());
+        // 1 / 1 / 1 / 1: nobody holds more, nobody is old: refused.
+        assert_eq!(
+            a.admit(&l, &prio, ip("198.51.100.5"), now).err(),
+            Some(Refusal::Total)
+        );
+        drop((held, light, fresh, fourth));
+        assert_eq!(a.admitted(), 0);
     }
 
     #[tokio::test]

@@ -12,6 +12,7 @@
 
 pub mod fixture;
 pub mod gateway;
+pub mod haproxy;
 pub mod net;
 pub mod peers;
 pub mod pki;
@@ -23,6 +24,7 @@ pub mod wire;
 
 pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound};
 pub use gateway::{Gateway, GatewaySpec};
+pub use haproxy::{Haproxy, proxy_v2_header};
 pub use net::Net;
 pub use peers::{Openssl, Python, Swaks};
 pub use pki::{CertPair, Pki};
