@@ -2,9 +2,9 @@
 //! its slot up when the listener is full, so a flood of idle connections from many addresses
 //! cannot lock partners out with the default limits (issue 12, item 1).
 //!
-//! The decisions are pure functions ([`client_key`], [`decide`], [`PrioritySet`]) unit-tested
-//! without sockets; [`Admission`] applies them to one table under one lock, and a [`Ticket`] is
-//! the session's handle on its slot.
+//! The decisions are pure functions ([`client_key`], [`decide`], [`pick_victim`],
+//! [`PrioritySet`]) unit-tested without sockets; [`Admission`] applies them to one table under
+//! one lock, and a [`Ticket`] is the session's handle on its slot.
 //!
 //! Invariants:
 //! - Every rule sees canonical addresses: an IPv4-mapped IPv6 address is its IPv4 address.
@@ -221,7 +221,7 @@ impl Refusal {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
     Admit,
-    /// Shed the oldest sheddable session of this class, then admit.
+    /// Shed the chosen session of this class ([`pick_victim`]), then admit.
     ShedThenAdmit(Class),
     Refuse(Refusal),
 }
@@ -384,13 +384,21 @@ impl Admission {
         }
     }
 
+    /// The table; a panic elsewhere while it was held leaves counts that are still the best
+    /// there are, so serving goes on rather than refusing everyone.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Table> {
+        self.table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     /// The priority ranges of `rt`, built once per loaded config.
     fn priority_set(&self, rt: &Arc<Runtime>) -> Arc<PrioritySet> {
         let Ok(mut cache) = self.priority.lock() else {
             return Arc::new(PrioritySet::from_runtime(rt));
         };
         if let Some(c) = cache.as_ref()
-            // A live Weak pins its allocation, so an equal pointer is the same Runtime.
+            // A Weak keeps its allocation, so while the Runtime lives an equal pointer is it.
             && c.runtime.strong_count() > 0
             && std::ptr::eq(c.runtime.as_ptr(), Arc::as_ptr(rt))
         {
@@ -436,21 +444,25 @@ impl Admission {
             Class::General
         };
         let key = client_key(client, limits.ipv6_prefix);
-        let Ok(mut t) = self.table.lock() else {
-            return Err(Refusal::Total);
-        };
+        let mut t = self.lock();
         let counts = Counts {
             total: t.total,
             general: t.general,
             client: t.per_client.get(&key).copied().unwrap_or(0),
         };
-        let victims =
-            [Class::Priority, Class::General].map(|c| t.victim(c, counts.client, limits, now));
-        let sheddable = Sheddable {
-            general: victims[Class::General.index()].is_some(),
-            priority: victims[Class::Priority.index()].is_some(),
-        };
-        match decide(limits, counts, class, sheddable) {
+        // Victims are looked for (a scan of the client keys) only when the listener is full.
+        let mut victims = [None, None];
+        let mut decision = decide(limits, counts, class, Sheddable::default());
+        if decision == Decision::Refuse(Refusal::Total) {
+            victims =
+                [Class::Priority, Class::General].map(|c| t.victim(c, counts.client, limits, now));
+            let sheddable = Sheddable {
+                general: victims[Class::General.index()].is_some(),
+                priority: victims[Class::Priority.index()].is_some(),
+            };
+            decision = decide(limits, counts, class, sheddable);
+        }
+        match decision {
             Decision::Refuse(r) => {
                 self.metrics.connection_refused(r.rule(), class.as_str());
                 return Err(r);
@@ -521,15 +533,14 @@ impl Admission {
     }
 
     fn release(&self, id: u64) {
-        if let Ok(mut t) = self.table.lock() {
-            t.release(id);
-            self.set_admitted(t.total);
-        }
+        let mut t = self.lock();
+        t.release(id);
+        self.set_admitted(t.total);
     }
 
     fn leave_pre_mail(&self, id: u64) {
-        if let Ok(mut t) = self.table.lock()
-            && let Some(e) = t.entries.get_mut(&id)
+        let mut t = self.lock();
+        if let Some(e) = t.entries.get_mut(&id)
             && std::mem::take(&mut e.pre_mail)
         {
             let (class, key) = (e.class, e.key);
