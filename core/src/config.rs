@@ -700,6 +700,31 @@ mod tests {
     }
 
     #[test]
+    fn admission_settings_are_validated() {
+        let mut f: FleetSettings = serde_json::from_value(serde_json::json!({
+            "hostname": "gw.test",
+            "serverCertificate": {"certFile": "c", "keyFile": "k"},
+            "upstream": {"host": "mail.test"},
+        }))
+        .unwrap();
+        assert!(f.validate().is_empty());
+        f.limits.reserved_connections_percent = 101;
+        f.limits.stress_percent = 0;
+        f.limits.ipv6_prefix_length = 0;
+        f.timeouts.stress_command_secs = 0;
+        let paths: Vec<String> = f.validate().into_iter().map(|e| e.path).collect();
+        assert_eq!(
+            paths,
+            [
+                "limits.reservedConnectionsPercent",
+                "limits.stressPercent",
+                "limits.ipv6PrefixLength",
+                "timeouts.stressCommandSecs"
+            ]
+        );
+    }
+
+    #[test]
     fn domain_patterns() {
         for ok in [
             "*",
