@@ -69,6 +69,37 @@ impl Drop for Live {
     }
 }
 
+/// Accept backlog (capped by `net.core.somaxconn`). Listeners are bound with the runtime's
+/// default of 128; in a burst of connects (a flood, or many partners at once) the kernel then
+/// answers with SYN cookies and drops completed handshakes the full queue has no room for, and
+/// in SMTP, where the server speaks first, such a client waits for a greeting that never comes
+/// (127 of a burst of 828 idle connects in `slow_clients.rs`).
+const ACCEPT_BACKLOG: u32 = 4096;
+
+/// `listener` with [`ACCEPT_BACKLOG`]: `listen()` again on a listening socket only changes its
+/// backlog. Done on a duplicate descriptor so that any failure leaves the original as it was.
+fn with_backlog(listener: TcpListener) -> TcpListener {
+    use std::os::fd::{AsFd, FromRawFd, IntoRawFd};
+    let dup = match listener.as_fd().try_clone_to_owned() {
+        Ok(fd) => fd,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the accept backlog");
+            return listener;
+        }
+    };
+    // SAFETY: `dup` is a descriptor of our own, just created and owned by nothing else; the
+    // socket takes it over (and closes it when dropped).
+    let socket = unsafe { tokio::net::TcpSocket::from_raw_fd(dup.into_raw_fd()) };
+    match socket.listen(ACCEPT_BACKLOG) {
+        // Dropping the original closes only its descriptor; the socket lives on in `raised`.
+        Ok(raised) => raised,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot raise the accept backlog");
+            listener
+        }
+    }
+}
+
 /// Accepts until `stop` turns true.
 pub async fn serve(
     listener: TcpListener,
@@ -76,6 +107,7 @@ pub async fn serve(
     mut stop: watch::Receiver<bool>,
     deadline: watch::Receiver<bool>,
 ) {
+    let listener = with_backlog(listener);
     state.listening.store(true, Ordering::SeqCst);
     loop {
         tokio::select! {
