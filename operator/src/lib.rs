@@ -2,9 +2,10 @@
 //! resources and writes their status.
 //!
 //! One file per concern: [`render`] (pure render), [`conditions`] (pure status computation),
-//! [`certs`] (PEM parsing), [`gateway`] (reading gateway /status), [`controller`] (watches,
-//! render loop, reconcile), [`metrics`], [`server`] (/healthz, /readyz, /metrics),
-//! [`telemetry`] (JSON logs), [`fixtures`] (test objects).
+//! [`certs`] (PEM parsing), [`gateway`] (reading gateway /status), [`controller`] (the loops:
+//! render loop, reference watches, gateway poller, reconcile and its pure plan, one file each),
+//! [`metrics`], [`server`] (/healthz, /readyz, /metrics), [`telemetry`] (JSON logs),
+//! [`fixtures`] (test objects).
 
 pub mod certs;
 pub mod conditions;
