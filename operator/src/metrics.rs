@@ -182,6 +182,58 @@ mod tests {
         assert!(text.contains("partnergate_operator_reconcile_duration_seconds_bucket"));
     }
 
+    /// Every `partnergate_operator_*` name the chart's alerts and dashboard query is a sample
+    /// name of this exposition (tests/chart/prometheus_e2e.py checks the gateway's live).
+    #[test]
+    fn chart_queries_name_exported_metrics() {
+        let m = super::Metrics::new();
+        m.reconcile_errors
+            .get_or_create(&super::ErrorLabel {
+                error: "kube".into(),
+            })
+            .inc();
+        m.renders
+            .get_or_create(&super::ResultLabel {
+                result: "applied".into(),
+            })
+            .inc();
+        m.certificate_expiry
+            .get_or_create(&super::SecretLabel {
+                secret: "partnergate-gateway-tls".into(),
+            })
+            .set(1);
+        m.set_connector_ready("mail/contoso", true);
+        let text = m.encode();
+        let exported: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/partnergate");
+        let mut used = 0;
+        for file in [
+            "templates/prometheusrule.yaml",
+            "dashboards/partnergate.json",
+        ] {
+            let body = std::fs::read_to_string(chart.join(file)).unwrap();
+            for (i, _) in body.match_indices("partnergate_operator_") {
+                let name: String = body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{file} queries {name}, not in\n{text}"
+                );
+                used += 1;
+            }
+        }
+        assert!(
+            used > 0,
+            "the chart queries no operator metric: wrong path?"
+        );
+    }
+
     #[test]
     fn connector_ready_is_set_and_forgotten() {
         let m = super::Metrics::new();

@@ -21,7 +21,9 @@ dashboard. Run by tests/chart/test.sh. Invariants checked:
    (name plus label matchers) matches scraped series, so a typo'd label value fails too.
    Metrics registered but not yet recorded by the SMTP session code (PENDING) are exempt from
    the data requirement, and the test fails once they do carry data, so the list stays honest.
-3. Operator metrics are checked by name only (1); the operator needs an API server.
+3. Operator metrics are checked by name here (1) and, against the operator's real exposition,
+   by the unit test chart_queries_name_exported_metrics in operator/src/metrics.rs (a live
+   operator needs an API server).
 
 Prints one line per check group; exits 1 on the first failure.
 """
