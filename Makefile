@@ -59,7 +59,9 @@ clean:
 # --- image & chart ---
 # `make image`: static release binaries -> OCI image archive target/image/partnergate.tar
 # (no Docker, no registry; tests/image/build-oci.py). `make chart-test`: lint, render and assert
-# the Helm chart (needs helm from tests/cluster/build.sh). `make chart-crds`: copy the generated
+# the Helm chart (needs helm from tests/cluster/build.sh), unit-test its alerts with promtool and
+# check alerts and dashboard against a private Prometheus scraping a standalone gateway (needs
+# `make deps` for prometheus; about 15 s). `make chart-crds`: copy the generated
 # CRD into the chart (tests/chart/test.sh fails when the copy drifts).
 IMAGE_TARGET ?= x86_64-unknown-linux-gnu
 IMAGE_BINS := target/$(IMAGE_TARGET)/release

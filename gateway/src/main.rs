@@ -199,6 +199,7 @@ async fn serve(
 ) -> ExitCode {
     let metrics = Arc::new(metrics::Metrics::new());
     metrics.set_certificates(&rt.certificates);
+    metrics.set_limits(&rt.fleet.limits);
     metrics.reload("success");
     let bind_ip = bind_ip_from_env();
     let listen = config::with_bind_ip(rt.fleet.listen, bind_ip);

@@ -1,5 +1,9 @@
 //! Prometheus metrics (names of ARCHITECTURE section 7). prometheus-client appends `_total` to
 //! counters, so counters are registered without it.
+//!
+//! The chart's alerts and dashboard (charts/partnergate/templates/prometheusrule.yaml,
+//! charts/partnergate/dashboards/) query these names; tests/chart/prometheus_e2e.py fails when
+//! they name one that is not registered here, so rename both together.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -50,6 +54,12 @@ pub struct RefusedLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorResultLabels {
+    pub connector: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
     pub secret: String,
 }
@@ -69,6 +79,16 @@ pub struct Metrics {
     pub sessions_shed: Family<ClassLabels, Counter>,
     /// Connections refused with `421 4.7.0` before the greeting, by limit and client class.
     pub connections_refused: Family<RefusedLabels, Counter>,
+    /// 1 when the last config load succeeded: a failed reload keeps the old config live and is
+    /// not retried until a file changes, so a counter's increase would stop alerting.
+    pub config_last_reload_successful: Gauge,
+    /// `limits.maxConnections` of the fleet settings, so alerts can compare sessions_active.
+    pub max_connections: Gauge,
+    /// STARTTLS handshakes by the connector the client's IP or certificate identifies.
+    pub connector_tls_handshakes: Family<ConnectorResultLabels, Counter>,
+    /// The next hop's reply to each forwarded RCPT (`accepted`, `tempfail`, `rejected`):
+    /// an unreachable next hop (451 4.4.1) shows here, never in `messages`.
+    pub next_hop_recipients: Family<ConnectorResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -92,6 +112,10 @@ impl Metrics {
         let connector_validation = Family::<ValidationLabels, Counter>::default();
         let sessions_shed = Family::<ClassLabels, Counter>::default();
         let connections_refused = Family::<RefusedLabels, Counter>::default();
+        let config_last_reload_successful = Gauge::default();
+        let max_connections = Gauge::default();
+        let connector_tls_handshakes = Family::<ConnectorResultLabels, Counter>::default();
+        let next_hop_recipients = Family::<ConnectorResultLabels, Counter>::default();
         registry.register(
             "partnergate_sessions",
             "SMTP sessions accepted",
@@ -147,6 +171,26 @@ impl Metrics {
             "Connections refused (421 4.7.0) by limit and client class",
             connections_refused.clone(),
         );
+        registry.register(
+            "partnergate_config_last_reload_successful",
+            "1 if the last config load succeeded, 0 if the last good config is kept after a failure",
+            config_last_reload_successful.clone(),
+        );
+        registry.register(
+            "partnergate_max_connections",
+            "Concurrent SMTP connections allowed per pod (limits.maxConnections)",
+            max_connections.clone(),
+        );
+        registry.register(
+            "partnergate_connector_tls_handshakes",
+            "STARTTLS handshakes by identified connector and result",
+            connector_tls_handshakes.clone(),
+        );
+        registry.register(
+            "partnergate_next_hop_recipients",
+            "Next hop replies to forwarded RCPT commands by connector and result",
+            next_hop_recipients.clone(),
+        );
         Metrics {
             registry,
             sessions,
@@ -160,6 +204,10 @@ impl Metrics {
             connector_validation,
             sessions_shed,
             connections_refused,
+            config_last_reload_successful,
+            max_connections,
+            connector_tls_handshakes,
+            next_hop_recipients,
         }
     }
 
@@ -171,11 +219,36 @@ impl Metrics {
             .inc();
     }
 
+    pub fn set_limits(&self, limits: &crate::config::Limits) {
+        self.max_connections
+            .set(i64::try_from(limits.max_connections).unwrap_or(i64::MAX));
+    }
+
+    pub fn connector_tls(&self, connector: &str, result: &str) {
+        self.connector_tls_handshakes
+            .get_or_create(&ConnectorResultLabels {
+                connector: connector.into(),
+                result: result.into(),
+            })
+            .inc();
+    }
+
     pub fn connection_refused(&self, rule: &str, class: &str) {
         self.connections_refused
             .get_or_create(&RefusedLabels {
                 rule: rule.into(),
                 class: class.into(),
+            })
+            .inc();
+    }
+
+    /// `result`: `accepted` (2xx), `tempfail` (4xx, including an unreachable next hop) or
+    /// `rejected` (5xx).
+    pub fn next_hop_recipient(&self, connector: &str, result: &str) {
+        self.next_hop_recipients
+            .get_or_create(&ConnectorResultLabels {
+                connector: connector.into(),
+                result: result.into(),
             })
             .inc();
     }
@@ -218,6 +291,8 @@ impl Metrics {
     }
 
     pub fn reload(&self, result: &str) {
+        self.config_last_reload_successful
+            .set(i64::from(result == "success"));
         self.config_reloads
             .get_or_create(&ResultLabels {
                 result: result.into(),
@@ -267,6 +342,48 @@ mod tests {
             "partnergate_connections_refused_total{rule=\"maxConnectionsPerIp\",class=\"general\"} 1",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
+        }
+    }
+
+    #[test]
+    fn last_reload_gauge_follows_the_last_result() {
+        let m = super::Metrics::new();
+        m.reload("success");
+        assert!(
+            m.encode()
+                .contains("partnergate_config_last_reload_successful 1\n")
+        );
+        m.reload("failure");
+        let text = m.encode();
+        assert!(
+            text.contains("partnergate_config_last_reload_successful 0\n"),
+            "{text}"
+        );
+        assert!(text.contains("partnergate_config_reloads_total{result=\"success\"} 1"));
+        m.reload("success");
+        assert!(
+            m.encode()
+                .contains("partnergate_config_last_reload_successful 1\n")
+        );
+    }
+
+    #[test]
+    fn limits_and_connector_families_are_exposed() {
+        let m = super::Metrics::new();
+        let limits = crate::config::Limits {
+            max_connections: 250,
+            ..crate::config::Limits::default()
+        };
+        m.set_limits(&limits);
+        m.connector_tls("mail/contoso", "failure");
+        m.next_hop_recipient("mail/fabrikam", "tempfail");
+        let text = m.encode();
+        for line in [
+            "partnergate_max_connections 250",
+            "partnergate_connector_tls_handshakes_total{connector=\"mail/contoso\",result=\"failure\"} 1",
+            "partnergate_next_hop_recipients_total{connector=\"mail/fabrikam\",result=\"tempfail\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} missing in\n{text}");
         }
     }
 }

@@ -77,6 +77,7 @@ pub fn apply(
     match result {
         Ok(rt) => {
             state.metrics.set_certificates(&rt.certificates);
+            state.metrics.set_limits(&rt.fleet.limits);
             let old_listen = state.config.load().fleet.listen;
             if rt.fleet.listen != old_listen {
                 tracing::warn!(listen = %rt.fleet.listen, "a new listen address takes effect only after a restart");

@@ -1,4 +1,7 @@
 //! Operator metrics (prometheus-client), served on `--listen` at /metrics.
+//!
+//! The chart's alerts and dashboard query these names; tests/chart/prometheus_e2e.py fails when
+//! they name one that is not registered here.
 
 use std::sync::Arc;
 
@@ -24,6 +27,11 @@ pub struct SecretLabel {
     pub secret: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectorLabel {
+    pub connector: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Arc<Registry>,
@@ -37,6 +45,9 @@ pub struct Metrics {
     pub leader: Gauge,
     pub gateway_pods_ready: Gauge,
     pub certificate_expiry: Family<SecretLabel, Gauge>,
+    /// Per connector (`namespace/name`): 1 while its Ready condition is True. Only the leader
+    /// writes it, so alerts join it with `leader == 1`.
+    pub connector_ready: Family<ConnectorLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -108,6 +119,12 @@ impl Metrics {
             "notAfter of the gateway's server certificate (unix seconds)",
             certificate_expiry.clone(),
         );
+        let connector_ready = Family::<ConnectorLabel, Gauge>::default();
+        registry.register(
+            "connector_ready",
+            "1 while the PartnerConnector's Ready condition is True (connector: namespace/name)",
+            connector_ready.clone(),
+        );
         Metrics {
             registry: Arc::new(registry),
             reconciles,
@@ -120,7 +137,24 @@ impl Metrics {
             leader,
             gateway_pods_ready,
             certificate_expiry,
+            connector_ready,
         }
+    }
+
+    /// Records a connector's Ready condition after its status is computed.
+    pub fn set_connector_ready(&self, connector: &str, ready: bool) {
+        self.connector_ready
+            .get_or_create(&ConnectorLabel {
+                connector: connector.into(),
+            })
+            .set(i64::from(ready));
+    }
+
+    /// Drops a deleted connector's series, so it cannot alert as not Ready.
+    pub fn forget_connector(&self, connector: &str) {
+        self.connector_ready.remove(&ConnectorLabel {
+            connector: connector.into(),
+        });
     }
 
     /// OpenMetrics text.
@@ -146,5 +180,74 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("partnergate_operator_reconcile_duration_seconds_bucket"));
+    }
+
+    /// Every `partnergate_operator_*` name the chart's alerts and dashboard query is a sample
+    /// name of this exposition (tests/chart/prometheus_e2e.py checks the gateway's live).
+    #[test]
+    fn chart_queries_name_exported_metrics() {
+        let m = super::Metrics::new();
+        m.reconcile_errors
+            .get_or_create(&super::ErrorLabel {
+                error: "kube".into(),
+            })
+            .inc();
+        m.renders
+            .get_or_create(&super::ResultLabel {
+                result: "applied".into(),
+            })
+            .inc();
+        m.certificate_expiry
+            .get_or_create(&super::SecretLabel {
+                secret: "partnergate-gateway-tls".into(),
+            })
+            .set(1);
+        m.set_connector_ready("mail/contoso", true);
+        let text = m.encode();
+        let exported: std::collections::HashSet<&str> = text
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split(['{', ' ']).next())
+            .collect();
+        let chart = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/partnergate");
+        let mut used = 0;
+        for file in [
+            "templates/prometheusrule.yaml",
+            "dashboards/partnergate.json",
+        ] {
+            let body = std::fs::read_to_string(chart.join(file)).unwrap();
+            for (i, _) in body.match_indices("partnergate_operator_") {
+                let name: String = body[i..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '_')
+                    .collect();
+                assert!(
+                    exported.contains(name.as_str()),
+                    "{file} queries {name}, not in\n{text}"
+                );
+                used += 1;
+            }
+        }
+        assert!(
+            used > 0,
+            "the chart queries no operator metric: wrong path?"
+        );
+    }
+
+    #[test]
+    fn connector_ready_is_set_and_forgotten() {
+        let m = super::Metrics::new();
+        m.set_connector_ready("mail/contoso", false);
+        m.set_connector_ready("mail/fabrikam", true);
+        let text = m.encode();
+        assert!(
+            text.contains("partnergate_operator_connector_ready{connector=\"mail/contoso\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("partnergate_operator_connector_ready{connector=\"mail/fabrikam\"} 1")
+        );
+        m.forget_connector("mail/contoso");
+        assert!(!m.encode().contains("mail/contoso"));
     }
 }

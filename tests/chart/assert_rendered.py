@@ -5,12 +5,14 @@
 
 DIR holds the renders made by test.sh (release "partnergate", namespace "partnergate"):
 default.yaml, max.yaml (tests/chart/values-max.yaml), hostname.yaml (default + another
-settings.hostname), replicas.yaml (default + other operator replicas), and optionally crd-src.yaml
+settings.hostname), replicas.yaml (default + other operator replicas), monitoring.yaml (default +
+PrometheusRule and Grafana dashboard enabled), and optionally crd-src.yaml
 (crds/partnerconnector.yaml) and gateway-bin (path of a partnergate-gateway binary to run
 `check` with). Prints one line per check group; exits 1 on the first failure.
 """
 
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -166,6 +168,70 @@ def run_gateway_check(gateway_bin, fleet_text, label):
         check(r.returncode == 0, f"{label}: partnergate-gateway check refused the rendered fleet.json:\n{r.stdout}{r.stderr}")
 
 
+def doc_anchors(path):
+    """GitHub-style anchors of the Markdown headings in path."""
+    anchors = set()
+    for line in Path(path).read_text().splitlines():
+        if line.startswith("#"):
+            title = line.lstrip("#").strip().lower()
+            anchors.add(re.sub(r"[^a-z0-9 _-]", "", title).replace(" ", "-"))
+    return anchors
+
+
+def check_monitoring(out, default, mx, mon):
+    """PrometheusRule and dashboard ConfigMap: off by default, knobs applied, every alert with a
+    runbook section and unit tests. Writes rules.yaml and dashboard.json for promtool and
+    prometheus_e2e.py (run by test.sh)."""
+    dash_cms = lambda docs: [d for d in kinds(docs, "ConfigMap") if d["metadata"]["name"] == "partnergate-dashboard"]  # noqa: E731
+    check(not kinds(default, "PrometheusRule") and not dash_cms(default),
+          "default: PrometheusRule or dashboard ConfigMap rendered although off by default")
+    rule = get(mon, "PrometheusRule", "partnergate", namespace=NS)
+    check(rule["apiVersion"] == "monitoring.coreos.com/v1", f"PrometheusRule apiVersion {rule['apiVersion']}")
+    cms = dash_cms(mon)
+    check(len(cms) == 1 and cms[0]["metadata"]["namespace"] == NS, "enabled: one dashboard ConfigMap in the release namespace")
+    cm = cms[0]
+    check(cm["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboard ConfigMap lacks the sidecar label grafana_dashboard: \"1\"")
+    check(list(cm["data"]) == ["partnergate.json"], f"dashboard ConfigMap keys {list(cm['data'])}")
+    dash = json.loads(cm["data"]["partnergate.json"])
+    shipped = json.loads((HERE.parent.parent / "charts/partnergate/dashboards/partnergate.json").read_text())
+    check(dash == shipped, "the dashboard ConfigMap differs from charts/partnergate/dashboards/partnergate.json")
+    names = [v["name"] for v in dash["templating"]["list"]]
+    check({"namespace", "connector"} <= set(names), f"dashboard variables {names}: want namespace and connector")
+    uses = json.dumps(dash["panels"])
+    check("$namespace" in uses and "$connector" in uses, "panels do not use the namespace and connector variables")
+
+    alerts = [r for g in rule["spec"]["groups"] for r in g["rules"] if "alert" in r]
+    anchors = doc_anchors(HERE.parent.parent / "docs/operations.md")
+    tests = yaml.safe_load((HERE / "alerts-test.yaml").read_text())
+    firing, quiet = set(), set()
+    for t in tests["tests"]:
+        for a in t.get("alert_rule_test", []):
+            (firing if a.get("exp_alerts") else quiet).add(a["alertname"])
+    for r in alerts:
+        a = r["alert"]
+        ann = r.get("annotations", {})
+        check({"summary", "description", "runbook_url"} <= set(ann), f"alert {a}: annotations {sorted(ann)}")
+        check(r["labels"].get("severity") in ("warning", "critical"), f"alert {a}: severity {r['labels'].get('severity')}")
+        check(ann["runbook_url"] == f"docs/operations.md#{a.lower()}", f"alert {a}: runbook_url {ann['runbook_url']}")
+        check(a.lower() in anchors, f"alert {a}: docs/operations.md has no section #{a.lower()}")
+        check(a in firing and a in quiet, f"alert {a}: tests/chart/alerts-test.yaml needs a firing and a not-firing case")
+    check(len({r["alert"] for r in alerts}) == len(alerts), "duplicate alert names")
+
+    mrule = get(mx, "PrometheusRule", "partnergate", namespace="monitoring")
+    check(mrule["metadata"]["labels"].get("release") == "prometheus", "max: PrometheusRule labels")
+    for r in (r for g in mrule["spec"]["groups"] for r in g["rules"]):
+        check(r["labels"].get("team") == "mail", f"max: alert {r['alert']} lacks alertLabels")
+        check(r["annotations"]["runbook_url"] == f"https://mail-docs.example.com/partnergate/operations#{r['alert'].lower()}",
+              f"max: alert {r['alert']} runbook_url {r['annotations']['runbook_url']}")
+    mcm = get(mx, "ConfigMap", "partnergate-dashboard", namespace="grafana")
+    check(mcm["metadata"]["labels"].get("team") == "mail" and mcm["metadata"]["labels"].get("grafana_dashboard") == "1"
+          and mcm["metadata"].get("annotations") == {"grafana_folder": "Mail"}, "max: dashboard ConfigMap labels/annotations")
+    (out / "rules.yaml").write_text(yaml.safe_dump(rule["spec"], sort_keys=False))
+    (out / "dashboard.json").write_text(cm["data"]["partnergate.json"])
+    print(f"ok   PrometheusRule ({len(alerts)} alerts, each with a runbook section and firing/not-firing tests) "
+          "and dashboard ConfigMap: off by default, knobs applied")
+
+
 def normalize_rules(rules):
     out = []
     for r in rules:
@@ -299,6 +365,7 @@ def main():
     check(cert["spec"]["dnsNames"] == ["mx.example.com", "mx2.example.com"], "max: Certificate dnsNames")
     check(len(kinds(mx, "ServiceMonitor")) == 2, "max: two ServiceMonitors")
     print("ok   Service (25 -> smtp, Local for LoadBalancer), NetworkPolicy, PDB, HPA, Certificate, ServiceMonitors")
+    check_monitoring(out, default, mx, load(out / "monitoring.yaml"))
 
     # --- fleet settings
     text, fleet = fleet_json(default)

@@ -7,8 +7,8 @@
 #    server-side apply may create/update exactly the two rendered objects, POST create and
 #    other names and delete are refused, the Lease works; `kubectl auth can-i --list` equals
 #    tests/chart/can-i-expected.txt; the gateway ServiceAccount can do nothing
-#  - helm upgrade to the maximal values (minus cert-manager/ServiceMonitor kinds), then
-#    helm uninstall keeps the CRD
+#  - helm upgrade to the maximal values (minus cert-manager/ServiceMonitor/PrometheusRule kinds;
+#    the dashboard ConfigMap lands in namespace grafana), then helm uninstall keeps the CRD
 #
 #   tests/chart/cluster.sh            own throwaway control plane (tests/cluster/up.sh on private
 #                                     ports and state dir), torn down afterwards
@@ -94,12 +94,16 @@ gw=$(kubectl auth can-i --list --as=$GW -n $NS | awk 'NR > 1 && $1 !~ /^\[/ && $
 echo "ok   kubectl auth can-i --list equals can-i-expected.txt; the gateway ServiceAccount can do nothing"
 
 kubectl create namespace mail >/dev/null; kubectl create namespace partners >/dev/null
+kubectl create namespace grafana >/dev/null   # values-max.yaml puts the dashboard ConfigMap there
 expect_ok "helm upgrade to values-max.yaml" helm upgrade partnergate "$CHART" -n $NS -f "$HERE/values-max.yaml" \
   --set gateway.tls.certManager.enabled=false --set metrics.serviceMonitor.enabled=false \
+  --set metrics.prometheusRule.enabled=false \
   --set gateway.priorityClassName= --set operator.priorityClassName=
 for ns in mail partners $NS; do
   kubectl -n $ns get role partnergate-operator-read >/dev/null || fail "no read Role in $ns after the upgrade"
 done
+kubectl -n grafana get configmap partnergate-dashboard -o jsonpath='{.metadata.labels.grafana_dashboard}' | grep -qx 1 ||
+  fail "no dashboard ConfigMap with grafana_dashboard=1 in namespace grafana after the upgrade"
 kubectl get clusterrole partnergate-operator >/dev/null 2>&1 && fail "ClusterRole still there with watchNamespaces set"
 echo "ok   helm upgrade to the maximal values (Roles per watched namespace replace the ClusterRole)"
 
@@ -107,5 +111,6 @@ expect_ok "helm uninstall" helm uninstall partnergate -n $NS --wait
 kubectl get crd partnerconnectors.partnergate.io >/dev/null || fail "helm uninstall deleted the CRD"
 left=$(kubectl -n $NS get deploy,svc,sa,role,rolebinding,networkpolicy,pdb,hpa -o name | grep -v serviceaccount/default || true)
 [ -z "$left" ] || fail "left after uninstall: $left"
+kubectl -n grafana get configmap partnergate-dashboard >/dev/null 2>&1 && fail "dashboard ConfigMap left after uninstall"
 echo "ok   helm uninstall removes the release and keeps the CRD"
 echo "PASS: chart cluster tests"

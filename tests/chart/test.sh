@@ -9,6 +9,11 @@
 #     RBAC (against rbac-expected.yaml), wiring per docs/interfaces.md, and runs
 #     `partnergate-gateway check` on the rendered fleet.json when the binary has it
 #  5. values.schema.json rejects bad values through helm itself
+#  6. the PrometheusRule: `promtool check rules` and the unit tests of alerts-test.yaml (every
+#     alert firing and not firing); prometheus_e2e.py: every metric an alert or dashboard panel
+#     names is registered by the binaries, and a private Prometheus scraping a standalone
+#     gateway returns data for the panels and matches every alert selector (promtool and
+#     prometheus: Debian package `prometheus`, tests/scripts/install-deps.sh)
 #
 # helm: $HELM, else the one tests/cluster/build.sh caches, else helm on PATH.
 set -euo pipefail
@@ -57,6 +62,7 @@ tpl >"$OUT/default.yaml"
 tpl -f "$HERE/values-max.yaml" >"$OUT/max.yaml"
 tpl --set gateway.settings.hostname=mx2.example.com >"$OUT/hostname.yaml"
 tpl --set operator.replicas=5 >"$OUT/replicas.yaml"
+tpl --set metrics.prometheusRule.enabled=true --set metrics.grafanaDashboard.enabled=true >"$OUT/monitoring.yaml"
 
 # A gateway binary to run `check` with: an existing build, else a debug build of the gateway.
 gw=""
@@ -91,4 +97,13 @@ reject "an MX allowance without prefix" --set 'gateway.settings.allowPrivateMxAd
 reject "service.type=ExternalName" --set gateway.service.type=ExternalName
 reject "cert-manager without issuer" --set gateway.tls.certManager.enabled=true
 echo "ok   bad values are refused (schema and template checks)"
+
+# 6. alerts and dashboard against Prometheus (assert_rendered.py wrote rules.yaml, dashboard.json)
+command -v promtool >/dev/null && command -v prometheus >/dev/null ||
+  { echo "FAIL: no promtool/prometheus: run tests/scripts/install-deps.sh"; exit 1; }
+promtool check rules "$OUT/rules.yaml" >"$OUT/promtool.txt" 2>&1 || { cat "$OUT/promtool.txt"; echo "FAIL: promtool check rules"; exit 1; }
+cp "$HERE/alerts-test.yaml" "$OUT/alerts-test.yaml"
+promtool test rules "$OUT/alerts-test.yaml" >"$OUT/promtool.txt" 2>&1 || { cat "$OUT/promtool.txt"; echo "FAIL: promtool test rules (tests/chart/alerts-test.yaml)"; exit 1; }
+echo "ok   promtool check rules; promtool test rules: every alert firing and not firing ($(promtool --version 2>&1 | head -n1))"
+python3 "$HERE/prometheus_e2e.py" "$OUT/rules.yaml" "$OUT/dashboard.json" "$gw"
 echo "PASS: chart tests"

@@ -4,7 +4,8 @@
 # instances on loopback ports instead.
 set -euo pipefail
 
-packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel4 python3 curl ca-certificates procps iproute2 haproxy)
+packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel4 python3 curl ca-certificates procps iproute2 haproxy
+  prometheus)   # promtool and a private Prometheus for the chart's alerts/dashboard (tests/chart)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -20,3 +21,5 @@ $sudo apt-get update -qq
 DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 # A Postfix package may try to start the system instance; the tests never want it.
 $sudo postfix stop >/dev/null 2>&1 || true
+# Nor the system Prometheus: tests/chart runs its own on loopback with its own config and data.
+if command -v systemctl >/dev/null 2>&1; then $sudo systemctl disable --now prometheus >/dev/null 2>&1 || true; fi
