@@ -22,7 +22,7 @@ use tokio::net::TcpListener;
 /// (status, content type, body).
 pub type Response = (u16, &'static str, String);
 
-/// Smallest buffer hyper allows; a longer request head is refused.
+/// Read buffer, so the longest request head accepted (hyper refuses a longer one with 431).
 const MAX_HEAD: usize = 16 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);

@@ -2,9 +2,9 @@
 //! connector generations it holds, certificate expiries and validation probe results. The
 //! operator's `Programmed` condition is computed from it.
 //!
-//! Fields added later must carry `#[serde(default)]` so an operator reading an older gateway
-//! during a rolling upgrade still parses it; the fields that exist from the start are required,
-//! so a document without them is an error, not an empty status.
+//! `configHash` and `connectors` are required, so a document without them is an error, not an
+//! empty status. Fields added later must carry `#[serde(default)]` (or be an `Option`) so an
+//! operator reading an older gateway during a rolling upgrade still parses it.
 
 use serde::{Deserialize, Serialize};
 

@@ -287,7 +287,15 @@ impl MConn {
 enum Resp {
     /// I/O error, EOF or timeout.
     Lost,
+    /// `421` to MAIL, RCPT, DATA or the final dot: the next hop is closing; the gateway takes
+    /// it as a lost connection and answers `451` with the hop's enhanced code.
+    Closing(Option<[u16; 3]>),
     Code(u16, Option<[u16; 3]>),
+}
+
+fn closing(esc: Option<[u16; 3]>) -> Exp {
+    let e = esc.filter(|e| e[0] == 4).unwrap_or([4, 4, 2]);
+    exp(451, &format!("{}.{}.{}", e[0], e[1], e[2]))
 }
 
 fn parse_reply(s: &str) -> Resp {
@@ -373,6 +381,12 @@ impl Model {
                 Resp::Lost
             }
         };
+        if let Resp::Code(421, esc) = r
+            && matches!(kind, Kind::Mail | Kind::Rcpt | Kind::Data | Kind::Dot)
+        {
+            c.alive = false;
+            return Resp::Closing(esc);
+        }
         if let Resp::Code(code, _) = r
             && (200..300).contains(&code)
         {
@@ -423,7 +437,7 @@ impl Model {
     fn mail(&mut self, txn: &str, mut c: MConn, from_pool: bool) -> Result<MConn, Exp> {
         match self.send(txn, &mut c, Kind::Mail, "") {
             Resp::Code(200..=299, _) => Ok(c),
-            Resp::Code(421, _) | Resp::Lost if from_pool => {
+            Resp::Closing(_) | Resp::Lost if from_pool => {
                 self.hit(if c.alive {
                     "pooled connection: MAIL lost or 421, replaced"
                 } else {
@@ -434,6 +448,7 @@ impl Model {
             Resp::Code(300..=399, _) => Err(exp(PROTO.0, PROTO.1)),
             Resp::Code(code, esc) => Err(mirror(code, esc, [1, 0])),
             Resp::Lost => Err(exp(LOST.0, LOST.1)),
+            Resp::Closing(e) => Err(closing(e)),
         }
     }
 
@@ -467,28 +482,34 @@ impl Model {
         if t.broken {
             return exp(LOST.0, LOST.1);
         }
-        let conn = match t.held.take() {
-            Some(c) if c.route == route => Some(c),
+        // The pooled connection for this route is taken before an unpinned held connection of
+        // another route is released, so parking that one cannot evict it.
+        let (conn, pooled) = match t.held.take() {
+            Some(c) if c.route == route => (Some(c), None),
             other => {
+                let pooled = match self.pool.take() {
+                    Some(p) if p.route == route => Some(p),
+                    other_pool => {
+                        self.pool = other_pool;
+                        None
+                    }
+                };
                 if let Some(c) = other {
                     self.hit("RCPT of another route: unpinned held connection released");
                     self.release(&t.id, c);
                 }
-                None
+                (None, pooled)
             }
         };
         let mut conn = match conn {
             Some(c) => c,
             None => {
-                let (c, from_pool) = match self.pool.take() {
-                    Some(p) if p.route == route => {
+                let (c, from_pool) = match pooled {
+                    Some(p) => {
                         self.hit("pooled connection taken");
                         (p, true)
                     }
-                    other => {
-                        self.pool = other;
-                        (MConn::fresh(route), false)
-                    }
+                    None => (MConn::fresh(route), false),
                 };
                 match self.mail(&t.id, c, from_pool) {
                     Ok(c) => c,
@@ -511,10 +532,10 @@ impl Model {
                 let proto = matches!(lost, Resp::Code(..));
                 if t.ledger.is_empty() {
                     self.hit("RCPT lost, empty ledger: 451");
-                    return if proto {
-                        exp(PROTO.0, PROTO.1)
-                    } else {
-                        exp(LOST.0, LOST.1)
+                    return match lost {
+                        Resp::Closing(e) => closing(e),
+                        _ if proto => exp(PROTO.0, PROTO.1),
+                        _ => exp(LOST.0, LOST.1),
                     };
                 }
                 let Some(mut c) = self.replay(t, route) else {
@@ -545,6 +566,11 @@ impl Model {
                         t.broken = true;
                         exp(LOST.0, LOST.1)
                     }
+                    Resp::Closing(e) => {
+                        self.hit("RCPT lost twice: broken");
+                        t.broken = true;
+                        closing(e)
+                    }
                 }
             }
         }
@@ -562,7 +588,7 @@ impl Model {
             panic!("model: pinned transaction {} without a connection", t.id);
         };
         let mut r = self.send(&t.id, &mut c, Kind::Data, "");
-        if r == Resp::Lost {
+        if matches!(r, Resp::Lost | Resp::Closing(_)) {
             match self.replay(t, c.route) {
                 Some(n) => {
                     self.hit("DATA lost: ledger replayed");
@@ -583,6 +609,7 @@ impl Model {
             }
             Resp::Code(..) => return only(exp(PROTO.0, PROTO.1)),
             Resp::Lost => return only(exp(LOST.0, LOST.1)),
+            Resp::Closing(e) => return only(closing(e)),
         }
         let data = exp(354, "");
         if self.send(&t.id, &mut c, Kind::Body, "") == Resp::Lost {
@@ -610,6 +637,7 @@ impl Model {
                 mirror(code, esc, [0, 0])
             }
             Resp::Lost => exp(LOST.0, LOST.1),
+            Resp::Closing(e) => closing(e),
         };
         DataExp {
             data,

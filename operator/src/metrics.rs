@@ -48,6 +48,8 @@ pub struct Metrics {
     /// Per connector (`namespace/name`): 1 while its Ready condition is True. Only the leader
     /// writes it, so alerts join it with `leader == 1`.
     pub connector_ready: Family<ConnectorLabel, Gauge>,
+    /// Keys with a `connector_ready` series, so deleted connectors' series can be dropped.
+    ready_keys: std::sync::Arc<std::sync::Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl Default for Metrics {
@@ -138,16 +140,36 @@ impl Metrics {
             gateway_pods_ready,
             certificate_expiry,
             connector_ready,
+            ready_keys: Default::default(),
         }
     }
 
     /// Records a connector's Ready condition after its status is computed.
     pub fn set_connector_ready(&self, connector: &str, ready: bool) {
+        if let Ok(mut keys) = self.ready_keys.lock() {
+            keys.insert(connector.to_string());
+        }
         self.connector_ready
             .get_or_create(&ConnectorLabel {
                 connector: connector.into(),
             })
             .set(i64::from(ready));
+    }
+
+    /// Drops the series of every connector not in `present` (deleted ones), so they cannot
+    /// alert as not Ready.
+    pub fn retain_connectors(&self, present: &std::collections::BTreeSet<String>) {
+        let gone: Vec<String> = match self.ready_keys.lock() {
+            Ok(mut keys) => {
+                let gone = keys.difference(present).cloned().collect();
+                keys.retain(|k| present.contains(k));
+                gone
+            }
+            Err(_) => return,
+        };
+        for key in gone {
+            self.forget_connector(&key);
+        }
     }
 
     /// Drops a deleted connector's series, so it cannot alert as not Ready.

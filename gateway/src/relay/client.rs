@@ -32,10 +32,6 @@ pub struct HopReply {
 }
 
 impl HopReply {
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
     /// The reply to send our client: same code and enhanced code (a class default when the
     /// next hop has none), the next hop's text.
     pub fn mirror(&self, default_detail: [u16; 2]) -> Reply {

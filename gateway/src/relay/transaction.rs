@@ -15,8 +15,10 @@
 //!    and a lost connection never gives a `5xx`.
 //! 4. A pooled connection found dead when MAIL is sent (I/O error, timeout, `421`) is replaced
 //!    once by a fresh one without the client noticing.
-//! 5. A `3xx` reply to MAIL or RCPT (or anything but `354` to DATA) is a protocol error, never
-//!    acceptance: `451 4.5.0` and the connection is dropped.
+//! 5. A `3xx` reply to MAIL or RCPT (or a 2xx/3xx other than `354` to DATA) is a protocol
+//!    error, never acceptance: `451 4.5.0` and the connection is dropped.
+//! 6. A next hop's `421` (closing the connection) is a lost connection, passed on as `451`
+//!    with its enhanced code: as `421` it would make the client drop its whole session.
 
 use crate::policy::Route;
 use crate::reply::next_hop::{protocol_error, recipients_lost, unreachable};
@@ -64,16 +66,18 @@ impl IdlePool {
         }
     }
 
-    async fn park(&mut self, route: Route, hop: NextHop) {
+    /// Parks `hop`; an evicted connection is closed in the background, so neither the client's
+    /// reply nor its session slot waits for a next hop's QUIT.
+    fn park(&mut self, route: Route, hop: NextHop) {
         if let Some((_, old)) = self.slot.replace((route, hop)) {
-            old.quit().await;
+            tokio::spawn(old.quit());
         }
     }
 
-    /// Closes the parked connection (end of session).
-    pub async fn close(&mut self) {
+    /// Closes the parked connection in the background (end of session).
+    pub fn close(&mut self) {
         if let Some((_, hop)) = self.slot.take() {
-            hop.quit().await;
+            tokio::spawn(hop.quit());
         }
     }
 }
@@ -96,6 +100,9 @@ async fn exchange(hop: &mut NextHop, label: &str, cmd: &str, what: &str) -> Answ
     match hop.command(cmd).await {
         Ok(r) if !data && (200..300).contains(&r.code) => Answer::Accepted(r),
         Ok(r) if data && r.code == 354 => Answer::Accepted(r),
+        // 421: the next hop is closing the connection. Passed on as 421 it would make the
+        // client drop its whole session (RFC 5321 3.8), so it is a lost connection here.
+        Ok(r) if r.code == 421 => Answer::Lost(closing(label, &r)),
         Ok(r) if r.code >= 400 => Answer::Refused(r),
         Ok(r) => Answer::Protocol(protocol_error(
             label,
@@ -106,6 +113,19 @@ async fn exchange(hop: &mut NextHop, label: &str, cmd: &str, what: &str) -> Answ
             &format!("connection lost at {what} ({e})"),
         )),
     }
+}
+
+/// A next hop's `421` as the client sees it: `451` with the next hop's enhanced code and text.
+fn closing(label: &str, r: &HopReply) -> Reply {
+    let esc = r.esc.filter(|e| e[0] == 4).unwrap_or([4, 4, 2]);
+    Reply::owned(
+        451,
+        esc,
+        format!(
+            "Next hop {label} closed the connection: {}; try again later",
+            r.lines.join(" ")
+        ),
+    )
 }
 
 fn mail_command(env: &Envelope, hop: &NextHop) -> String {
@@ -180,7 +200,7 @@ async fn open_route(rt: &Runtime, route: &Route) -> Result<NextHop, Reply> {
 /// `250` is closed instead.
 async fn release(route: Route, mut hop: NextHop, pool: &mut IdlePool) {
     match hop.command("RSET\r\n").await {
-        Ok(r) if r.code == 250 => pool.park(route, hop).await,
+        Ok(r) if r.code == 250 => pool.park(route, hop),
         _ => hop.abort(),
     }
 }
@@ -244,17 +264,22 @@ impl RelayTransaction {
             // would drop the accepted recipients.
             return fixed::ROUTE_SPLIT;
         }
-        if let Some((held_route, hop)) = self.held.take() {
-            if held_route == *route {
-                self.held = Some((held_route, hop));
-            } else {
-                // Only while unpinned (policy refuses other routes once pinned): the held
-                // connection must not carry this recipient.
+        if self.held.as_ref().is_some_and(|(r, _)| r != route) {
+            // Only while unpinned (policy refuses other routes once pinned): the held
+            // connection must not carry this recipient. The pooled connection for this route
+            // is taken first, so parking the released one cannot evict it.
+            let pooled = pool.take(route);
+            if let Some((held_route, hop)) = self.held.take() {
                 release(held_route, hop, pool).await;
+            }
+            match self.open_with_mail(rt, pooled, route, &label).await {
+                Ok(hop) => self.held = Some((route.clone(), hop)),
+                Err(reply) => return reply,
             }
         }
         if self.held.is_none() {
-            match self.open_with_mail(rt, pool, route, &label).await {
+            let pooled = pool.take(route);
+            match self.open_with_mail(rt, pooled, route, &label).await {
                 Ok(hop) => self.held = Some((route.clone(), hop)),
                 Err(reply) => return reply,
             }
@@ -310,15 +335,15 @@ impl RelayTransaction {
     async fn open_with_mail(
         &self,
         rt: &Runtime,
-        pool: &mut IdlePool,
+        pooled: Option<NextHop>,
         route: &Route,
         label: &str,
     ) -> Result<NextHop, Reply> {
-        if let Some(mut hop) = pool.take(route) {
+        if let Some(mut hop) = pooled {
             let mail = mail_command(&self.envelope, &hop);
             match exchange(&mut hop, label, &mail, "MAIL").await {
                 Answer::Accepted(_) => return Ok(hop),
-                Answer::Refused(r) if r.code != 421 => {
+                Answer::Refused(r) => {
                     hop.quit().await;
                     return Err(r.mirror([1, 0]));
                 }
@@ -326,7 +351,7 @@ impl RelayTransaction {
                     hop.abort();
                     return Err(reply);
                 }
-                Answer::Refused(_) | Answer::Lost(_) => {
+                Answer::Lost(_) => {
                     // Closed while idle (timeout, restart, 421): replaced once, unnoticed.
                     tracing::debug!(next_hop = %label, "pooled connection found dead; opening a new one");
                     hop.abort();
@@ -386,8 +411,8 @@ impl RelayTransaction {
     }
 
     /// Sends DATA. `Ok` when the next hop answered `354` and the message may be streamed;
-    /// `Err(reply)` ends the transaction with that reply, except `554 5.5.1` (no recipients),
-    /// which the caller may keep the transaction open for.
+    /// `Err(reply)` ends the transaction with that reply (the session answers `554 5.5.1`
+    /// itself when no recipient was accepted).
     pub async fn start_data(
         mut self,
         rt: &Runtime,
@@ -440,11 +465,19 @@ impl RelayTransaction {
         }
     }
 
-    /// Ends the transaction (RSET, QUIT, EHLO, STARTTLS, end of session): a held connection is
-    /// reset and parked for the next transaction of the same route.
+    /// Ends the transaction (RSET, EHLO, STARTTLS): a held connection is reset and parked for
+    /// the next transaction of the same route.
     pub async fn end(mut self, pool: &mut IdlePool) {
         if let Some((route, hop)) = self.held.take() {
             release(route, hop, pool).await;
+        }
+    }
+
+    /// Ends the transaction with the session: a held connection is closed in the background
+    /// (no RSET: nothing will reuse it), so the client's slot is freed at once.
+    pub fn close(mut self) {
+        if let Some((_, hop)) = self.held.take() {
+            tokio::spawn(hop.quit());
         }
     }
 }
@@ -494,8 +527,12 @@ impl DataTransfer {
             return unreachable(&self.label, "connection lost during DATA");
         }
         match self.hop.finish_data().await {
+            Ok(r) if r.code == 421 => {
+                self.hop.abort();
+                closing(&self.label, &r)
+            }
             Ok(r) if r.code >= 400 || (200..300).contains(&r.code) => {
-                pool.park(self.route, self.hop).await;
+                pool.park(self.route, self.hop);
                 r.mirror([0, 0])
             }
             Ok(r) => {

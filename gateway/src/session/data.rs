@@ -95,14 +95,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut transfer = match tx.relay.start_data(&rt, &mut self.pool).await {
             Ok(t) => t,
             Err(reply) => {
+                let outcome = if reply.is_transient() {
+                    "tempfail"
+                } else {
+                    "rejected"
+                };
+                self.ctx.metrics.message(&connector, direction, outcome);
                 let d = Decision {
                     connector: &connector,
                     rule: "data",
-                    outcome: if reply.is_transient() {
-                        "tempfail"
-                    } else {
-                        "rejected"
-                    },
+                    outcome,
                     reply: Some(&reply),
                     next_hop: Some(&label),
                     ..Decision::default()

@@ -11,6 +11,9 @@ use tokio::time::timeout;
 use super::Session;
 use crate::admission::Interrupt;
 
+/// How long a graceful close (TLS close_notify, FIN) may take after the last reply.
+const SHUTDOWN_DEADLINE: Duration = Duration::from_secs(5);
+
 pub(super) enum ReadError {
     Timeout,
     Shutdown,
@@ -57,12 +60,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         res
     }
 
-    /// Flushes what is left and closes the client connection, neither longer than the write
-    /// deadline.
+    /// Flushes what is left and closes the client connection. A client that did not take the
+    /// flush gets no graceful shutdown (TLS close_notify would wait on the same full window);
+    /// the socket is just dropped.
     pub(super) async fn close(&mut self) {
-        let _ = self.flush().await;
-        let deadline = self.write_deadline();
-        let _ = timeout(deadline, self.conn.shutdown()).await;
+        if self.flush().await.is_ok() {
+            let _ = timeout(SHUTDOWN_DEADLINE, self.conn.shutdown()).await;
+        }
     }
 
     /// Reads more bytes into the buffer, honouring the timeout and the shutdown deadline.

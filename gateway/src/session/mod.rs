@@ -85,6 +85,7 @@ struct Decision<'a> {
     next_hop: Option<&'a str>,
     recipients: Option<usize>,
     internal: Option<bool>,
+    error: Option<&'a str>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -126,7 +127,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             connector = d.connector, rule = d.rule, tls = tls_str(self.tls),
             cert_subject = %self.cert_subject(), outcome = d.outcome,
             reply = d.reply.map(tracing::field::display), next_hop = d.next_hop,
-            recipients = d.recipients, internal = d.internal, "{message}");
+            recipients = d.recipients, internal = d.internal, error = d.error, "{message}");
     }
 
     fn facts(&self) -> Facts<'_> {
@@ -172,8 +173,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
         }
         self.close().await;
-        self.end_tx().await;
-        self.pool.close().await;
+        if let Some(tx) = self.tx.take() {
+            tx.relay.close();
+        }
+        self.pool.close();
     }
 
     fn count_error(&mut self) -> Flow {

@@ -8,7 +8,7 @@ use smtp_proto::RcptTo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::{Decision, Flow, Session};
-use crate::policy;
+use crate::policy::{self, Route};
 use crate::relay::route_label;
 use crate::reply::fixed;
 
@@ -63,6 +63,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .await;
         self.tx = Some(tx);
         let label = route_label(&rt, &route);
+        // As in the messages metric: outbound mail of an unclaimed sender counts under the
+        // Outbound connector it goes to.
+        let hop_connector = match (connector, &route) {
+            ("none", Route::Outbound(_) | Route::OutboundMx(..)) => label.as_str(),
+            (c, _) => c,
+        };
+        let result = if reply.is_positive() {
+            "accepted"
+        } else if reply.is_transient() {
+            "tempfail"
+        } else {
+            "rejected"
+        };
+        self.ctx.metrics.next_hop_recipient(hop_connector, result);
         let d = Decision {
             connector,
             rule: "recipient",

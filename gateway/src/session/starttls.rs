@@ -16,6 +16,14 @@ use crate::reply::fixed;
 use crate::stream::Conn;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
+    /// The Inbound connector the client's certificate or IP identifies (claiming rules 1–2),
+    /// for the per-partner handshake metric; `none` when neither does.
+    fn identified_connector(&self) -> String {
+        crate::policy::claim(&self.rt.connectors.inbound, &self.facts(), None)
+            .filter(|c| c.identify_by != crate::config::IdentifyBy::SenderDomain)
+            .map_or_else(|| "none".to_string(), |c| c.name.clone())
+    }
+
     pub(super) async fn starttls(&mut self) -> Flow {
         if self.tls.is_some() {
             return self.error(&fixed::ALREADY_TLS);
@@ -43,17 +51,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.ctx.metrics.tls("unknown", "failure");
+                let connector = self.identified_connector();
+                self.ctx.metrics.connector_tls(&connector, "failure");
+                let error = e.to_string();
                 let d = Decision {
-                    connector: "none",
+                    connector: &connector,
                     rule: "starttls",
                     outcome: "handshake_failed",
+                    error: Some(&error),
                     ..Decision::default()
                 };
-                self.log_decision(d, &format!("TLS handshake failed: {e}"));
+                self.log_decision(d, "TLS handshake failed");
                 return Flow::Close;
             }
             Err(_) => {
                 self.ctx.metrics.tls("unknown", "timeout");
+                let connector = self.identified_connector();
+                self.ctx.metrics.connector_tls(&connector, "timeout");
                 return Flow::Close;
             }
         };
@@ -71,6 +85,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .and_then(|c| PeerCert::new(c, self.rt.trust.clone()))
             .map(Arc::new);
         self.ctx.metrics.tls(version.as_str(), "success");
+        let connector = self.identified_connector();
+        self.ctx.metrics.connector_tls(&connector, "success");
         self.tls = Some(version);
         self.conn = Conn::ServerTls(Box::new(tls));
         // RFC 3207: the session starts over; EHLO is required again.

@@ -78,6 +78,15 @@ async fn execute(pc: &PartnerConnector, ctx: &Context, plan: Plan) -> Result<Act
         )
         .await?;
     }
+    if pc.metadata.deletion_timestamp.is_some() {
+        ctx.metrics.forget_connector(&pc.key());
+    } else if let Some(status) = plan.status.as_ref().or(pc.status.as_ref()) {
+        let ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == partnergate_crds::condition::READY && c.status == "True");
+        ctx.metrics.set_connector_ready(&pc.key(), ready);
+    }
     if !plan.warned.is_empty()
         && let Ok(mut w) = ctx.warned.lock()
     {

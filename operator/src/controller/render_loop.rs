@@ -57,6 +57,8 @@ pub(super) async fn render_loop(ctx: Arc<Context>) {
             .await
             .is_ok();
         let fp = fingerprint(&ctx.connectors());
+        ctx.metrics
+            .retain_connectors(&fp.iter().map(|(key, _, _)| key.clone()).collect());
         let due = last_full.is_none_or(|t| t.elapsed() >= ctx.settings.resync);
         if !notified && !due && last_fp.as_ref() == Some(&fp) {
             continue;
