@@ -191,6 +191,23 @@ impl Metrics {
             "Next hop replies to forwarded RCPT commands by connector and result",
             next_hop_recipients.clone(),
         );
+        // Every label set that can occur starts at 0, so `rate()`/`increase()` in alerts see a
+        // series before the first flood rather than nothing.
+        for class in ["general", "priority"] {
+            sessions_shed
+                .get_or_create(&ClassLabels {
+                    class: class.into(),
+                })
+                .inc_by(0);
+            for rule in ["maxConnections", "maxConnectionsPerIp"] {
+                connections_refused
+                    .get_or_create(&RefusedLabels {
+                        rule: rule.into(),
+                        class: class.into(),
+                    })
+                    .inc_by(0);
+            }
+        }
         Metrics {
             registry,
             sessions,

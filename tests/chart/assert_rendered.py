@@ -32,9 +32,10 @@ NESTED_FIELDS = {
     "internalSenders": {"ipRanges", "certificateNames", "trustBundleFile"},
     "upstream": {"host", "port", "tls", "tlsDomain", "trustBundleFile", "clientCertificate"},
     "limits": {"maxMessageSize", "maxRecipients", "maxConnections", "maxConnectionsPerIp",
-               "maxCommandLine", "maxTextLine", "maxErrors"},
+               "maxCommandLine", "maxTextLine", "maxErrors", "reservedConnectionsPercent",
+               "stressPercent", "ipv6PrefixLength"},
     "timeouts": {"commandSecs", "dataSecs", "tlsHandshakeSecs", "nextHopSecs",
-                 "nextHopDataEndSecs", "shutdownGraceSecs"},
+                 "nextHopDataEndSecs", "shutdownGraceSecs", "stressCommandSecs", "shedAfterSecs"},
 }
 
 

@@ -96,7 +96,7 @@ def family_of(name, samples):
 
 class Sink(threading.Thread):
     """A minimal SMTP server: 250 for everything, 451 at the final dot when the message says
-    TEMPFAIL (a next hop's temporary failure)."""
+    TEMPFAIL and 451 to a RCPT of a `tempfail@` recipient (a next hop's temporary failures)."""
 
     def __init__(self, addr):
         super().__init__(daemon=True)
@@ -139,6 +139,8 @@ class Sink(threading.Thread):
                         body += chunk
                     self.received += 1
                     say("451 4.3.0 try later" if b"TEMPFAIL" in body else "250 2.0.0 queued")
+                elif cmd.startswith(b"RCPT") and b"TEMPFAIL@" in cmd:
+                    say("451 4.2.1 mailbox busy")
                 elif cmd == b"QUIT":
                     say("221 bye")
                     return
@@ -211,6 +213,13 @@ def traffic(net, tmp, connectors_file, good_connectors):
                 check(want is None, "the upstream's 451 was not mirrored")
             except smtplib.SMTPDataError as e:
                 check(e.smtp_code == want, f"DATA got {e.smtp_code}, want {want}")
+    # a recipient the upstream answers 451 (partnergate_next_hop_recipients_total tempfail)
+    with smtplib.SMTP(*gw, source_address=(f"{net}.21", 0), timeout=10) as s:
+        s.starttls(context=ctx)
+        s.ehlo("mail.contoso.test")
+        s.mail("a@contoso.test")
+        code, _ = s.rcpt("tempfail@example.test")
+        check(code == 451, f"RCPT the upstream answers 451 got {code}")
     # internal sender to the Outbound connector's partner
     with smtplib.SMTP(*gw, source_address=(f"{net}.20", 0), timeout=10) as s:
         s.sendmail("me@example.test", ["you@fabrikam.test"], msg)
