@@ -108,12 +108,12 @@ bench-smoke:
 	tests/bench/smoke.sh
 
 # --- relay model ---
-## relay-model: the relay-transaction model test (gateway/tests/relay_model.rs) on 100,000
+## relay-model: the relay-transaction model test (gateway/tests/it/relay_model.rs) on 100,000
 ## generated transactions (`cargo test` runs 2,000). RELAY_MODEL_SEED picks another seed;
 ## RELAY_MODEL_SESSION=<n> replays one session of it.
 .PHONY: relay-model
 relay-model:
-	RELAY_MODEL_CASES=100000 $(CARGO) test -p partnergate-gateway --test relay_model -- --nocapture
+	RELAY_MODEL_CASES=100000 $(CARGO) test -p partnergate-gateway --test it relay_model:: -- --nocapture
 
 # --- fuzzing ---
 ## fuzz: libFuzzer targets for the gateway (gateway/fuzz: session state machine, DATA path,
