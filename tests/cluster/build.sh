@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Build (once) and cache the test control plane binaries from published Go modules:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm.
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm,
+#   cert-manager-controller and cmctl (plus cert-manager's CRDs, from the same module).
 # Versions come from versions.env. Binaries are cached outside the repo under
-#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{k8s,etcd,helm}-<version>/bin/
-# and a directory of symlinks to all of them is kept at
-#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/bin/k8s-<v>_etcd-<v>_helm-<v>/
+#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{k8s,etcd,helm,cert-manager}-<version>/bin/
+# and a directory of symlinks to all of them (and to cert-manager.crds.yaml) is kept at
+#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/bin/k8s-<v>_etcd-<v>_helm-<v>_cert-manager-<v>/
 #
 # Usage:
 #   tests/cluster/build.sh                  build what is missing, print each binary's path
@@ -31,18 +32,25 @@ CACHE=${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}
 K8S_DIR=$CACHE/k8s-$K8S_VERSION
 ETCD_DIR=$CACHE/etcd-$ETCD_VERSION
 HELM_DIR=$CACHE/helm-$HELM_VERSION
-BIN_DIR=$CACHE/bin/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}
+CM_DIR=$CACHE/cert-manager-$CERT_MANAGER_VERSION
+BIN_DIR=$CACHE/bin/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_cert-manager-${CERT_MANAGER_VERSION}
 K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# binary name -> package under github.com/cert-manager/cert-manager/cmd
+declare -A CM_PKG=([cert-manager-controller]=controller [cmctl]=ctl)
+CM_BINS=(cert-manager-controller cmctl)
+CM_CRDS=$CM_DIR/crds/cert-manager.crds.yaml
 
 # name -> cached path
 declare -A BIN_PATH=([etcd]=$ETCD_DIR/bin/etcd [helm]=$HELM_DIR/bin/helm)
 for b in "${K8S_BINS[@]}"; do BIN_PATH[$b]=$K8S_DIR/bin/$b; done
-ALL_BINS=(etcd "${K8S_BINS[@]}" helm)
+for b in "${CM_BINS[@]}"; do BIN_PATH[$b]=$CM_DIR/bin/$b; done
+ALL_BINS=(etcd "${K8S_BINS[@]}" helm "${CM_BINS[@]}")
 
 all_cached() {
   local b
   for b in "${ALL_BINS[@]}"; do [ -x "${BIN_PATH[$b]}" ] || return 1; done
   for b in "${ALL_BINS[@]}"; do [ "$(readlink "$BIN_DIR/$b" 2>/dev/null)" = "${BIN_PATH[$b]}" ] || return 1; done
+  [ -s "$CM_CRDS" ] && [ "$(readlink "$BIN_DIR/cert-manager.crds.yaml" 2>/dev/null)" = "$CM_CRDS" ]
 }
 
 if [ "$mode" = check ]; then all_cached; exit; fi
@@ -209,16 +217,88 @@ helm_build() {
   rmdir "$tmpbin"
 }
 
+# ---- cert-manager ------------------------------------------------------------------------------
+# A scratch module requiring the cert-manager module, so its go.mod's versions (k8s.io v0.26.x)
+# are used as they are; its one replace (miekg/dns) is repeated here because a dependency's
+# replace directives do not apply to the main module.
+cm_prepare() {
+  local src=$CM_DIR/src
+  mkdir -p "$src"
+  [ -f "$src/.ready" ] && return 0
+  local gomod
+  gomod=$("${GO[@]}" mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" |
+    sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
+  [ -f "$gomod" ] || { echo "cannot find go.mod of cert-manager@$CERT_MANAGER_VERSION"; return 1; }
+  {
+    echo "module partnergate.local/cert-manager-build"
+    echo
+    echo "go 1.26.0"
+    echo
+    echo "require github.com/cert-manager/cert-manager $CERT_MANAGER_VERSION"
+    echo
+    sed -n 's#^replace[[:space:]]\{1,\}\(.*=>.*\)$#replace \1#p' "$gomod"
+  } >"$src/go.mod"
+  {
+    echo "//go:build tools"
+    echo
+    echo "package tools"
+    echo
+    echo "import ("
+    local b
+    for b in "${CM_BINS[@]}"; do echo "	_ \"github.com/cert-manager/cert-manager/cmd/${CM_PKG[$b]}\""; done
+    echo ")"
+  } >"$src/tools.go"
+  rm -f "$src/go.sum"
+  (cd "$src" && "${GO[@]}" mod tidy)
+  touch "$src/.ready"
+}
+cm_build() {
+  local name=$1 pkg=github.com/cert-manager/cert-manager/pkg/util
+  cm_prepare
+  cd "$CM_DIR/src"
+  "${GO[@]}" build -ldflags "-s -w -X $pkg.AppVersion=$CERT_MANAGER_VERSION -X $pkg.AppGitState=clean" \
+    -o "$TMP_OUT" "github.com/cert-manager/cert-manager/cmd/${CM_PKG[$name]}"
+}
+# The CRDs of deploy/crds are Helm templates only in their metadata.labels: each file's
+# templated label lines become one plain label, so kubectl can apply them as they are.
+cm_crds() {
+  [ -s "$CM_CRDS" ] && { echo "cached: cert-manager CRDs -> $CM_CRDS"; return 0; }
+  local dir tmp f
+  dir=$("${GO[@]}" mod download -json "github.com/cert-manager/cert-manager@$CERT_MANAGER_VERSION" |
+    sed -n 's/^[[:space:]]*"Dir": "\(.*\)",\{0,1\}$/\1/p')
+  [ -d "$dir/deploy/crds" ] || { echo "build.sh: no deploy/crds in cert-manager@$CERT_MANAGER_VERSION" >&2; exit 1; }
+  mkdir -p "$(dirname "$CM_CRDS")"
+  rm -f "$CM_CRDS".tmp.*
+  tmp=$(mktemp "$CM_CRDS.tmp.XXXXXX")
+  for f in "$dir"/deploy/crds/crd-*.yaml; do
+    echo "---"
+    awk '/\{\{/ { if (!done) print "    app.kubernetes.io/name: cert-manager"; done = 1; next } { print }' "$f"
+  done >"$tmp"
+  if grep -q '{{' "$tmp" || [ "$(grep -c '^kind: CustomResourceDefinition' "$tmp")" -ne 6 ]; then
+    echo "build.sh: unexpected cert-manager CRD files in $dir/deploy/crds" >&2
+    rm -f "$tmp"
+    exit 1
+  fi
+  chmod 0644 "$tmp"
+  mv -f "$tmp" "$CM_CRDS"
+  echo "prepared cert-manager CRDs -> $CM_CRDS"
+}
+
 # ---- main --------------------------------------------------------------------------------------
-echo "partnergate test control plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION (cache: $CACHE)"
+echo "partnergate test control plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, cert-manager $CERT_MANAGER_VERSION (cache: $CACHE)"
 build_one etcd "$ETCD_VERSION" "${BIN_PATH[etcd]}" etcd_build
 for b in "${K8S_BINS[@]}"; do
   build_one "$b" "$K8S_VERSION" "${BIN_PATH[$b]}" k8s_build "$b"
 done
 build_one helm "$HELM_VERSION" "${BIN_PATH[helm]}" helm_build
+for b in "${CM_BINS[@]}"; do
+  build_one "$b" "$CERT_MANAGER_VERSION" "${BIN_PATH[$b]}" cm_build "$b"
+done
+cm_crds
 
 mkdir -p "$BIN_DIR"
 for b in "${ALL_BINS[@]}"; do ln -sfn "${BIN_PATH[$b]}" "$BIN_DIR/$b"; done
+ln -sfn "$CM_CRDS" "$BIN_DIR/cert-manager.crds.yaml"
 
 echo "all binaries ready in $(fmt_secs $((SECONDS - TOTAL_START))):"
 for b in "${ALL_BINS[@]}"; do printf '  %-24s %s\n' "$b" "${BIN_PATH[$b]}"; done

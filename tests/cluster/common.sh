@@ -1,4 +1,4 @@
-# Shared settings for up.sh / down.sh / smoke.sh (sourced, not executed).
+# Shared settings for up.sh / down.sh / smoke.sh / cert-manager.sh (sourced, not executed).
 # Every knob is an environment variable with a fixed default, so two clusters can coexist when
 # they differ in PARTNERGATE_CLUSTER_STATE and the ports.
 
@@ -12,12 +12,15 @@ ETCD_PEER_PORT=${PARTNERGATE_ETCD_PEER_PORT:-23800}  # etcd peer (http, 127.0.0.
 APISERVER_PORT=${PARTNERGATE_APISERVER_PORT:-16443}  # kube-apiserver secure port (https)
 KCM_PORT=${PARTNERGATE_KCM_PORT:-10557}              # kube-controller-manager /healthz (https)
 SCHEDULER_PORT=${PARTNERGATE_SCHEDULER_PORT:-10559}  # kube-scheduler /healthz (https)
+CM_METRICS_PORT=${PARTNERGATE_CERT_MANAGER_PORT:-10575}  # cert-manager controller /metrics (http)
 UP_TIMEOUT=${PARTNERGATE_UP_TIMEOUT:-120}            # seconds to wait for each component
 SERVICE_CIDR=10.96.0.0/16                            # config only: nothing routes there
 STATE_MARKER=.partnergate-cluster                    # down.sh only deletes dirs holding this
 
 # Stop order is the reverse of this.
 COMPONENTS=(etcd kube-apiserver kube-controller-manager kube-scheduler)
+# Started on demand next to the control plane (cert-manager.sh); stopped before COMPONENTS.
+ADDONS=(cert-manager-controller)
 
 pg_log() { printf '[%s] %s\n' "$(date +%T)" "$*"; }
 
@@ -51,10 +54,28 @@ pg_stop() {
   rm -f "$STATE/run/$c.pid"
 }
 
-# Stop every component, in the reverse of the start order.
+# Stop every add-on, then every component in the reverse of the start order.
 pg_stop_all() {
   local i
+  for i in "${ADDONS[@]}"; do pg_stop "$i"; done
   for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
     pg_stop "${COMPONENTS[$i]}"
   done
+}
+
+# Refuse a port inside the kernel's ephemeral range or held by any socket (see README.md: a port
+# in that range can be taken by an outgoing connection's local end between this check and bind).
+pg_check_port() {  # PORT ENV-NAME
+  local p=$1 low high sockets
+  read -r low high </proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || { low=32768 high=60999; }
+  if [ "$p" -ge "$low" ] && [ "$p" -le "$high" ]; then
+    echo "port $p is inside the ephemeral range $low-$high; pick one below $low ($2)" >&2
+    return 1
+  fi
+  sockets=$(ss -Hatn "sport = :$p" 2>/dev/null | grep -v TIME-WAIT || true)
+  if [ -n "$sockets" ]; then
+    echo "port $p is already in use (set $2 to move it)" >&2
+    ss -Hatnp "sport = :$p" >&2 || true
+    return 1
+  fi
 }

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `make demo`: the whole system on a local control plane, left running for you to explore.
-# Builds what is missing (Go-built control plane cached in ~/.cache/partnergate, cargo builds),
-# installs the chart, applies an inbound and an outbound connector, sends three mails and shows
-# what happened. `make cluster-down` stops everything.
+# Builds what is missing (Go-built control plane and cert-manager cached in ~/.cache/partnergate,
+# cargo builds), starts cert-manager (which issues every certificate), installs the chart,
+# applies an inbound and an outbound connector, sends three mails and shows what happened.
+# `make cluster-down` stops everything.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=env.sh
@@ -33,6 +34,9 @@ echo
 e2e_log "kubectl get partnerconnectors -A"
 kubectl get partnerconnectors -A
 echo
+e2e_log "kubectl get certificates -A (issued by cert-manager, running next to the control plane)"
+kubectl get certificates -A
+echo
 e2e_log "what the organisation's mail server (smtp-sink on 127.0.0.1:$E2E_SINK_PORT) received"
 for f in $(find "$E2E_WORK/sink" -name 'mail.*' -type f | sort); do
   echo "--- $f"
@@ -45,9 +49,11 @@ The system is still running. To explore:
   export PATH=$(dirname "$(command -v kubectl)"):\$PATH     # kubectl and helm built for this cluster
   kubectl get partnerconnectors -A; kubectl -n mail describe partnerconnector contoso
   kubectl -n $NS get pods -o wide                       # gateway pods on 127.0.10.x
+  cmctl renew -n $NS partnergate-gateway                # cert-manager reissues the gateway certificate
   curl -s http://$gw:8080/status                        # what a gateway has loaded
   swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\
         --tls-cert $PKI/contoso-mail.crt --tls-key $PKI/contoso-mail.key
-  logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log, $E2E_WORK/kubelet.log
+  logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log, $E2E_WORK/kubelet.log,
+        $PARTNERGATE_CLUSTER_STATE/logs/cert-manager-controller.log
 Stop everything with: make cluster-down
 MSG

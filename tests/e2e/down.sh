@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Stops everything `make demo` / the e2e suite started: chart, process kubelet, sink, private
-# Postfix instances, the control plane.
+# Postfix instances, cert-manager and the control plane (tests/cluster/down.sh stops both).
 set -uo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=env.sh

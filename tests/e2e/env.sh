@@ -5,8 +5,9 @@
 #     127.0.10.0/24 pod IPs
 #   - the chart installed with helm, the real operator and gateways
 #   - Postfix's smtp-sink as the organisation's mail server (127.0.0.1:$E2E_SINK_PORT)
-# Certificates are generated here with openssl; Secrets are written exactly the way
-# cert-manager writes them (type kubernetes.io/tls, tls.crt/tls.key/ca.crt, annotations).
+#   - cert-manager's controller next to the control plane (tests/cluster/cert-manager.sh), which
+#     issues every certificate: Issuers and Certificates in manifests/pki-*.yaml and the chart's
+#     gateway Certificate; files for the peers (Postfix, swaks) are read from its Secrets.
 
 E2E_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$E2E_DIR/../.." && pwd)
@@ -25,7 +26,9 @@ e2e_dump() {
   echo "---- pods ----" >&2
   kubectl get pods -A -o wide >&2 2>/dev/null || true
   kubectl get partnerconnectors -A >&2 2>/dev/null || true
-  for f in "$E2E_WORK"/kubelet.log "$PARTNERGATE_CLUSTER_STATE"/kubelet/pods/*/*.log; do
+  kubectl get certificates,issuers,clusterissuers -A >&2 2>/dev/null || true
+  for f in "$E2E_WORK"/kubelet.log "$PARTNERGATE_CLUSTER_STATE"/logs/cert-manager-controller.log \
+    "$PARTNERGATE_CLUSTER_STATE"/kubelet/pods/*/*.log; do
     [ -f "$f" ] || continue
     echo "---- tail $f ----" >&2
     tail -n 25 "$f" >&2
@@ -42,48 +45,47 @@ e2e_tools() {
   BIN_DIR=$REPO/target/debug
 }
 
-# Certificates for the whole suite, made once per run.
-e2e_certs() {
+# Every certificate comes from cert-manager (tests/cluster/cert-manager.sh runs its controller):
+# manifests/pki-org.yaml (org CA, outbound client certificate) and manifests/pki-partners.yaml
+# (partner CAs and their leaves); the gateway's server certificate is the chart's Certificate.
+e2e_cert_manager() {
+  "$REPO/tests/cluster/cert-manager.sh" >"$E2E_WORK/cert-manager-up.log" 2>&1 || {
+    cat "$E2E_WORK/cert-manager-up.log" >&2
+    e2e_fail "tests/cluster/cert-manager.sh"
+  }
+  kubectl apply -f "$E2E_DIR/manifests/pki-org.yaml" -f "$E2E_DIR/manifests/pki-partners.yaml" >/dev/null ||
+    e2e_fail "applying the cert-manager Issuers and Certificates"
+}
+# Wait for what e2e_cert_manager applied, then hand the peers their files and Fabrikam's bundle.
+e2e_cert_files() {
   local d=$E2E_WORK/pki
+  kubectl -n cert-manager wait --for=condition=Ready certificate/org-ca --timeout=60s >/dev/null &&
+    kubectl wait --for=condition=Ready clusterissuer/org-ca --timeout=60s >/dev/null &&
+    kubectl -n mail wait --for=condition=Ready certificate --all --timeout=60s >/dev/null ||
+    e2e_fail "cert-manager did not issue the test certificates: $(kubectl get certificates -A 2>&1)"
   mkdir -p "$d"
-  _ca() { # name cn
-    openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 30 \
-      -subj "/CN=$2" -keyout "$d/$1.key" -out "$d/$1.crt" \
-      -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign 2>/dev/null
-  }
-  _leaf() { # name ca san cn days
-    openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj "/CN=$4" \
-      -keyout "$d/$1.key" -out "$d/$1.csr" 2>/dev/null
-    openssl x509 -req -in "$d/$1.csr" -CA "$d/$2.crt" -CAkey "$d/$2.key" -CAcreateserial \
-      -days "${5:-30}" -out "$d/$1.crt" \
-      -extfile <(printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3") 2>/dev/null
-  }
-  _ca org-ca "partnergate e2e org CA"
-  _ca contoso-ca "Contoso partner CA"
-  _ca fabrikam-ca "Fabrikam partner CA"
-  _leaf gateway org-ca "DNS:mx.org.test,DNS:partnergate-gateway.$NS.svc" mx.org.test
-  _leaf gateway-rotated org-ca "DNS:mx.org.test,DNS:partnergate-gateway.$NS.svc" mx2.org.test
-  _leaf contoso-mail contoso-ca "DNS:mail.contoso.test" mail.contoso.test
-  _leaf contoso-wrong contoso-ca "DNS:mail.evil.test" mail.evil.test
-  _leaf fabrikam-smtp fabrikam-ca "DNS:smtp.fabrikam.test" smtp.fabrikam.test
-  _leaf org-client org-ca "DNS:relay.org.test" relay.org.test
+  e2e_secret_key cert-manager org-ca ca.crt >"$d/org-ca.crt"
+  e2e_secret_key mail fabrikam-ca ca.crt >"$d/fabrikam-ca.crt"
+  e2e_pki_files mail contoso-mail contoso-mail
+  e2e_pki_files mail contoso-wrong contoso-wrong
+  e2e_pki_files mail fabrikam-smtp fabrikam-smtp
+  # Fabrikam's bundle as a ConfigMap (configMapRef), copied from the Secret cert-manager wrote,
+  # as trust-manager would distribute it.
+  kubectl -n mail create configmap fabrikam-ca --from-file=ca.crt="$d/fabrikam-ca.crt" \
+    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
 }
 
-# A kubernetes.io/tls Secret exactly as cert-manager writes it.
-e2e_tls_secret() { # namespace name certname
+# Write a cert-manager Secret's tls.crt and tls.key to $PKI/<name>.crt and .key, for the peers
+# that read files (Postfix, swaks, openssl).
+e2e_pki_files() { # namespace secret name
   local d=$E2E_WORK/pki
-  kubectl -n "$1" create secret tls "$2" --cert="$d/$3.crt" --key="$d/$3.key" \
-    --dry-run=client -o json |
-    python3 -c '
-import json, sys, base64
-s = json.load(sys.stdin)
-s["data"]["ca.crt"] = base64.b64encode(open(sys.argv[1], "rb").read()).decode()
-s["metadata"]["annotations"] = {
-    "cert-manager.io/certificate-name": sys.argv[2],
-    "cert-manager.io/issuer-name": "e2e-ca", "cert-manager.io/issuer-kind": "Issuer",
-    "cert-manager.io/issuer-group": "cert-manager.io",
-    "cert-manager.io/common-name": sys.argv[3], "cert-manager.io/alt-names": sys.argv[3]}
-print(json.dumps(s))' "$d/org-ca.crt" "$2" "$3" | kubectl apply -f - >/dev/null
+  mkdir -p "$d"
+  e2e_secret_key "$1" "$2" tls.crt >"$d/$3.crt" && e2e_secret_key "$1" "$2" tls.key >"$d/$3.key" &&
+    [ -s "$d/$3.crt" ] && [ -s "$d/$3.key" ] || e2e_fail "no certificate in secret $1/$2"
+  chmod 0600 "$d/$3.key"
+}
+e2e_secret_key() { # namespace secret key -> decoded value on stdout
+  kubectl -n "$1" get secret "$2" -o go-template="{{index .data \"$3\"}}" | base64 -d
 }
 
 # The organisation's mail server: Postfix's smtp-sink dumping each message to a file.
@@ -112,9 +114,6 @@ e2e_kubelet() {
 }
 
 e2e_install_chart() {
-  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  kubectl create namespace mail --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  e2e_tls_secret "$NS" partnergate-gateway-tls gateway
   helm upgrade --install partnergate "$REPO/charts/partnergate" -n "$NS" \
     -f "$E2E_DIR/values-e2e.yaml" --wait --timeout 180s >/dev/null ||
     e2e_fail "helm install"
@@ -135,17 +134,16 @@ e2e_up() {
     cat "$E2E_WORK/cluster-up.log" >&2
     e2e_fail "tests/cluster/up.sh"
   }
-  e2e_certs
+  kubectl create namespace "$NS" --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  kubectl create namespace mail --dry-run=client -o yaml | kubectl apply -f - >/dev/null
+  e2e_log "starting cert-manager; issuing the org and partner certificates"
+  e2e_cert_manager
   e2e_sink
   e2e_log "starting the process kubelet"
   e2e_kubelet
-  e2e_log "helm install charts/partnergate"
+  e2e_cert_files
+  e2e_log "helm install charts/partnergate (its Certificate: gateway server certificate from org-ca)"
   e2e_install_chart
-  kubectl -n mail create secret generic contoso-ca --from-file=ca.crt="$E2E_WORK/pki/contoso-ca.crt" \
-    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  kubectl -n mail create configmap fabrikam-ca --from-file=ca.crt="$E2E_WORK/pki/fabrikam-ca.crt" \
-    --dry-run=client -o yaml | kubectl apply -f - >/dev/null
-  e2e_tls_secret mail partnergate-client-tls org-client
 }
 
 e2e_down() {
