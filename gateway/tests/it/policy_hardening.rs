@@ -12,13 +12,12 @@
 use std::ffi::OsStr;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use crate::support::gateway::run_cli;
 use crate::support::pki::material_name;
 use crate::support::{
-    CertPair, Fixture, Gateway, GatewaySpec, Net, Pki, Reply, Sink, SinkOptions, Transcript,
-    connector_header, connectors, contoso_bundle, inbound, require_tool,
+    CertPair, Fixture, Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions, Transcript,
+    connector_header, connectors, contoso_bundle, inbound, run_python_smtp,
 };
 use serde_json::{Value, json};
 
@@ -114,33 +113,7 @@ impl Client {
             "from": from,
             "to": to,
         });
-        let out = Command::new(require_tool("python3"))
-            .arg("-c")
-            .arg(PY)
-            .arg(args.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run python3");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let raw = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        let steps: Vec<(String, u16, String)> = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("python smtplib output is not JSON ({e}): {raw}"));
-        let mut t = Transcript {
-            steps: Vec::new(),
-            raw,
-        };
-        for (cmd, code, msg) in steps {
-            if cmd == "ERROR" {
-                t.raw.push_str(&format!("\nclient error: {msg}"));
-                continue;
-            }
-            let mut lines: Vec<String> = msg.lines().map(str::to_string).collect();
-            if lines.is_empty() {
-                lines.push(String::new());
-            }
-            t.steps.push((cmd, Reply { code, lines }));
-        }
-        t
+        run_python_smtp(PY, &args)
     }
 }
 

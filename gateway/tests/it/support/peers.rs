@@ -335,7 +335,6 @@ impl Python {
     }
 
     pub fn send(self, from: &str, to: &[&str], data: &str) -> Transcript {
-        let python = require_tool("python3");
         let args = json!({
             "host": self.server.ip().to_string(),
             "port": self.server.port(),
@@ -348,34 +347,38 @@ impl Python {
             "to": to,
             "data": data,
         });
-        let out = Command::new(python)
-            .arg("-c")
-            .arg(PY)
-            .arg(args.to_string())
-            .stdin(Stdio::null())
-            .output()
-            .expect("run python3");
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        let raw = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
-        let steps: Vec<(String, u16, String)> = serde_json::from_str(stdout.trim())
-            .unwrap_or_else(|e| panic!("python smtplib output is not JSON ({e}): {raw}"));
-        let mut t = Transcript {
-            steps: Vec::new(),
-            raw,
-        };
-        for (cmd, code, msg) in steps {
-            if cmd == "ERROR" {
-                t.raw.push_str(&format!("\nclient error: {msg}"));
-                continue;
-            }
-            let lines: Vec<String> = msg.lines().map(str::to_string).collect();
-            let lines = if lines.is_empty() {
-                vec![String::new()]
-            } else {
-                lines
-            };
-            t.steps.push((cmd, Reply { code, lines }));
-        }
-        t
+        run_python_smtp(PY, &args)
     }
+}
+
+/// Runs a Python smtplib `script` with `args` as JSON in argv[1]; the script prints a JSON list
+/// of `[command, code, message]` (a `cmd` of `ERROR` is a client-side error, kept in `raw`).
+pub fn run_python_smtp(script: &str, args: &serde_json::Value) -> Transcript {
+    let out = Command::new(require_tool("python3"))
+        .arg("-c")
+        .arg(script)
+        .arg(args.to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("run python3");
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let raw = format!("{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let steps: Vec<(String, u16, String)> = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("python smtplib output is not JSON ({e}): {raw}"));
+    let mut t = Transcript {
+        steps: Vec::new(),
+        raw,
+    };
+    for (cmd, code, msg) in steps {
+        if cmd == "ERROR" {
+            t.raw.push_str(&format!("\nclient error: {msg}"));
+            continue;
+        }
+        let mut lines: Vec<String> = msg.lines().map(str::to_string).collect();
+        if lines.is_empty() {
+            lines.push(String::new());
+        }
+        t.steps.push((cmd, Reply { code, lines }));
+    }
+    t
 }
