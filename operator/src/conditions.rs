@@ -349,23 +349,8 @@ pub fn transitions(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{connector, outbound};
+    use crate::fixtures::{accepted_outcome as accepted, connector, outbound, time as t};
     use crate::gateway::{GatewayStatus, PodReport, StatusConnector, StatusValidation};
-    use k8s_openapi::jiff::Timestamp;
-
-    fn t(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
-
-    fn accepted() -> Outcome {
-        Outcome {
-            acceptance: Acceptance::Accepted,
-            resolution: Resolution::Resolved,
-            included: true,
-            certificates: vec![],
-            expiring: vec![],
-        }
-    }
 
     fn pod(name: &str, conns: &[(&str, i64)]) -> PodReport {
         PodReport {

@@ -113,3 +113,20 @@ pub fn outbound(
 pub fn created(pc: &mut PartnerConnector, unix: i64) {
     pc.metadata.creation_timestamp = Timestamp::from_second(unix).ok().map(Time);
 }
+
+/// A `Time` `secs` seconds after the epoch.
+pub fn time(secs: i64) -> Time {
+    Time(Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH))
+}
+
+/// What the render says of an accepted connector whose references resolved, included in the
+/// config.
+pub fn accepted_outcome() -> crate::render::Outcome {
+    crate::render::Outcome {
+        acceptance: crate::render::Acceptance::Accepted,
+        resolution: crate::render::Resolution::Resolved,
+        included: true,
+        certificates: vec![],
+        expiring: vec![],
+    }
+}

@@ -177,27 +177,12 @@ pub fn plan(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{connector, outbound};
+    use crate::fixtures::{accepted_outcome as accepted, connector, outbound, time as t};
     use crate::gateway::{GatewayStatus, PodReport, StatusConnector, StatusValidation};
-    use crate::render::{Acceptance, Outcome, Resolution};
-    use k8s_openapi::jiff::Timestamp;
+    use crate::render::{Outcome, Resolution};
     use std::collections::{BTreeMap, HashMap};
 
     use EventType::{Normal, Warning};
-
-    fn t(s: i64) -> Time {
-        Time(Timestamp::from_second(s).unwrap())
-    }
-
-    fn accepted() -> Outcome {
-        Outcome {
-            acceptance: Acceptance::Accepted,
-            resolution: Resolution::Resolved,
-            included: true,
-            certificates: vec![],
-            expiring: vec![],
-        }
-    }
 
     /// A render that has seen `pc` as it is, with this outcome.
     fn rendered(pc: &PartnerConnector, outcome: Outcome) -> RenderState {
