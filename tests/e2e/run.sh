@@ -27,7 +27,7 @@ cleanup() {
   [ -n "${frozen_pid:-}" ] && kill -CONT "$frozen_pid" 2>/dev/null || true
   e2e_postfix_down contoso
   e2e_postfix_down fabrikam
-  [ -n "${E2E_KEEP:-}" ] || e2e_down
+  [ -n "${E2E_KEEP:-}" ] || { "$HERE/prometheus.sh" stop; e2e_down; }
   exit $rc
 }
 trap cleanup EXIT
@@ -362,6 +362,10 @@ while read -r id _; do
 done <"$FAULT_LEDGER"
 [ "$missing" -eq 0 ] || e2e_fail "$missing of $total messages accepted during control-plane faults are not at the sink"
 pass "during every control-plane fault: $total sessions through ${#GW[@]} gateways, $total x 250, all $total at the sink"
+
+# --- the chart's alerts and dashboard on a real Prometheus scraping these pods ---
+"$HERE/prometheus.sh" || e2e_fail "tests/e2e/prometheus.sh"
+pass "Prometheus scraping the gateway and operator pods: the chart's alerts and dashboard queries evaluate on real metrics; not-Ready and expiring-certificate alerts pending for connectors made to fail"
 
 # --- deleting the connector removes its rules ---
 kubectl -n mail delete partnerconnector contoso --wait=true >/dev/null
