@@ -16,6 +16,7 @@ mod hardening;
 mod harness;
 mod hostile_corpus;
 mod inbound_rules;
+mod interop;
 mod no_loss;
 mod open_relay;
 mod outbound_matrix;

@@ -8,10 +8,13 @@
 //! binaries run by other people on the same machine) never share an address or a port. No
 //! traffic ever leaves 127.0.0.0/8.
 
+pub mod exim;
 pub mod fixture;
 pub mod gateway;
 pub mod haproxy;
+pub mod msmtp;
 pub mod net;
+pub mod opensmtpd;
 pub mod peers;
 pub mod pki;
 pub mod postfix;
