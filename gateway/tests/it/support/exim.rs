@@ -25,6 +25,28 @@ use super::{CertPair, wait_for};
 /// The unpacked `exim4-daemon-light` binary (see tests/scripts/install-deps.sh).
 pub const EXIM: &str = "/opt/partnergate-peers/exim4/usr/sbin/exim4";
 
+/// Whether an SMTP server at `addr` answers a new session with `220` (the session is then
+/// closed with QUIT).
+pub fn greets(addr: SocketAddr) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    if s.set_read_timeout(Some(Duration::from_secs(2))).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    let Ok(reader) = s.try_clone() else {
+        return false;
+    };
+    // A multi-line 220 ends with "220 "; the first line is enough to know the server answers.
+    if BufReader::new(reader).read_line(&mut line).is_err() || !line.starts_with("220") {
+        return false;
+    }
+    let _ = s.write_all(b"QUIT\r\n");
+    true
+}
+
 /// How the sending Exim talks to the gateway.
 #[derive(Debug, Clone)]
 pub struct EximSender {
@@ -72,7 +94,8 @@ daemon_smtp_ports = {port}
 host_lookup =
 rfc1413_hosts =
 keep_environment =
-log_selector = +tls_peerdn +tls_certificate_verified +smtp_confirmation +received_recipients
+log_selector = +tls_peerdn +tls_certificate_verified +smtp_confirmation +received_recipients \
+  +smtp_connection +lost_incoming_connection +smtp_protocol_error +smtp_syntax_error
 acl_smtp_rcpt = acl_rcpt
 ",
         d = d.display(),
@@ -112,7 +135,9 @@ impl Exim {
             .spawn()
             .expect("start exim");
         let mut exim = Exim { dir, child, listen };
-        wait_for(Duration::from_secs(20), "exim listener", || {
+        // Ready = the daemon logged its start and a session gets a 220: a connection taken
+        // while the daemon is still setting up can be dropped without a greeting.
+        wait_for(Duration::from_secs(20), "exim daemon greeting", || {
             if let Ok(Some(status)) = exim.child.try_wait() {
                 panic!(
                     "exim exited ({status}): {}\n{}",
@@ -120,9 +145,7 @@ impl Exim {
                     exim.file("log/paniclog")
                 );
             }
-            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
+            (exim.mainlog().contains("daemon started") && greets(listen)).then_some(())
         });
         exim
     }
@@ -309,10 +332,12 @@ impl Drop for Exim {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "---- exim mainlog ({}) ----\n{}\n---- paniclog ----\n{}\n---- end ----",
+                "---- exim mainlog ({}) ----\n{}\n---- paniclog ----\n{}\n---- stderr ----\n{}\n\
+                 ---- end ----",
                 self.listen,
                 self.mainlog(),
-                self.file("log/paniclog")
+                self.file("log/paniclog"),
+                self.file("stderr")
             );
         }
         // SIGTERM lets the daemon remove its pid file; the child handle reaps it.

@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tempfile::TempDir;
 
+use super::exim::greets;
 use super::net::free_port;
 use super::postfix::Delivery;
 use super::smtp::SmtpConn;
@@ -124,13 +125,11 @@ exec {SMTPD} -d -f {conf}",
             .spawn()
             .expect("start opensmtpd");
         let mut s = OpenSmtpd { dir, child, listen };
-        wait_for(Duration::from_secs(20), "opensmtpd listener", || {
+        wait_for(Duration::from_secs(20), "opensmtpd greeting", || {
             if let Ok(Some(status)) = s.child.try_wait() {
                 panic!("opensmtpd exited ({status}):\n{}", s.log());
             }
-            std::net::TcpStream::connect_timeout(&listen, Duration::from_millis(200))
-                .ok()
-                .map(|_| ())
+            greets(listen).then_some(())
         });
         s
     }
