@@ -1,66 +1,81 @@
-//! PROXY protocol v2 (haproxy's spec, section 2.2), written by hand: we need only the fixed
-//! header and the INET/INET6 source address, and a parser of ~40 lines is easier to audit than a
-//! dependency. Only peers in `trustedProxies` may send it; [`Guard`] closes any other
-//! connection whose first bytes are a PROXY v2 signature (a load balancer we do not trust, or a
-//! second header), instead of feeding binary to the SMTP parser.
+//! PROXY protocol v2 (haproxy's spec, section 2.2), parsed by the `ppp` crate: the binary
+//! header only (no v1 text), PROXY and LOCAL commands, INET/INET6 source addresses, TLVs
+//! skipped. Only peers in `trustedProxies` may send it; [`Guard`] closes any other connection
+//! whose first bytes are a PROXY v2 signature (a load balancer we do not trust, or a second
+//! header), instead of feeding binary to the SMTP parser.
+//!
+//! Invariants: the read is bounded (the fixed 16 bytes are validated before the length they
+//! announce, at most `u16::MAX`, is read); a header `ppp` rejects closes the connection. `ppp`
+//! is stricter than the hand-written parser it replaced in one respect, as the spec asks:
+//! address family or transport values the spec does not define are rejected instead of
+//! falling back to the proxy's own address, and a LOCAL header must carry as many address bytes
+//! as its family needs (no known proxy sends either).
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use ppp::v2;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-pub const SIGNATURE: [u8; 12] = [
-    0x0D, 0x0A, 0x0D, 0x0A, 0x00, 0x0D, 0x0A, 0x51, 0x55, 0x49, 0x54, 0x0A,
-];
+/// The 12-byte PROXY v2 signature.
+pub const SIGNATURE: &[u8] = v2::PROTOCOL_PREFIX;
 /// Fixed part: signature, version/command, family/protocol, length.
 pub const HEADER_LEN: usize = 16;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ProxyError {
     BadSignature,
+    /// A version other than 2, or a command other than LOCAL and PROXY.
     BadVersion,
+    /// An address family or transport protocol the spec does not define.
+    BadFamily,
+    /// Fewer address bytes than the family needs.
     Truncated,
 }
 
-/// Validates the fixed 16 bytes; returns how many address bytes follow.
+impl From<v2::ParseError> for ProxyError {
+    fn from(e: v2::ParseError) -> ProxyError {
+        use v2::ParseError as E;
+        match e {
+            E::Prefix => ProxyError::BadSignature,
+            E::Version(_) | E::Command(_) => ProxyError::BadVersion,
+            E::AddressFamily(_) | E::Protocol(_) => ProxyError::BadFamily,
+            E::Incomplete(_)
+            | E::Partial(..)
+            | E::InvalidAddresses(..)
+            | E::InvalidTLV(..)
+            | E::Leftovers(_) => ProxyError::Truncated,
+        }
+    }
+}
+
+/// Validates the fixed 16 bytes; returns how many address and TLV bytes follow.
 pub fn parse_fixed(h: &[u8; HEADER_LEN]) -> Result<usize, ProxyError> {
-    if h[..12] != SIGNATURE {
-        return Err(ProxyError::BadSignature);
+    match v2::Header::try_from(&h[..]) {
+        Ok(_) => Ok(0),
+        // The fixed part is valid and announces this many more bytes.
+        Err(v2::ParseError::Partial(_, len)) => Ok(len),
+        Err(e) => Err(e.into()),
     }
-    if h[12] >> 4 != 2 || (h[12] & 0x0F) > 1 {
-        return Err(ProxyError::BadVersion);
-    }
-    Ok(u16::from_be_bytes([h[14], h[15]]) as usize)
 }
 
 /// The client address the proxy reports; `None` for LOCAL (health checks) or families we do
 /// not route on (UNIX, UNSPEC), in which case the proxy's own address is used.
 pub fn source(h: &[u8; HEADER_LEN], rest: &[u8]) -> Result<Option<SocketAddr>, ProxyError> {
-    if h[12] & 0x0F == 0 {
+    let mut whole = Vec::with_capacity(HEADER_LEN + rest.len());
+    whole.extend_from_slice(h);
+    whole.extend_from_slice(rest);
+    let header = v2::Header::try_from(whole.as_slice())?;
+    if header.command == v2::Command::Local {
         return Ok(None);
     }
-    match h[13] >> 4 {
-        1 => {
-            if rest.len() < 12 {
-                return Err(ProxyError::Truncated);
-            }
-            let ip = Ipv4Addr::new(rest[0], rest[1], rest[2], rest[3]);
-            let port = u16::from_be_bytes([rest[8], rest[9]]);
-            Ok(Some(SocketAddr::new(IpAddr::V4(ip), port)))
-        }
-        2 => {
-            if rest.len() < 36 {
-                return Err(ProxyError::Truncated);
-            }
-            let mut b = [0u8; 16];
-            b.copy_from_slice(&rest[..16]);
-            let port = u16::from_be_bytes([rest[32], rest[33]]);
-            Ok(Some(SocketAddr::new(IpAddr::V6(Ipv6Addr::from(b)), port)))
-        }
-        _ => Ok(None),
-    }
+    Ok(match header.addresses {
+        v2::Addresses::IPv4(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v2::Addresses::IPv6(a) => Some(SocketAddr::new(a.source_address.into(), a.source_port)),
+        v2::Addresses::Unix(_) | v2::Addresses::Unspecified => None,
+    })
 }
 
 /// The client stream once any trusted PROXY header has been consumed. Watches the first bytes
@@ -156,6 +171,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guard<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::Ipv6Addr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     #[test]
@@ -169,7 +185,7 @@ mod tests {
             match_signature(0, b"\r\n\r\n\0\r\nQUIT\n\x21\x11"),
             Some(12)
         );
-        assert_eq!(match_signature(0, &SIGNATURE), Some(12));
+        assert_eq!(match_signature(0, SIGNATURE), Some(12));
         assert_eq!(match_signature(4, b"X"), None);
     }
 
@@ -189,7 +205,7 @@ mod tests {
         let n = g.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"EHLO a\r\n");
         // Later bytes are not inspected.
-        peer.write_all(&SIGNATURE).await.unwrap();
+        peer.write_all(SIGNATURE).await.unwrap();
         let n = g.read(&mut buf).await.unwrap();
         assert_eq!(n, SIGNATURE.len());
         g.write_all(b"250 OK\r\n").await.unwrap();
@@ -199,7 +215,7 @@ mod tests {
 
     fn header(cmd: u8, fam: u8, addr: &[u8]) -> ([u8; HEADER_LEN], Vec<u8>) {
         let mut h = [0u8; HEADER_LEN];
-        h[..12].copy_from_slice(&SIGNATURE);
+        h[..12].copy_from_slice(SIGNATURE);
         h[12] = 0x20 | cmd;
         h[13] = fam;
         h[14..16].copy_from_slice(&(addr.len() as u16).to_be_bytes());
@@ -232,5 +248,27 @@ mod tests {
         let mut bad = h;
         bad[12] = 0x11;
         assert_eq!(parse_fixed(&bad), Err(ProxyError::BadVersion));
+    }
+
+    #[test]
+    fn tlvs_are_skipped_and_undefined_families_rejected() {
+        // INET with a NOOP TLV (type 4, length 2) after the addresses, as HAProxy sends.
+        let mut a = vec![198, 51, 100, 2, 10, 0, 0, 1, 0x01, 0xBB, 0, 25];
+        a.extend_from_slice(&[0x04, 0, 2, 0, 0]);
+        let (h, rest) = header(1, 0x11, &a);
+        assert_eq!(parse_fixed(&h), Ok(17));
+        assert_eq!(
+            source(&h, &rest),
+            Ok(Some("198.51.100.2:443".parse().unwrap()))
+        );
+        // UNIX addresses (216 bytes) leave the proxy's own address in place.
+        let (h, rest) = header(1, 0x31, &[0u8; 216]);
+        assert_eq!(source(&h, &rest), Ok(None));
+        let (h, _) = header(1, 0x41, &[0u8; 12]);
+        assert_eq!(parse_fixed(&h), Err(ProxyError::BadFamily));
+        let (h, _) = header(1, 0x13, &[0u8; 12]);
+        assert_eq!(parse_fixed(&h), Err(ProxyError::BadFamily));
+        let (h, _) = header(2, 0x11, &[0u8; 12]);
+        assert_eq!(parse_fixed(&h), Err(ProxyError::BadVersion));
     }
 }
