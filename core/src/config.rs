@@ -38,7 +38,7 @@ pub struct FleetSettings {
     #[serde(default)]
     pub internal_senders: InternalSenders,
     /// The organisation's mail server: next hop for accepted inbound mail.
-    pub upstream: NextHop,
+    pub upstream: UpstreamSettings,
     /// What happens to mail no Inbound connector claims.
     #[serde(default)]
     pub default_inbound: DefaultInbound,
@@ -91,10 +91,11 @@ pub struct InternalSenders {
     pub trust_bundle_file: Option<PathBuf>,
 }
 
-/// A next hop with its TLS requirement (used for `upstream`).
+/// The fleet's `upstream`: the organisation's mail server and its TLS requirement, as written
+/// in the fleet file (the gateway resolves it into a `live_config::NextHop`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct NextHop {
+pub struct UpstreamSettings {
     /// Host name or IP address.
     pub host: String,
     #[serde(default = "defaults::smtp_port")]

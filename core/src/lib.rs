@@ -7,7 +7,9 @@
 //! - [`status`]: the gateway's `/status` document, serialised by the gateway and deserialised
 //!   by the operator from the same type, so a renamed field fails to compile, not to parse.
 //! - [`http`]: the admin-port HTTP responder both binaries serve.
+//! - [`certs`]: the facts both report about an X.509 certificate ([`certs::CertInfo`]).
 
+pub mod certs;
 pub mod config;
 pub mod http;
 pub mod status;

@@ -37,9 +37,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use tokio::sync::watch;
 
 use crate::config::FleetSettings;
+use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::reply::Reply;
-use crate::runtime::Runtime;
 
 /// What a shed session is told before it is closed.
 pub const SHED_REPLY: Reply = Reply::new(
@@ -157,7 +157,7 @@ impl PrioritySet {
     }
 
     /// The ranges that make a client priority under these settings.
-    pub fn from_runtime(rt: &Runtime) -> PrioritySet {
+    pub fn from_config(rt: &LiveConfig) -> PrioritySet {
         let internal = rt.fleet.internal_senders.ip_ranges.iter();
         let partners = rt
             .connectors
@@ -354,7 +354,7 @@ impl Table {
 }
 
 struct CachedSet {
-    runtime: Weak<Runtime>,
+    config: Weak<LiveConfig>,
     set: Arc<PrioritySet>,
 }
 
@@ -393,20 +393,20 @@ impl Admission {
     }
 
     /// The priority ranges of `rt`, built once per loaded config.
-    fn priority_set(&self, rt: &Arc<Runtime>) -> Arc<PrioritySet> {
+    fn priority_set(&self, rt: &Arc<LiveConfig>) -> Arc<PrioritySet> {
         let Ok(mut cache) = self.priority.lock() else {
-            return Arc::new(PrioritySet::from_runtime(rt));
+            return Arc::new(PrioritySet::from_config(rt));
         };
         if let Some(c) = cache.as_ref()
-            // A Weak keeps its allocation, so while the Runtime lives an equal pointer is it.
-            && c.runtime.strong_count() > 0
-            && std::ptr::eq(c.runtime.as_ptr(), Arc::as_ptr(rt))
+            // A Weak keeps its allocation, so while the LiveConfig lives an equal pointer is it.
+            && c.config.strong_count() > 0
+            && std::ptr::eq(c.config.as_ptr(), Arc::as_ptr(rt))
         {
             return c.set.clone();
         }
-        let set = Arc::new(PrioritySet::from_runtime(rt));
+        let set = Arc::new(PrioritySet::from_config(rt));
         *cache = Some(CachedSet {
-            runtime: Arc::downgrade(rt),
+            config: Arc::downgrade(rt),
             set: set.clone(),
         });
         set
@@ -416,7 +416,7 @@ impl Admission {
     /// session if that is what it takes.
     pub fn admit_under(
         self: &Arc<Self>,
-        rt: &Arc<Runtime>,
+        rt: &Arc<LiveConfig>,
         client: IpAddr,
         now: Instant,
     ) -> Result<Ticket, Refusal> {

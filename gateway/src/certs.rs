@@ -1,6 +1,7 @@
-//! Certificate material: PEM loading (rustls-pki-types `PemObject`), the facts we report about a
-//! certificate, client-certificate chain verification with rustls-webpki, and RFC 6125 name
-//! matching between a configured pattern and a certificate's names.
+//! Certificate material: PEM loading (rustls-pki-types `PemObject`), client-certificate chain
+//! verification with rustls-webpki, and RFC 6125 name matching between a configured pattern and
+//! a certificate's names. The facts we report about a certificate ([`CertInfo`]) are parsed in
+//! partnergate-core, the same way the operator parses them.
 //!
 //! Invariant: a client certificate's names ([`PeerCert`]) are DNS names only ([`is_dns_name`]);
 //! anything else in a SAN is ignored for matching and never reaches a header.
@@ -11,6 +12,9 @@ use std::sync::{Arc, Mutex};
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, TrustAnchor, UnixTime};
+
+/// What we report about one certificate; parsed in partnergate-core, as the operator does.
+pub use partnergate_core::certs::CertInfo;
 
 /// Trust anchors of one bundle. `Arc<[..]>` so sessions share them without copying.
 pub type Anchors = Arc<[TrustAnchor<'static>]>;
@@ -23,7 +27,7 @@ pub fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
         return Err(format!("{}: no CERTIFICATE found", path.display()));
     }
     for c in &certs {
-        cert_info(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        CertInfo::from_der(c).map_err(|e| format!("{}: {e}", path.display()))?;
     }
     Ok(certs)
 }
@@ -48,42 +52,6 @@ pub fn load_anchors(path: &Path) -> Result<Anchors, String> {
 
 pub fn public_roots() -> Anchors {
     webpki_roots::TLS_SERVER_ROOTS.to_vec().into()
-}
-
-/// What we report about one certificate (status, logs, rules).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CertInfo {
-    pub subject: String,
-    /// Unix seconds.
-    pub not_after: i64,
-    /// SAN dNSNames, or the subject CNs when the certificate has no dNSName (RFC 6125 6.4.4).
-    pub names: Vec<String>,
-}
-
-pub fn cert_info(der: &CertificateDer<'_>) -> Result<CertInfo, String> {
-    use x509_parser::prelude::*;
-    let (_, cert) =
-        X509Certificate::from_der(der.as_ref()).map_err(|e| format!("bad certificate: {e}"))?;
-    let mut names = Vec::new();
-    if let Ok(Some(san)) = cert.subject_alternative_name() {
-        for n in &san.value.general_names {
-            if let GeneralName::DNSName(d) = n {
-                names.push(d.to_string());
-            }
-        }
-    }
-    if names.is_empty() {
-        for cn in cert.subject().iter_common_name() {
-            if let Ok(s) = cn.as_str() {
-                names.push(s.to_string());
-            }
-        }
-    }
-    Ok(CertInfo {
-        subject: cert.subject().to_string(),
-        not_after: cert.validity().not_after.timestamp(),
-        names,
-    })
 }
 
 fn normalise(name: &str) -> String {
@@ -200,7 +168,7 @@ pub struct PeerCert {
 
 impl PeerCert {
     pub fn new(chain: Vec<CertificateDer<'static>>, store: Arc<TrustStore>) -> Option<PeerCert> {
-        let mut info = cert_info(chain.first()?).ok()?;
+        let mut info = CertInfo::from_der(chain.first()?).ok()?;
         // A matched name is written into the `X-Partnergate-Connector` header: a SAN carrying
         // CR/LF, spaces or other bytes could end or forge headers, so it never becomes a name.
         info.names.retain(|n| is_dns_name(n));
@@ -316,7 +284,7 @@ mod tests {
         let chain = vec![leaf.der().clone()];
         assert!(verify_chain(&chain, &[anchor], true).is_ok());
         assert!(verify_chain(&chain, &public_roots(), true).is_err());
-        let info = cert_info(&chain[0]).unwrap();
+        let info = CertInfo::from_der(&chain[0]).unwrap();
         assert_eq!(info.names, ["mail.contoso.com"]);
     }
 }

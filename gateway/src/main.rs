@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use partnergate_gateway::config::{ConnectorsFile, FleetSettings, TlsLevel};
-use partnergate_gateway::runtime::{ConfigPaths, Hop, Target, load};
+use partnergate_gateway::live_config::{ConfigPaths, NextHop, NextHopHost, load};
 use partnergate_gateway::server::State;
 use partnergate_gateway::{
     admin, config, metrics, relay, reload, server, telemetry, tls, validation,
@@ -193,7 +193,7 @@ fn run(paths: ConfigPaths) -> ExitCode {
 
 async fn serve(
     paths: ConfigPaths,
-    rt: partnergate_gateway::runtime::Runtime,
+    rt: partnergate_gateway::live_config::LiveConfig,
     reload_poll: Duration,
     loaded_files: reload::Fingerprint,
 ) -> ExitCode {
@@ -312,10 +312,10 @@ fn probe(
             return ExitCode::FAILURE;
         }
     };
-    let hop = Hop {
+    let hop = NextHop {
         label: format!("{host}:{port}"),
         level,
-        targets: vec![Target {
+        hosts: vec![NextHopHost {
             host,
             port,
             addr: None,
@@ -338,7 +338,7 @@ fn probe(
         }
     };
     tokio_rt.block_on(async move {
-        match relay::NextHop::open(&hop, "probe.partnergate.invalid", &timeouts).await {
+        match relay::HopConnection::open(&hop, "probe.partnergate.invalid", &timeouts).await {
             Ok(c) => {
                 let tls = c
                     .tls

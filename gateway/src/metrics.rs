@@ -317,7 +317,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn set_certificates(&self, certs: &[crate::runtime::CertStatus]) {
+    pub fn set_certificates(&self, certs: &[crate::live_config::CertStatus]) {
         self.certificate_expiry.clear();
         for c in certs {
             self.certificate_expiry

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{ConfigPaths, load, watched_files};
+use crate::live_config::{ConfigPaths, load, watched_files};
 use crate::server::State;
 
 /// What the watched files looked like at one moment; a reload happens when it changes.
@@ -72,7 +72,7 @@ fn marks(files: &[PathBuf]) -> Fingerprint {
 /// Applies a load result: swap on success, keep the last good config and report on error.
 pub fn apply(
     state: &State,
-    result: Result<crate::runtime::Runtime, Vec<crate::config::FieldError>>,
+    result: Result<crate::live_config::LiveConfig, Vec<crate::config::FieldError>>,
 ) {
     match result {
         Ok(rt) => {

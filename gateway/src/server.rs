@@ -16,15 +16,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::admission::{Admission, SHED_GRACE};
+use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::proxy;
 use crate::reply::fixed;
-use crate::runtime::Runtime;
 use crate::session::{Session, SessionCtx};
 
 /// Process-wide state shared by the listener, the admin port and the reload watcher.
 pub struct State {
-    pub config: ArcSwap<Runtime>,
+    pub config: ArcSwap<LiveConfig>,
     pub metrics: Arc<Metrics>,
     pub listening: AtomicBool,
     pub shutting_down: AtomicBool,
@@ -36,9 +36,9 @@ pub struct State {
 }
 
 impl State {
-    pub fn new(runtime: Arc<Runtime>, metrics: Arc<Metrics>) -> State {
+    pub fn new(config: Arc<LiveConfig>, metrics: Arc<Metrics>) -> State {
         State {
-            config: ArcSwap::new(runtime),
+            config: ArcSwap::new(config),
             listening: AtomicBool::new(false),
             shutting_down: AtomicBool::new(false),
             last_reload_error: Mutex::new(None),
@@ -156,11 +156,11 @@ async fn handle(
     state: Arc<State>,
     deadline: watch::Receiver<bool>,
 ) {
-    let runtime = state.config.load_full();
+    let config = state.config.load_full();
     let _ = tcp.set_nodelay(true);
     let mut client = peer.ip().to_canonical();
-    if is_trusted_proxy(&runtime.fleet.trusted_proxies, peer.ip()) {
-        let secs = Duration::from_secs(runtime.fleet.timeouts.tls_handshake_secs);
+    if is_trusted_proxy(&config.fleet.trusted_proxies, peer.ip()) {
+        let secs = Duration::from_secs(config.fleet.timeouts.tls_handshake_secs);
         match tokio::time::timeout(secs, read_proxy_header(&mut tcp)).await {
             Ok(Some(Some(addr))) => client = addr.ip().to_canonical(),
             Ok(Some(None)) => {}
@@ -170,10 +170,7 @@ async fn handle(
             }
         }
     }
-    let ticket = match state
-        .admission
-        .admit_under(&runtime, client, Instant::now())
-    {
+    let ticket = match state.admission.admit_under(&config, client, Instant::now()) {
         Ok(t) => t,
         Err(refusal) => {
             let mut out = Vec::new();
@@ -191,7 +188,7 @@ async fn handle(
     // grace period. Only sessions before MAIL FROM are shed, so nothing is in flight.
     let shed = ticket.shed();
     let ctx = SessionCtx {
-        runtime,
+        config,
         metrics: state.metrics.clone(),
         deadline,
         client_ip: client,

@@ -9,7 +9,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
-use crate::certs::{Anchors, cert_info, name_matches, verify_chain};
+use crate::certs::{Anchors, CertInfo, name_matches, verify_chain};
 use crate::config::TlsLevel;
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -134,7 +134,7 @@ impl ServerCertVerifier for NextHopVerifier {
                     })
                     .is_ok()
             } else {
-                cert_info(end_entity)
+                CertInfo::from_der(end_entity)
                     .map(|i| i.names.iter().any(|n| name_matches(&self.name, n)))
                     .unwrap_or(false)
             };

@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::config::{OutboundConnector, Timeouts};
-use crate::relay::{NextHop, host_port, mx_targets};
-use crate::runtime::{Hop, Runtime, Target};
+use crate::live_config::{LiveConfig, NextHop, NextHopHost};
+use crate::relay::{HopConnection, host_port, mx_hosts};
 use crate::server::State;
 use crate::status::StatusValidation;
 
@@ -99,7 +99,7 @@ pub fn jittered(interval: Duration, salt: &str) -> Duration {
 }
 
 /// What a probe depends on: the connector as configured plus the fleet settings it uses.
-fn fingerprint(rt: &Runtime, c: &OutboundConnector) -> String {
+fn fingerprint(rt: &LiveConfig, c: &OutboundConnector) -> String {
     // PEM files are named by content, so a new bundle or client certificate is a new name.
     format!(
         "{}|{}|{:?}",
@@ -231,7 +231,7 @@ fn probe_timeouts(t: &Timeouts) -> Timeouts {
 
 /// Probes every next hop of Outbound connector `i`: each smart host, or the MX hosts of each
 /// exact domain (wildcard domains name no host to probe).
-pub async fn probe_connector(rt: &Runtime, i: usize) -> Vec<ProbeResult> {
+pub async fn probe_connector(rt: &LiveConfig, i: usize) -> Vec<ProbeResult> {
     let (Some(c), Some(hop)) = (rt.connectors.outbound.get(i), rt.outbound.get(i)) else {
         return Vec::new();
     };
@@ -239,7 +239,7 @@ pub async fn probe_connector(rt: &Runtime, i: usize) -> Vec<ProbeResult> {
     let helo = rt.fleet.hostname.as_str();
     let mut results = Vec::new();
     if !hop.use_mx {
-        for target in &hop.targets {
+        for target in &hop.hosts {
             let host = host_port(&target.host, target.port);
             results.push(probe(&c.name, host, hop, std::slice::from_ref(target), helo, &t).await);
         }
@@ -251,10 +251,10 @@ pub async fn probe_connector(rt: &Runtime, i: usize) -> Vec<ProbeResult> {
         .filter(|d| !d.starts_with('*'))
         .take(MAX_MX_DOMAINS);
     for domain in domains {
-        match mx_targets(hop, domain, &rt.resolver).await {
+        match mx_hosts(hop, domain, &rt.resolver).await {
             Ok(targets) => {
                 // One probe per MX host (trying its addresses in order).
-                let mut groups: Vec<(String, Vec<Target>)> = Vec::new();
+                let mut groups: Vec<(String, Vec<NextHopHost>)> = Vec::new();
                 for target in targets {
                     match groups.iter_mut().find(|(h, _)| *h == target.host) {
                         Some((_, v)) => v.push(target),
@@ -285,18 +285,18 @@ pub async fn probe_connector(rt: &Runtime, i: usize) -> Vec<ProbeResult> {
 async fn probe(
     connector: &str,
     host: String,
-    hop: &Hop,
-    targets: &[Target],
+    hop: &NextHop,
+    targets: &[NextHopHost],
     helo: &str,
     t: &Timeouts,
 ) -> ProbeResult {
     let time = OffsetDateTime::now_utc();
-    match NextHop::open_targets(hop, targets, helo, t).await {
+    match HopConnection::open_hosts(hop, targets, helo, t).await {
         Ok(conn) => {
             let info = conn
                 .peer_cert
                 .as_ref()
-                .and_then(|c| crate::certs::cert_info(c).ok());
+                .and_then(|c| crate::certs::CertInfo::from_der(c).ok());
             let r = ProbeResult {
                 connector: connector.to_string(),
                 host,
@@ -304,7 +304,7 @@ async fn probe(
                 success: true,
                 tls_version: conn.tls.map(|v| v.as_str().to_string()),
                 peer_subject: info.as_ref().map(|i| i.subject.clone()),
-                peer_not_after: info.map(|i| i.not_after),
+                peer_not_after: info.map(|i| i.not_after.unix_timestamp()),
                 error: None,
             };
             conn.quit().await;

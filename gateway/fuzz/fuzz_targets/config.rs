@@ -1,6 +1,6 @@
 //! The config loader: arbitrary bytes as the fleet settings file or the connectors file
 //! (first byte selects; the other file is a valid default), parsed and validated exactly as
-//! `partnergate_gateway::runtime::load` does, including PEM loading. Property: no panic, and
+//! `partnergate_gateway::live_config::load` does, including PEM loading. Property: no panic, and
 //! a config that loads has only valid domain patterns.
 #![no_main]
 
@@ -9,7 +9,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use partnergate_gateway::config::{ConnectorsFile, FleetSettings, validate_domain_pattern};
-use partnergate_gateway::runtime::{ConfigPaths, load};
+use partnergate_gateway::live_config::{ConfigPaths, load};
 
 struct Dir {
     _dir: tempfile::TempDir,

@@ -11,13 +11,13 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use partnergate_gateway::metrics::Metrics;
-use partnergate_gateway::runtime::{ConfigPaths, Runtime, load};
+use partnergate_gateway::live_config::{ConfigPaths, LiveConfig, load};
 use partnergate_gateway::session::{Session, SessionCtx};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 struct World {
     rt: tokio::runtime::Runtime,
-    config: Arc<Runtime>,
+    config: Arc<LiveConfig>,
     metrics: Arc<Metrics>,
     _dir: tempfile::TempDir,
 }
@@ -139,7 +139,7 @@ fuzz_target!(|input: &[u8]| {
     let out = w.rt.block_on(async {
         let (_tx, deadline) = tokio::sync::watch::channel(false);
         let ctx = SessionCtx {
-            runtime: w.config.clone(),
+            config: w.config.clone(),
             metrics: w.metrics.clone(),
             deadline,
             client_ip: ip,

@@ -10,10 +10,10 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::config::{Timeouts, TlsLevel};
+use crate::live_config::{NextHop, NextHopHost};
 use crate::policy::TlsVersion;
 use crate::reply::Reply;
 use crate::reply::next_hop::{tls_failure, unreachable};
-use crate::runtime::{Hop, Target};
 use crate::stream::Conn;
 
 /// Longest reply line we accept from a next hop (RFC 5321 says 512; be lenient).
@@ -70,7 +70,7 @@ pub struct Capabilities {
     pub smtputf8: bool,
 }
 
-pub struct NextHop {
+pub struct HopConnection {
     conn: Conn<TcpStream>,
     rbuf: Vec<u8>,
     wbuf: Vec<u8>,
@@ -96,11 +96,11 @@ pub fn host_port(host: &str, port: u16) -> String {
 
 /// The targets of an MX-routed hop for one recipient domain, best first; the error is the
 /// recipient's reply.
-pub async fn mx_targets(
-    hop: &Hop,
+pub async fn mx_hosts(
+    hop: &NextHop,
     domain: &str,
     resolver: &crate::mx::MxResolver,
-) -> Result<Vec<Target>, Reply> {
+) -> Result<Vec<NextHopHost>, Reply> {
     let Some(mx) = &hop.mx else {
         return Err(unreachable(&hop.label, "MX routing is not configured"));
     };
@@ -115,7 +115,7 @@ pub async fn mx_targets(
             why.push(e.clone());
         }
         for ip in &h.addrs {
-            match mx.target(hop.level, &h.name, *ip) {
+            match mx.host(hop.level, &h.name, *ip) {
                 Ok(t) => targets.push(t),
                 Err(e) => why.push(format!("{}: {e}", h.name)),
             }
@@ -130,10 +130,10 @@ pub async fn mx_targets(
     Ok(targets)
 }
 
-impl NextHop {
+impl HopConnection {
     /// Opens a connection to the first target of `hop` that greets us and meets its TLS level.
-    pub async fn open(hop: &Hop, helo: &str, t: &Timeouts) -> Result<NextHop, Reply> {
-        if hop.targets.is_empty() {
+    pub async fn open(hop: &NextHop, helo: &str, t: &Timeouts) -> Result<HopConnection, Reply> {
+        if hop.hosts.is_empty() {
             let why = if hop.use_mx {
                 "MX routing needs the recipient domain"
             } else {
@@ -141,20 +141,20 @@ impl NextHop {
             };
             return Err(unreachable(&hop.label, why));
         }
-        Self::open_targets(hop, &hop.targets, helo, t).await
+        Self::open_hosts(hop, &hop.hosts, helo, t).await
     }
 
     /// Tries `targets` in order: the next one on connect failure, a non-220 greeting or a TLS
     /// failure. The error is the last target's.
-    pub async fn open_targets(
-        hop: &Hop,
-        targets: &[Target],
+    pub async fn open_hosts(
+        hop: &NextHop,
+        targets: &[NextHopHost],
         helo: &str,
         t: &Timeouts,
-    ) -> Result<NextHop, Reply> {
+    ) -> Result<HopConnection, Reply> {
         let mut last = None;
         for target in targets {
-            match Self::open_target(hop, target, helo, t).await {
+            match Self::open_host(hop, target, helo, t).await {
                 Ok(c) => return Ok(c),
                 Err(reply) => {
                     tracing::warn!(next_hop = %hop.label, host = %target.host, addr = ?target.addr, port = target.port, reply = %reply, "next hop attempt failed");
@@ -165,12 +165,12 @@ impl NextHop {
         Err(last.unwrap_or_else(|| unreachable(&hop.label, "no usable host")))
     }
 
-    async fn open_target(
-        hop: &Hop,
-        target: &Target,
+    async fn open_host(
+        hop: &NextHop,
+        target: &NextHopHost,
         helo: &str,
         t: &Timeouts,
-    ) -> Result<NextHop, Reply> {
+    ) -> Result<HopConnection, Reply> {
         let secs = Duration::from_secs(t.next_hop_secs);
         let where_ = match target.addr {
             Some(ip) => format!("{}[{ip}]:{}", target.host, target.port),
@@ -198,7 +198,7 @@ impl NextHop {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let mut c = NextHop {
+        let mut c = HopConnection {
             conn: Conn::Plain(tcp),
             rbuf: Vec::new(),
             wbuf: Vec::new(),

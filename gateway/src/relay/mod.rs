@@ -10,5 +10,5 @@
 pub mod client;
 pub mod transaction;
 
-pub use client::{Capabilities, HopReply, NextHop, host_port, mx_targets};
+pub use client::{Capabilities, HopConnection, HopReply, host_port, mx_hosts};
 pub use transaction::{DataTransfer, Envelope, IdlePool, RelayTransaction, route_label};

@@ -20,12 +20,12 @@
 //! 6. A next hop's `421` (closing the connection) is a lost connection, passed on as `451`
 //!    with its enhanced code: as `421` it would make the client drop its whole session.
 
+use crate::live_config::LiveConfig;
 use crate::policy::Route;
 use crate::reply::next_hop::{protocol_error, recipients_lost, unreachable};
 use crate::reply::{Reply, fixed};
-use crate::runtime::Runtime;
 
-use super::client::{HopReply, NextHop, mx_targets};
+use super::client::{HopConnection, HopReply, mx_hosts};
 
 /// What every next hop of the transaction gets in MAIL FROM.
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ pub struct Envelope {
 }
 
 /// The label of a route in replies and logs: `upstream` or the Outbound connector's name.
-pub fn route_label(rt: &Runtime, route: &Route) -> String {
+pub fn route_label(rt: &LiveConfig, route: &Route) -> String {
     match route {
         Route::Upstream => "upstream".into(),
         Route::Outbound(i) | Route::OutboundMx(i, _) => rt
@@ -54,12 +54,12 @@ pub fn route_label(rt: &Runtime, route: &Route) -> String {
 /// another connection closes the one parked before.
 #[derive(Default)]
 pub struct IdlePool {
-    slot: Option<(Route, NextHop)>,
+    slot: Option<(Route, HopConnection)>,
 }
 
 impl IdlePool {
     /// The parked connection if it was opened for `route`; a connection of another route stays.
-    fn take(&mut self, route: &Route) -> Option<NextHop> {
+    fn take(&mut self, route: &Route) -> Option<HopConnection> {
         match &self.slot {
             Some((r, _)) if r == route => self.slot.take().map(|(_, hop)| hop),
             _ => None,
@@ -68,7 +68,7 @@ impl IdlePool {
 
     /// Parks `hop`; an evicted connection is closed in the background, so neither the client's
     /// reply nor its session slot waits for a next hop's QUIT.
-    fn park(&mut self, route: Route, hop: NextHop) {
+    fn park(&mut self, route: Route, hop: HopConnection) {
         if let Some((_, old)) = self.slot.replace((route, hop)) {
             tokio::spawn(old.quit());
         }
@@ -95,7 +95,7 @@ enum Answer {
 }
 
 /// Sends one command: `2xx` means go on for MAIL and RCPT, only `354` for DATA.
-async fn exchange(hop: &mut NextHop, label: &str, cmd: &str, what: &str) -> Answer {
+async fn exchange(hop: &mut HopConnection, label: &str, cmd: &str, what: &str) -> Answer {
     let data = what == "DATA";
     match hop.command(cmd).await {
         Ok(r) if !data && (200..300).contains(&r.code) => Answer::Accepted(r),
@@ -128,7 +128,7 @@ fn closing(label: &str, r: &HopReply) -> Reply {
     )
 }
 
-fn mail_command(env: &Envelope, hop: &NextHop) -> String {
+fn mail_command(env: &Envelope, hop: &HopConnection) -> String {
     let mut cmd = format!("MAIL FROM:<{}>", wire_address(&env.sender));
     if hop.caps.size && env.size > 0 {
         cmd.push_str(&format!(" SIZE={}", env.size));
@@ -178,7 +178,7 @@ pub fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// A fresh connection for `route` (never from the pool).
-async fn open_route(rt: &Runtime, route: &Route) -> Result<NextHop, Reply> {
+async fn open_route(rt: &LiveConfig, route: &Route) -> Result<HopConnection, Reply> {
     let hop = match route {
         Route::Upstream => Some(&rt.upstream),
         Route::Outbound(i) | Route::OutboundMx(i, _) => rt.outbound.get(*i),
@@ -189,16 +189,16 @@ async fn open_route(rt: &Runtime, route: &Route) -> Result<NextHop, Reply> {
     let (helo, timeouts) = (&rt.fleet.hostname, &rt.fleet.timeouts);
     match route {
         Route::OutboundMx(_, domain) => {
-            let targets = mx_targets(hop, domain, &rt.resolver).await?;
-            NextHop::open_targets(hop, &targets, helo, timeouts).await
+            let targets = mx_hosts(hop, domain, &rt.resolver).await?;
+            HopConnection::open_hosts(hop, &targets, helo, timeouts).await
         }
-        _ => NextHop::open(hop, helo, timeouts).await,
+        _ => HopConnection::open(hop, helo, timeouts).await,
     }
 }
 
 /// Ends the next hop's transaction on `hop` and parks it; a hop that does not answer RSET with
 /// `250` is closed instead.
-async fn release(route: Route, mut hop: NextHop, pool: &mut IdlePool) {
+async fn release(route: Route, mut hop: HopConnection, pool: &mut IdlePool) {
     match hop.command("RSET\r\n").await {
         Ok(r) if r.code == 250 => pool.park(route, hop),
         _ => hop.abort(),
@@ -212,7 +212,7 @@ pub struct RelayTransaction {
     /// Recipients the next hop accepted on `held`, in order.
     ledger: Vec<String>,
     /// The connection with this transaction's MAIL open, and its route.
-    held: Option<(Route, NextHop)>,
+    held: Option<(Route, HopConnection)>,
     /// Accepted recipients were lost and could not be replayed.
     broken: bool,
 }
@@ -250,7 +250,7 @@ impl RelayTransaction {
     /// the reply is for the client.
     pub async fn recipient(
         &mut self,
-        rt: &Runtime,
+        rt: &LiveConfig,
         pool: &mut IdlePool,
         route: &Route,
         rcpt: &str,
@@ -334,11 +334,11 @@ impl RelayTransaction {
     /// (replaced once by a fresh one if it turns out dead), else a fresh one.
     async fn open_with_mail(
         &self,
-        rt: &Runtime,
-        pooled: Option<NextHop>,
+        rt: &LiveConfig,
+        pooled: Option<HopConnection>,
         route: &Route,
         label: &str,
-    ) -> Result<NextHop, Reply> {
+    ) -> Result<HopConnection, Reply> {
         if let Some(mut hop) = pooled {
             let mail = mail_command(&self.envelope, &hop);
             match exchange(&mut hop, label, &mail, "MAIL").await {
@@ -375,7 +375,12 @@ impl RelayTransaction {
 
     /// A fresh connection with MAIL and every ledger recipient accepted again, or `None` (the
     /// transaction is then broken).
-    async fn replay(&mut self, rt: &Runtime, route: &Route, label: &str) -> Option<NextHop> {
+    async fn replay(
+        &mut self,
+        rt: &LiveConfig,
+        route: &Route,
+        label: &str,
+    ) -> Option<HopConnection> {
         let result = async {
             let mut hop = open_route(rt, route).await.ok()?;
             let mail = mail_command(&self.envelope, &hop);
@@ -415,7 +420,7 @@ impl RelayTransaction {
     /// itself when no recipient was accepted).
     pub async fn start_data(
         mut self,
-        rt: &Runtime,
+        rt: &LiveConfig,
         pool: &mut IdlePool,
     ) -> Result<DataTransfer, Reply> {
         let route = self.pinned.clone().unwrap_or(Route::Upstream);
@@ -486,7 +491,7 @@ impl RelayTransaction {
 pub struct DataTransfer {
     route: Route,
     label: String,
-    hop: NextHop,
+    hop: HopConnection,
     recipients: usize,
     /// Every write so far reached the next hop.
     intact: bool,

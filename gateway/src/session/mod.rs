@@ -23,18 +23,18 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 
 use crate::certs::PeerCert;
+use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
 use crate::policy::{CertFacts, Facts, SenderDecision, TlsVersion, tls_str};
 use crate::relay::{IdlePool, RelayTransaction};
 use crate::reply::{Reply, fixed};
-use crate::runtime::Runtime;
 use crate::stream::Conn;
 
 static SESSION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// Everything a session gets from the server.
 pub struct SessionCtx {
-    pub runtime: Arc<Runtime>,
+    pub config: Arc<LiveConfig>,
     pub metrics: Arc<Metrics>,
     /// Becomes true when the shutdown grace period is over.
     pub deadline: watch::Receiver<bool>,
@@ -60,7 +60,7 @@ pub struct Session<S> {
     rpos: usize,
     out: Vec<u8>,
     ctx: SessionCtx,
-    rt: Arc<Runtime>,
+    rt: Arc<LiveConfig>,
     id: String,
     helo: Option<String>,
     esmtp: bool,
@@ -90,7 +90,7 @@ struct Decision<'a> {
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub fn new(stream: S, ctx: SessionCtx) -> Session<S> {
-        let rt = ctx.runtime.clone();
+        let rt = ctx.config.clone();
         Session {
             conn: Conn::Plain(stream),
             rbuf: Vec::with_capacity(1024),
@@ -271,10 +271,10 @@ fn parse_error_reply(e: smtp_proto::Error) -> Reply {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{ConfigPaths, load};
+    use crate::live_config::{ConfigPaths, load};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    fn runtime(dir: &std::path::Path) -> Arc<Runtime> {
+    fn live_config(dir: &std::path::Path) -> Arc<LiveConfig> {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
             .unwrap()
@@ -304,7 +304,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (_tx, deadline) = watch::channel(false);
         let ctx = SessionCtx {
-            runtime: runtime(dir.path()),
+            config: live_config(dir.path()),
             metrics: Arc::new(Metrics::new()),
             deadline,
             client_ip: "192.0.2.1".parse().unwrap(),

@@ -1,5 +1,6 @@
-//! The runtime config: both files parsed and validated, every PEM file loaded, rustls configs
-//! built. One immutable value per successful load; sessions hold the `Arc` they started with.
+//! The live config ([`LiveConfig`]): both files parsed and validated, every PEM file loaded,
+//! rustls configs built, each route resolved to a [`NextHop`] and its [`NextHopHost`]s. One
+//! immutable value per successful load; sessions hold the `Arc` they started with.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use crate::certs::{
-    Anchors, TrustStore, cert_info, load_anchors, load_certs, load_key, public_roots,
+    Anchors, CertInfo, TrustStore, load_anchors, load_certs, load_key, public_roots,
 };
 use crate::config::{
     CertificateFiles, ConnectorsFile, FieldError, FleetSettings, TlsLevel, parse_smart_host,
@@ -24,7 +25,7 @@ pub struct ConfigPaths {
 
 /// One next hop host with its TLS client config (the DomainValidation name can differ per host).
 #[derive(Debug, Clone)]
-pub struct Target {
+pub struct NextHopHost {
     pub host: String,
     pub port: u16,
     /// The address to connect to, when already resolved (MX hosts); otherwise `host` is
@@ -35,13 +36,15 @@ pub struct Target {
     pub server_name: String,
 }
 
-/// Where a route's mail goes and how strictly its TLS is checked.
+/// A resolved route: where its mail goes (hosts tried in order) and how strictly its TLS is
+/// checked. Built from `upstream` (config's [`crate::config::UpstreamSettings`]) or an
+/// Outbound connector; [`crate::relay::HopConnection`] is one connection to one of its hosts.
 #[derive(Debug, Clone)]
-pub struct Hop {
+pub struct NextHop {
     /// Label for logs and replies: `upstream` or the Outbound connector's name.
     pub label: String,
     pub level: TlsLevel,
-    pub targets: Vec<Target>,
+    pub hosts: Vec<NextHopHost>,
     pub use_mx: bool,
     /// For `useMX` connectors: what is needed to build a TLS config per MX host.
     pub mx: Option<Arc<MxTls>>,
@@ -69,13 +72,13 @@ impl std::fmt::Debug for MxTls {
 }
 
 impl MxTls {
-    /// The target for one address of one MX host.
-    pub fn target(
+    /// The next hop host for one address of one MX host.
+    pub fn host(
         &self,
         level: TlsLevel,
         host: &str,
         addr: std::net::IpAddr,
-    ) -> Result<Target, String> {
+    ) -> Result<NextHopHost, String> {
         let name = self.tls_domain.clone().unwrap_or_else(|| host.to_string());
         let tls = crate::tls::client_config(
             level,
@@ -85,7 +88,7 @@ impl MxTls {
                 .as_ref()
                 .map(|(c, k)| (c.clone(), k.clone_key())),
         )?;
-        Ok(Target {
+        Ok(NextHopHost {
             host: host.to_string(),
             port: self.port,
             addr: Some(addr),
@@ -103,7 +106,8 @@ pub struct CertStatus {
     pub not_after: i64,
 }
 
-pub struct Runtime {
+/// One successful load of both files, everything a session needs to decide and relay.
+pub struct LiveConfig {
     pub fleet: FleetSettings,
     pub connectors: ConnectorsFile,
     /// Hex sha256 of the connectors file bytes.
@@ -111,17 +115,17 @@ pub struct Runtime {
     pub loaded_at: OffsetDateTime,
     pub server_tls: Arc<rustls::ServerConfig>,
     pub trust: Arc<TrustStore>,
-    pub upstream: Hop,
+    pub upstream: NextHop,
     /// Same order as `connectors.outbound`.
-    pub outbound: Vec<Hop>,
+    pub outbound: Vec<NextHop>,
     pub certificates: Vec<CertStatus>,
     /// DNS resolver for `useMX` connectors (built on first use).
     pub resolver: Arc<crate::mx::MxResolver>,
 }
 
-impl std::fmt::Debug for Runtime {
+impl std::fmt::Debug for LiveConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Runtime")
+        f.debug_struct("LiveConfig")
             .field("hash", &self.hash)
             .field("loaded_at", &self.loaded_at)
             .finish_non_exhaustive()
@@ -243,17 +247,17 @@ fn load_pair(
 fn earliest(file: String, chain: &[rustls_pki_types::CertificateDer<'_>]) -> Option<CertStatus> {
     chain
         .iter()
-        .filter_map(|c| cert_info(c).ok())
+        .filter_map(|c| CertInfo::from_der(c).ok())
         .min_by_key(|i| i.not_after)
         .map(|i| CertStatus {
             file,
             subject: i.subject,
-            not_after: i.not_after,
+            not_after: i.not_after.unix_timestamp(),
         })
 }
 
 /// Loads everything; every problem is returned with its field path.
-pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
+pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
     let (mut fleet, mut connectors, bytes) = parse_files(paths)?;
     let mut errors = Vec::new();
     let base = fleet_base(paths);
@@ -357,10 +361,10 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
     }
     let name = up.tls_domain.clone().unwrap_or_else(|| up.host.clone());
     let upstream = match crate::tls::client_config(up.tls, anchors, name.clone(), client_cert) {
-        Ok(tls) => Some(Hop {
+        Ok(tls) => Some(NextHop {
             label: "upstream".into(),
             level: up.tls,
-            targets: vec![Target {
+            hosts: vec![NextHopHost {
                 host: up.host.clone(),
                 port: up.port,
                 addr: None,
@@ -394,7 +398,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
                 &mut errors,
             )
         });
-        let mut targets = Vec::new();
+        let mut hosts = Vec::new();
         let mx = c.use_mx.then(|| {
             Arc::new(MxTls {
                 anchors: anchors.clone(),
@@ -420,7 +424,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
                     .as_ref()
                     .map(|(c, k)| (c.clone(), k.clone_key())),
             ) {
-                Ok(tls) => targets.push(Target {
+                Ok(tls) => hosts.push(NextHopHost {
                     server_name: sni_name(&name, &host),
                     host,
                     port,
@@ -430,10 +434,10 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
                 Err(e) => errors.push(err(format!("{p}.smartHosts"), e)),
             }
         }
-        outbound.push(Hop {
+        outbound.push(NextHop {
             label: c.name.clone(),
             level: c.tls,
-            targets,
+            hosts,
             use_mx: c.use_mx,
             mx,
         });
@@ -448,7 +452,7 @@ pub fn load(paths: &ConfigPaths) -> Result<Runtime, Vec<FieldError>> {
     ));
 
     match (server_tls, upstream) {
-        (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(Runtime {
+        (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(LiveConfig {
             fleet,
             connectors,
             hash: hex::encode(Sha256::digest(&bytes)),
