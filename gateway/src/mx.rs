@@ -40,14 +40,18 @@ pub struct MxHost {
     pub error: Option<String>,
 }
 
-/// Why a domain has no usable mail exchanger.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why a domain has no usable mail exchanger. Callers branch on it: each kind is a different
+/// reply class ([`MxError::reply`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum MxError {
     /// RFC 7505: the domain says it accepts no mail.
+    #[error("null MX: the domain accepts no mail")]
     NullMx,
     /// The domain does not exist, or has neither MX nor A/AAAA records.
+    #[error("no mail servers: {0}")]
     NoMailServers(String),
     /// The DNS lookup failed (timeout, SERVFAIL, …): try again later.
+    #[error("DNS lookup failed: {0}")]
     Temporary(String),
 }
 
@@ -70,16 +74,6 @@ impl MxError {
                 [4, 4, 3],
                 format!("MX lookup for {domain} failed: {why}; try again later"),
             ),
-        }
-    }
-}
-
-impl std::fmt::Display for MxError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            MxError::NullMx => write!(f, "null MX: the domain accepts no mail"),
-            MxError::NoMailServers(w) => write!(f, "no mail servers: {w}"),
-            MxError::Temporary(w) => write!(f, "DNS lookup failed: {w}"),
         }
     }
 }

@@ -24,14 +24,20 @@ pub const SIGNATURE: &[u8] = v2::PROTOCOL_PREFIX;
 /// Fixed part: signature, version/command, family/protocol, length.
 pub const HEADER_LEN: usize = 16;
 
-#[derive(Debug, PartialEq, Eq)]
+/// Why a trusted proxy's header was refused (the connection is closed either way; the kinds
+/// keep `ppp`'s errors apart, for tests).
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ProxyError {
+    #[error("not a PROXY v2 signature")]
     BadSignature,
     /// A version other than 2, or a command other than LOCAL and PROXY.
+    #[error("unsupported PROXY version or command")]
     BadVersion,
     /// An address family or transport protocol the spec does not define.
+    #[error("undefined PROXY address family or transport")]
     BadFamily,
     /// Fewer address bytes than the family needs.
+    #[error("PROXY header shorter than its address family needs")]
     Truncated,
 }
 
