@@ -10,7 +10,7 @@ test: deps control-plane lint unit chart-test image-selftest bench-smoke chart-c
       operator-apiserver-test kubelet-smoke e2e
 
 ## control-plane: build (once, cached) etcd, kube-apiserver, controller-manager, scheduler,
-## kubectl and helm from published Go modules
+## kubectl, helm and cert-manager (controller, cmctl, CRDs) from published Go modules
 control-plane:
 	tests/cluster/build.sh
 
