@@ -224,6 +224,11 @@ def check_monitoring(out, default, mx, mon):
         check(r["labels"].get("team") == "mail", f"max: alert {r['alert']} lacks alertLabels")
         check(r["annotations"]["runbook_url"] == f"https://mail-docs.example.com/partnergate/operations#{r['alert'].lower()}",
               f"max: alert {r['alert']} runbook_url {r['annotations']['runbook_url']}")
+    mfor = {r["alert"]: r.get("for") for g in mrule["spec"]["groups"] for r in g["rules"]}
+    dfor = {r["alert"]: r.get("for") for r in alerts}
+    check(mfor["PartnergateConnectorNotReady"] == "30m" and dfor["PartnergateConnectorNotReady"] == "10m"
+          and all(mfor[a] == dfor[a] for a in dfor if a != "PartnergateConnectorNotReady"),
+          f"max: metrics.prometheusRule.for overrides only the alert it names: {mfor}")
     mcm = get(mx, "ConfigMap", "partnergate-dashboard", namespace="grafana")
     check(mcm["metadata"]["labels"].get("team") == "mail" and mcm["metadata"]["labels"].get("grafana_dashboard") == "1"
           and mcm["metadata"].get("annotations") == {"grafana_folder": "Mail"}, "max: dashboard ConfigMap labels/annotations")
