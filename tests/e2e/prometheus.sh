@@ -218,7 +218,7 @@ def baseline():
     wait_for("a scrape of every target", lambda: len(query("up == 1")) == len(want), 15)
     t0 = time.time()
     wait_for("every rule evaluated after the first scrape", lambda: evaluated_after(t0), 15)
-    print(f"ok   the chart's PrometheusRule ({len(alerts)} alerts, chart `for:` durations) loaded; every rule evaluates with health ok")
+    print(f"ok   the chart's PrometheusRule ({len(alerts)} alerts, two of them with for: 15s) loaded; every rule evaluates with health ok")
 
     scraped = set(get("label/__name__/values"))
     missing = []

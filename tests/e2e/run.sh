@@ -365,7 +365,7 @@ pass "during every control-plane fault: $total sessions through ${#GW[@]} gatewa
 
 # --- the chart's alerts and dashboard on a real Prometheus scraping these pods ---
 "$HERE/prometheus.sh" || e2e_fail "tests/e2e/prometheus.sh"
-pass "Prometheus scraping the gateway and operator pods: the chart's alerts and dashboard queries evaluate on real metrics; not-Ready and expiring-certificate alerts pending for connectors made to fail"
+pass "Prometheus scraping the gateway and operator pods: the chart's alerts and dashboard queries evaluate on real metrics; not-Ready and expiring-certificate alerts fire for connectors made to fail"
 
 # --- deleting the connector removes its rules ---
 kubectl -n mail delete partnerconnector contoso --wait=true >/dev/null
