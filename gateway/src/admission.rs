@@ -538,6 +538,19 @@ impl Admission {
         self.set_admitted(t.total);
     }
 
+    fn enter_pre_mail(&self, id: u64, now: Instant) {
+        let mut t = self.lock();
+        if let Some(e) = t.entries.get_mut(&id)
+            && !std::mem::replace(&mut e.pre_mail, true)
+        {
+            let (class, key) = (e.class, e.key);
+            t.pre_mail[class.index()]
+                .entry(key)
+                .or_default()
+                .insert(id, now);
+        }
+    }
+
     fn leave_pre_mail(&self, id: u64) {
         let mut t = self.lock();
         if let Some(e) = t.entries.get_mut(&id)
@@ -595,6 +608,18 @@ impl Ticket {
             && let Some(a) = &self.owner
         {
             a.leave_pre_mail(self.id);
+        }
+    }
+
+    /// The transaction ended (RSET, the final reply to DATA, EHLO): until its next MAIL FROM
+    /// the session is treated like one that never sent one — sheddable when the listener is
+    /// full, and given the stress timeout — so a flood that sends MAIL FROM once and then idles
+    /// cannot keep its slots out of reach.
+    pub fn idle(&self) {
+        if !self.pre_mail.swap(true, Ordering::Relaxed)
+            && let Some(a) = &self.owner
+        {
+            a.enter_pre_mail(self.id, Instant::now());
         }
     }
 
@@ -912,6 +937,46 @@ mod tests {
         assert_eq!(pick_victim([c(1, 1, 0), c(1, 2, 0)], 0, t0, five), None);
         assert_eq!(pick_victim([c(1, 1, 5), c(1, 2, 9)], 0, t0, five), Some(1));
         assert_eq!(pick_victim([], 0, t0, five), None);
+    }
+
+    #[tokio::test]
+    async fn a_session_whose_transaction_ended_is_sheddable_again() {
+        let l = Limits {
+            max_total: 4,
+            max_per_client: 4,
+            reserved: 0,
+            stress_at: 2,
+            ..limits()
+        };
+        let none: Vec<IpNet> = vec![];
+        let prio = PrioritySet::new(&none);
+        let a = Arc::new(Admission::new(Arc::new(Metrics::new())));
+        let t0 = Instant::now();
+        let g = |i: u8| IpAddr::V4(std::net::Ipv4Addr::new(198, 51, 100, i));
+        let s: Vec<Ticket> = (0..4)
+            .map(|i| a.admit(&l, &prio, g(i), t0).unwrap())
+            .collect();
+        for t in &s {
+            t.in_transaction();
+        }
+        let configured = Duration::from_secs(300);
+        // Every session inside a transaction: nothing to shed, no stress timeout.
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(a.admit(&l, &prio, g(9), later).err(), Some(Refusal::Total));
+        assert_eq!(s[2].command_timeout(configured), configured);
+        // Session 2's transaction ends: it waits for its next MAIL FROM like a new session.
+        s[2].idle();
+        s[2].idle();
+        assert_eq!(s[2].command_timeout(configured), Duration::from_secs(10));
+        let newcomer = a.admit(&l, &prio, g(9), later).unwrap();
+        assert!(s[2].is_shed());
+        assert!(!s[1].is_shed() && !s[3].is_shed());
+        assert_eq!(a.admitted(), 4);
+        // A session idle and then in a transaction again is exempt again.
+        s[3].idle();
+        s[3].in_transaction();
+        assert_eq!(a.admit(&l, &prio, g(10), later).err(), Some(Refusal::Total));
+        drop(newcomer);
     }
 
     #[tokio::test]

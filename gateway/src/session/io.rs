@@ -126,7 +126,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             if self.flush().await.is_err() {
                 return Err(ReadError::Closed);
             }
-            // Shorter under stress for sessions before MAIL FROM (admission).
+            // Between transactions a session is sheddable again, and waits before MAIL FROM
+            // are shorter under stress (admission).
+            if self.tx.is_none() {
+                self.ctx.admission.idle();
+            }
             let configured = Duration::from_secs(self.rt.fleet.timeouts.command_secs);
             let secs = self.ctx.admission.command_timeout(configured).as_secs();
             self.fill(secs).await?;

@@ -151,10 +151,21 @@ fn classify(line: Option<String>, quiet_since: Instant, stopped: bool) -> End {
 
 /// One flood session: greeting, then idle (say nothing) or trickle (a NOOP a byte every
 /// 200 ms) until the gateway cuts it.
+/// What a flood session does after the greeting.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// Nothing: waits.
+    Idle,
+    /// A NOOP a byte every 200 ms.
+    Trickle,
+    /// EHLO, MAIL FROM, RSET (a transaction begun and ended), then waits.
+    Transaction,
+}
+
 async fn flood_session(
     gw: SocketAddr,
     local: Ipv4Addr,
-    trickle: bool,
+    mode: Mode,
     flood: &Flood,
     stop: &watch::Receiver<bool>,
 ) -> End {
@@ -183,8 +194,25 @@ async fn flood_session(
         other => return classify(other, Instant::now(), *stop.borrow()),
     }
     flood.greeted.fetch_add(1, Ordering::SeqCst);
+    if mode == Mode::Transaction {
+        if s.write_all(b"EHLO flood.test\r\nMAIL FROM:<f@flood.test>\r\nRSET\r\n")
+            .await
+            .is_err()
+        {
+            return End::Other("write of EHLO/MAIL/RSET failed".into());
+        }
+        // The EHLO reply's last line, then MAIL's and RSET's.
+        let mut finals = 0;
+        while finals < 3 {
+            match read_line(&mut s, &mut buf, stop).await {
+                Some(l) if l.starts_with("250 ") => finals += 1,
+                Some(l) if l.starts_with("250-") => {}
+                other => return classify(other, Instant::now(), *stop.borrow()),
+            }
+        }
+    }
     let mut quiet_since = Instant::now();
-    if !trickle {
+    if mode != Mode::Trickle {
         let line = read_line(&mut s, &mut buf, stop).await;
         return classify(line, quiet_since, *stop.borrow());
     }
@@ -225,13 +253,13 @@ async fn flood_session(
 async fn flood_client(
     gw: SocketAddr,
     local: Ipv4Addr,
-    trickle: bool,
+    mode: Mode,
     flood: Arc<Flood>,
     stop: watch::Receiver<bool>,
 ) {
     let mut first = true;
     while !*stop.borrow() {
-        let end = flood_session(gw, local, trickle, &flood, &stop).await;
+        let end = flood_session(gw, local, mode, &flood, &stop).await;
         match &end {
             End::Shed => {
                 flood.shed.fetch_add(1, Ordering::SeqCst);
@@ -270,6 +298,23 @@ struct Running {
 
 /// Starts `per_source` clients from each of `sources`, trickling every other one if asked.
 fn start_flood(gw: SocketAddr, sources: &[Ipv4Addr], per_source: usize, trickle: bool) -> Running {
+    start_flood_with(gw, sources, per_source, |n, i| {
+        if trickle && (n + i) % 2 == 1 {
+            Mode::Trickle
+        } else {
+            Mode::Idle
+        }
+    })
+}
+
+/// Starts `per_source` clients from each of `sources`; client `n` of source `i` does
+/// `mode(n, i)`.
+fn start_flood_with(
+    gw: SocketAddr,
+    sources: &[Ipv4Addr],
+    per_source: usize,
+    mode: impl Fn(usize, usize) -> Mode,
+) -> Running {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -280,9 +325,9 @@ fn start_flood(gw: SocketAddr, sources: &[Ipv4Addr], per_source: usize, trickle:
     let mut tasks = Vec::new();
     for n in 0..per_source {
         for (i, local) in sources.iter().enumerate() {
-            let t = trickle && (n + i) % 2 == 1;
+            let m = mode(n, i);
             let (flood, stop_rx, local) = (flood.clone(), stop_rx.clone(), *local);
-            tasks.push(rt.spawn(flood_client(gw, local, t, flood, stop_rx)));
+            tasks.push(rt.spawn(flood_client(gw, local, m, flood, stop_rx)));
         }
     }
     Running {
@@ -328,6 +373,53 @@ fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// Issue 12 follow-up: a flood whose sessions begin a transaction (MAIL FROM) and end it (RSET)
+/// before idling held their slots out of the shedder's reach, because only sessions that never
+/// sent MAIL FROM could be shed. Between transactions a session is sheddable again.
+#[test]
+fn a_flood_of_sessions_idle_after_a_transaction_does_not_lock_partners_out() {
+    let _heavy = heavy();
+    raise_nofile(8192);
+    const SOURCES: u8 = 62;
+    const PER_SOURCE: usize = 18;
+    let f = Fixture::build(
+        SinkOptions::default(),
+        |_, s| s.fleet(default_limits()),
+        |_, _| connectors(vec![]),
+    );
+    let gw = f.gw.smtp;
+    let sources: Vec<Ipv4Addr> = (0..SOURCES).map(|i| f.net.ip(100 + i)).collect();
+    let total = sources.len() * PER_SOURCE;
+    let running = start_flood_with(gw, &sources, PER_SOURCE, |_, _| Mode::Transaction);
+    let flood = running.flood.clone();
+    crate::support::wait_for(
+        Duration::from_secs(120),
+        "the flood to fill the listener",
+        || {
+            (flood.attempts.load(Ordering::SeqCst) >= total).then_some(())?;
+            let since = (*flood.first_refusal.lock().expect("lock"))?;
+            (since.elapsed() > Duration::from_secs(SHED_AFTER_SECS + 1)).then_some(())
+        },
+    );
+    let took = partner_session(
+        gw,
+        f.net.client(1),
+        "alice@contoso.com",
+        "a fresh client among sessions idle after a transaction",
+    );
+    println!("partner session among {total} post-transaction idle sessions completed in {took:?}");
+    assert_eq!(f.sink.messages_from(f.net.client(1)).len(), 1);
+    crate::support::wait_for(Duration::from_secs(60), "a shed flood session", || {
+        (flood.shed.load(Ordering::SeqCst) > 0).then_some(())
+    });
+    let flood = running.finish();
+    assert!(
+        flood.bad.lock().expect("lock").is_empty(),
+        "flood sessions ended unexpectedly: {:?}",
+        flood.bad.lock().expect("lock")
+    );
 }
 
 #[test]
