@@ -264,21 +264,14 @@ impl RelayTransaction {
             // would drop the accepted recipients.
             return fixed::ROUTE_SPLIT;
         }
-        if self.held.as_ref().is_some_and(|(r, _)| r != route) {
-            // Only while unpinned (policy refuses other routes once pinned): the held
-            // connection must not carry this recipient. The pooled connection for this route
-            // is taken first, so parking the released one cannot evict it.
+        if self.held.as_ref().is_none_or(|(r, _)| r != route) {
+            // The pooled connection for this route is taken first, so parking a released one
+            // cannot evict it. A held connection of another route exists only while unpinned
+            // (policy refuses other routes once pinned); it must not carry this recipient.
             let pooled = pool.take(route);
             if let Some((held_route, hop)) = self.held.take() {
                 release(held_route, hop, pool).await;
             }
-            match self.open_with_mail(rt, pooled, route, &label).await {
-                Ok(hop) => self.held = Some((route.clone(), hop)),
-                Err(reply) => return reply,
-            }
-        }
-        if self.held.is_none() {
-            let pooled = pool.take(route);
             match self.open_with_mail(rt, pooled, route, &label).await {
                 Ok(hop) => self.held = Some((route.clone(), hop)),
                 Err(reply) => return reply,
@@ -426,7 +419,6 @@ impl RelayTransaction {
         let route = self.pinned.clone().unwrap_or(Route::Upstream);
         let label = route_label(rt, &route);
         if self.broken {
-            self.drop_held();
             return Err(recipients_lost(&label));
         }
         let mut attempts = 0;
@@ -460,7 +452,6 @@ impl RelayTransaction {
                 Answer::Lost(reply) => {
                     hop.abort();
                     if attempts > 1 {
-                        self.broken = true;
                         return Err(reply);
                     }
                     tracing::warn!(next_hop = %label, recipients = self.ledger.len(), reply = %reply,

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use super::io::ReadError;
-use super::{Decision, Flow, Session, Transaction};
+use super::{Decision, Flow, Session, Transaction, outcome};
 use crate::data::{Action, DataError, DataFilter};
 use crate::policy::{Route, tls_str};
 use crate::relay::route_label;
@@ -46,11 +46,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let date = time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc2822)
             .unwrap_or_default();
-        let connector = match (&tx.decision.connector, route) {
-            (Some(c), _) => c.clone(),
-            (None, Route::Outbound(_) | Route::OutboundMx(..)) => route_label(&self.rt, route),
-            (None, Route::Upstream) => "none".into(),
-        };
+        let connector = self.route_connector(&tx.decision, route);
         let cert = tx
             .decision
             .verified_name
@@ -82,24 +78,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             "outbound"
         };
-        let connector = tx.decision.connector.clone().unwrap_or_else(|| {
-            if route == Route::Upstream {
-                "none".into()
-            } else {
-                label.clone()
-            }
-        });
+        let connector = self.route_connector(&tx.decision, &route);
         let headers = self.trace_headers(&tx, &route);
         let started = Instant::now();
         let rt = self.rt.clone();
         let mut transfer = match tx.relay.start_data(&rt, &mut self.pool).await {
             Ok(t) => t,
             Err(reply) => {
-                let outcome = if reply.is_transient() {
-                    "tempfail"
-                } else {
-                    "rejected"
-                };
+                let outcome = outcome(&reply, "relayed");
                 self.ctx.metrics.message(&connector, direction, outcome);
                 let d = Decision {
                     connector: &connector,
@@ -190,13 +176,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .metrics
             .relay_duration
             .observe(started.elapsed().as_secs_f64());
-        let outcome = if reply.is_positive() {
-            "relayed"
-        } else if reply.is_transient() {
-            "tempfail"
-        } else {
-            "rejected"
-        };
+        let outcome = outcome(&reply, "relayed");
         self.ctx.metrics.message(&connector, direction, outcome);
         let d = Decision {
             connector: &connector,

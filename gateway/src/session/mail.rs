@@ -50,17 +50,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let connector = decision.connector.as_deref().unwrap_or("none");
         match &decision.outcome {
             Err(refusal) => {
-                let d = Decision {
-                    connector,
-                    rule: refusal.rule.as_str(),
-                    outcome: "rejected",
-                    reply: Some(&refusal.reply),
-                    ..Decision::default()
-                };
-                self.log_decision(d, "MAIL FROM refused");
-                self.ctx.metrics.rejection(connector, refusal.rule.as_str());
+                self.refuse(connector, refusal, "MAIL FROM refused");
                 self.ctx.metrics.message(connector, "inbound", "rejected");
-                refusal.reply.write_to(&mut self.out);
             }
             Ok(()) => {
                 let d = Decision {

@@ -25,8 +25,8 @@ use tokio::sync::watch;
 use crate::certs::PeerCert;
 use crate::live_config::LiveConfig;
 use crate::metrics::Metrics;
-use crate::policy::{CertFacts, Facts, SenderDecision, TlsVersion, tls_str};
-use crate::relay::{IdlePool, RelayTransaction};
+use crate::policy::{self, CertFacts, Facts, Route, SenderDecision, TlsVersion, tls_str};
+use crate::relay::{IdlePool, RelayTransaction, route_label};
 use crate::reply::{Reply, fixed};
 use crate::stream::Conn;
 
@@ -195,6 +195,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         Flow::Continue
     }
 
+    /// The connector a transaction's mail is counted and stamped under: the claiming Inbound
+    /// connector, else the Outbound connector the route goes to, else `none`.
+    fn route_connector(&self, decision: &SenderDecision, route: &Route) -> String {
+        match (&decision.connector, route) {
+            (Some(c), _) => c.clone(),
+            (None, Route::Outbound(_) | Route::OutboundMx(..)) => route_label(&self.rt, route),
+            (None, Route::Upstream) => "none".into(),
+        }
+    }
+
+    /// A policy refusal of MAIL or RCPT: logged, counted by rule, answered.
+    fn refuse(&mut self, connector: &str, refusal: &policy::Refusal, message: &str) {
+        let d = Decision {
+            connector,
+            rule: refusal.rule.as_str(),
+            outcome: "rejected",
+            reply: Some(&refusal.reply),
+            ..Decision::default()
+        };
+        self.log_decision(d, message);
+        self.ctx.metrics.rejection(connector, refusal.rule.as_str());
+        self.reply(&refusal.reply);
+    }
+
     fn error(&mut self, r: &Reply) -> Flow {
         self.reply(r);
         self.count_error()
@@ -249,6 +273,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             | Request::Atrn { .. }
             | Request::Burl { .. } => self.error(&fixed::NOT_IMPLEMENTED),
         }
+    }
+}
+
+/// How a reply ends up for the metrics and the decision log: `positive` (e.g. `relayed`,
+/// `accepted`) for 2xx/3xx, `tempfail` for 4xx, `rejected` for 5xx.
+fn outcome(reply: &Reply, positive: &'static str) -> &'static str {
+    if reply.is_positive() {
+        positive
+    } else if reply.is_transient() {
+        "tempfail"
+    } else {
+        "rejected"
     }
 }
 

@@ -7,8 +7,8 @@ use std::borrow::Cow;
 use smtp_proto::RcptTo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Decision, Flow, Session};
-use crate::policy::{self, Route};
+use super::{Decision, Flow, Session, outcome};
+use crate::policy;
 use crate::relay::route_label;
 use crate::reply::fixed;
 
@@ -43,16 +43,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let route = match decision {
             Ok(r) => r,
             Err(refusal) => {
-                let d = Decision {
-                    connector,
-                    rule: refusal.rule.as_str(),
-                    outcome: "rejected",
-                    reply: Some(&refusal.reply),
-                    ..Decision::default()
-                };
-                self.log_decision(d, "RCPT TO refused");
-                self.ctx.metrics.rejection(connector, refusal.rule.as_str());
-                self.reply(&refusal.reply);
+                self.refuse(connector, &refusal, "RCPT TO refused");
                 self.tx = Some(tx);
                 return Flow::Continue;
             }
@@ -61,22 +52,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .relay
             .recipient(&rt, &mut self.pool, &route, &to.address)
             .await;
+        let counted = self.route_connector(&tx.decision, &route);
         self.tx = Some(tx);
         let label = route_label(&rt, &route);
-        // As in the messages metric: outbound mail of an unclaimed sender counts under the
-        // Outbound connector it goes to.
-        let hop_connector = match (connector, &route) {
-            ("none", Route::Outbound(_) | Route::OutboundMx(..)) => label.as_str(),
-            (c, _) => c,
-        };
-        let result = if reply.is_positive() {
-            "accepted"
-        } else if reply.is_transient() {
-            "tempfail"
-        } else {
-            "rejected"
-        };
-        self.ctx.metrics.next_hop_recipient(hop_connector, result);
+        self.ctx
+            .metrics
+            .next_hop_recipient(&counted, outcome(&reply, "accepted"));
         let d = Decision {
             connector,
             rule: "recipient",

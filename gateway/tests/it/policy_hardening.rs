@@ -16,59 +16,14 @@ use std::path::PathBuf;
 use crate::support::gateway::run_cli;
 use crate::support::pki::material_name;
 use crate::support::{
-    CertPair, Fixture, Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions, Transcript,
-    connector_header, connectors, contoso_bundle, inbound, run_python_smtp,
+    CertPair, Fixture, Gateway, GatewaySpec, Net, Pki, Python, Sink, SinkOptions, Transcript,
+    connector_header, connectors, contoso_bundle, inbound,
 };
 use serde_json::{Value, json};
 
 const BOB: &str = "bob@example.org";
 
-/// smtplib with SMTPUTF8 when an address is not ASCII (the support helper never asks for it),
-/// and an optional TLS 1.2 ceiling.
-const PY: &str = r#"
-import json, smtplib, ssl, sys
-a = json.loads(sys.argv[1])
-steps = []
-def rec(cmd, r):
-    msg = r[1].decode('utf-8', 'replace') if isinstance(r[1], bytes) else str(r[1])
-    steps.append([cmd, r[0], msg])
-try:
-    src = (a['source'], 0) if a.get('source') else None
-    s = smtplib.SMTP(local_hostname='client.test', timeout=20, source_address=src)
-    rec('', s.connect(a['host'], a['port']))
-    rec('EHLO', s.ehlo())
-    if a['starttls']:
-        ctx = ssl.create_default_context(cafile=a['ca'])
-        if a.get('tls12'):
-            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
-        if a.get('cert'):
-            ctx.load_cert_chain(a['cert'], a['key'])
-        s._host = 'gateway.test'
-        rec('STARTTLS', s.starttls(context=ctx))
-        rec('EHLO', s.ehlo())
-    utf8 = not all(x.isascii() for x in [a['from']] + a['to'])
-    r = s.mail(a['from'], ['SMTPUTF8'] if utf8 else [])
-    rec('MAIL FROM', r)
-    if r[0] == 250:
-        ok = 0
-        for t in a['to']:
-            r = s.rcpt(t)
-            rec('RCPT TO', r)
-            ok += r[0] in (250, 251)
-        if ok:
-            try:
-                rec('.', s.data(b'Subject: policy hardening\r\n\r\nhello\r\n'))
-            except smtplib.SMTPDataError as e:
-                rec('DATA', (e.smtp_code, e.smtp_error))
-    try:
-        rec('QUIT', s.quit())
-    except Exception:
-        pass
-except Exception as e:
-    steps.append(['ERROR', 0, type(e).__name__ + ': ' + str(e)])
-print(json.dumps(steps))
-"#;
-
+/// A client from `source`, described before the gateway it talks to is known.
 #[derive(Default)]
 struct Client {
     source: Option<Ipv4Addr>,
@@ -100,20 +55,22 @@ impl Client {
         self
     }
 
+    /// One message through support::Python (SMTPUTF8 when an address is not ASCII).
     fn send(&self, server: SocketAddr, from: &str, to: &[&str]) -> Transcript {
-        let args = json!({
-            "host": server.ip().to_string(),
-            "port": server.port(),
-            "source": self.source.map(|s| s.to_string()),
-            "starttls": self.ca.is_some(),
-            "ca": self.ca,
-            "cert": self.cert.as_ref().map(|c| &c.cert),
-            "key": self.cert.as_ref().map(|c| &c.key),
-            "tls12": self.tls12,
-            "from": from,
-            "to": to,
-        });
-        run_python_smtp(PY, &args)
+        let mut p = Python::new(server);
+        if let Some(ip) = self.source {
+            p = p.local(ip);
+        }
+        if let Some(ca) = &self.ca {
+            p = p.starttls(ca);
+        }
+        if let Some(pair) = &self.cert {
+            p = p.cert(pair);
+        }
+        if self.tls12 {
+            p = p.tls12();
+        }
+        p.send(from, to, "Subject: policy hardening\r\n\r\nhello\r\n")
     }
 }
 

@@ -369,6 +369,21 @@ fn partner_session(gw: SocketAddr, local: Ipv4Addr, from: &str, what: &str) -> D
     t.elapsed()
 }
 
+/// Waits (guard 120 s) until all `total` flood sessions were tried and the listener has been
+/// refusing clients for longer than the age from which an idle session may be shed: the state
+/// a partner meets in an attack.
+fn wait_until_full(flood: &Flood, total: usize) {
+    crate::support::wait_for(
+        Duration::from_secs(120),
+        "the flood to fill the listener",
+        || {
+            (flood.attempts.load(Ordering::SeqCst) >= total).then_some(())?;
+            let since = (*flood.first_refusal.lock().expect("lock"))?;
+            (since.elapsed() > Duration::from_secs(SHED_AFTER_SECS + 1)).then_some(())
+        },
+    );
+}
+
 fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
@@ -394,15 +409,7 @@ fn a_flood_of_sessions_idle_after_a_transaction_does_not_lock_partners_out() {
     let total = sources.len() * PER_SOURCE;
     let running = start_flood_with(gw, &sources, PER_SOURCE, |_, _| Mode::Transaction);
     let flood = running.flood.clone();
-    crate::support::wait_for(
-        Duration::from_secs(120),
-        "the flood to fill the listener",
-        || {
-            (flood.attempts.load(Ordering::SeqCst) >= total).then_some(())?;
-            let since = (*flood.first_refusal.lock().expect("lock"))?;
-            (since.elapsed() > Duration::from_secs(SHED_AFTER_SECS + 1)).then_some(())
-        },
-    );
+    wait_until_full(&flood, total);
     let took = partner_session(
         gw,
         f.net.client(1),
@@ -446,18 +453,7 @@ fn a_flood_at_the_default_limits_does_not_lock_partners_out() {
     let started = Instant::now();
     let running = start_flood(gw, &sources, PER_SOURCE, true);
     let flood = running.flood.clone();
-
-    // The flood holds the listener full (its clients are being refused) for longer than the
-    // age from which an idle session may be shed: the state a partner meets in an attack.
-    crate::support::wait_for(
-        Duration::from_secs(120),
-        "the flood to fill the listener",
-        || {
-            (flood.attempts.load(Ordering::SeqCst) >= total).then_some(())?;
-            let since = (*flood.first_refusal.lock().expect("lock"))?;
-            (since.elapsed() > Duration::from_secs(SHED_AFTER_SECS + 1)).then_some(())
-        },
-    );
+    wait_until_full(&flood, total);
     println!(
         "flood of {total} connections from {SOURCES} addresses: {} greeted, {} refused, {} not greeted within 10 s after {:?}",
         flood.greeted.load(Ordering::SeqCst),

@@ -19,7 +19,7 @@ use tempfile::TempDir;
 
 use super::net::free_port;
 use super::postfix::{Delivery, ReceiverOptions};
-use super::smtp::SmtpConn;
+use super::smtp::inject;
 use super::{CertPair, wait_for};
 
 /// The unpacked `exim4-daemon-light` binary (see tests/scripts/install-deps.sh).
@@ -266,18 +266,7 @@ discard:
 
     /// Injects a message over SMTP; returns Exim's message id.
     pub fn submit(&self, from: &str, to: &str, body: &str) -> String {
-        let (mut c, greeting) = SmtpConn::connect(self.listen, None);
-        assert_eq!(greeting.code, 220, "exim greeting: {greeting}");
-        c.cmd("EHLO submitter.contoso.com");
-        let t = c.send_mail(from, &[to], body);
-        let end = t.data_end().cloned().unwrap_or_else(|| {
-            panic!(
-                "exim refused the injected message: {t:?}\n{}",
-                self.mainlog()
-            )
-        });
-        assert_eq!(end.code, 250, "exim queued the message: {end}");
-        c.quit();
+        let end = inject(self.listen, "exim", || self.mainlog(), from, to, body);
         // "250 OK id=1xYPiG-00045e-1R"
         end.text()
             .rsplit("id=")

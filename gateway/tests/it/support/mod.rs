@@ -27,7 +27,7 @@ pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound
 pub use gateway::{Gateway, GatewaySpec};
 pub use haproxy::{Haproxy, proxy_v2_header};
 pub use net::Net;
-pub use peers::{Openssl, Python, Swaks, run_python_smtp};
+pub use peers::{Openssl, Python, Swaks};
 pub use pki::{CertPair, Pki};
 pub use postfix::Postfix;
 pub use sink::{Recorded, Sink, SinkOptions};

@@ -27,7 +27,7 @@ use tempfile::TempDir;
 use super::exim::greets;
 use super::net::free_port;
 use super::postfix::Delivery;
-use super::smtp::SmtpConn;
+use super::smtp::inject;
 use super::{require_tool, wait_for};
 
 /// The unpacked `opensmtpd` daemon (see tests/scripts/install-deps.sh).
@@ -141,18 +141,7 @@ exec {SMTPD} -d -f {conf}",
     /// Injects a message over SMTP; returns OpenSMTPD's message id (8 hex digits, the first
     /// half of its envelope ids).
     pub fn submit(&self, from: &str, to: &str, body: &str) -> String {
-        let (mut c, greeting) = SmtpConn::connect(self.listen, None);
-        assert_eq!(greeting.code, 220, "opensmtpd greeting: {greeting}");
-        c.cmd("EHLO submitter.contoso.com");
-        let t = c.send_mail(from, &[to], body);
-        let end = t.data_end().cloned().unwrap_or_else(|| {
-            panic!(
-                "opensmtpd refused the injected message: {t:?}\n{}",
-                self.log()
-            )
-        });
-        assert_eq!(end.code, 250, "opensmtpd queued the message: {end}");
-        c.quit();
+        let end = inject(self.listen, "opensmtpd", || self.log(), from, to, body);
         // "250 2.0.0 2ac54a45 Message accepted for delivery"
         end.text()
             .split_whitespace()

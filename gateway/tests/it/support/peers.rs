@@ -263,6 +263,7 @@ pub struct Python {
     starttls: bool,
     ca: Option<PathBuf>,
     cert: Option<CertPair>,
+    tls12: bool,
 }
 
 const PY: &str = r#"
@@ -279,12 +280,15 @@ try:
     rec('EHLO', s.ehlo())
     if a['starttls']:
         ctx = ssl.create_default_context(cafile=a['ca'])
+        if a.get('tls12'):
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_2
         if a.get('cert'):
             ctx.load_cert_chain(a['cert'], a['key'])
         s._host = 'gateway.test'
         rec('STARTTLS', s.starttls(context=ctx))
         rec('EHLO', s.ehlo())
-    r = s.mail(a['from'])
+    utf8 = not all(x.isascii() for x in [a['from']] + a['to'])
+    r = s.mail(a['from'], ['SMTPUTF8'] if utf8 else [])
     rec('MAIL FROM', r)
     if r[0] == 250:
         ok = 0
@@ -314,6 +318,7 @@ impl Python {
             starttls: false,
             ca: None,
             cert: None,
+            tls12: false,
         }
     }
 
@@ -334,6 +339,12 @@ impl Python {
         self
     }
 
+    /// TLS 1.2 at most (to meet a connector's `minTlsVersion`).
+    pub fn tls12(mut self) -> Python {
+        self.tls12 = true;
+        self
+    }
+
     pub fn send(self, from: &str, to: &[&str], data: &str) -> Transcript {
         let args = json!({
             "host": self.server.ip().to_string(),
@@ -343,6 +354,7 @@ impl Python {
             "ca": self.ca,
             "cert": self.cert.as_ref().map(|c| &c.cert),
             "key": self.cert.as_ref().map(|c| &c.key),
+            "tls12": self.tls12,
             "from": from,
             "to": to,
             "data": data,
@@ -353,7 +365,7 @@ impl Python {
 
 /// Runs a Python smtplib `script` with `args` as JSON in argv[1]; the script prints a JSON list
 /// of `[command, code, message]` (a `cmd` of `ERROR` is a client-side error, kept in `raw`).
-pub fn run_python_smtp(script: &str, args: &serde_json::Value) -> Transcript {
+fn run_python_smtp(script: &str, args: &serde_json::Value) -> Transcript {
     let out = Command::new(require_tool("python3"))
         .arg("-c")
         .arg(script)

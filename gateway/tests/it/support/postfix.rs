@@ -17,7 +17,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 
 use super::net::free_port;
-use super::smtp::SmtpConn;
+use super::smtp::inject;
 use super::{CertPair, require_tool, wait_for};
 
 #[derive(Debug, Clone)]
@@ -260,18 +260,7 @@ biff = no
 
     /// Injects a message into the instance over SMTP; returns Postfix's queue id.
     pub fn submit(&self, from: &str, to: &str, body: &str) -> String {
-        let (mut c, greeting) = SmtpConn::connect(self.listen, None);
-        assert_eq!(greeting.code, 220, "postfix greeting: {greeting}");
-        c.cmd("EHLO submitter.contoso.com");
-        let t = c.send_mail(from, &[to], body);
-        let end = t.data_end().cloned().unwrap_or_else(|| {
-            panic!(
-                "postfix refused the injected message: {t:?}\n{}",
-                self.maillog()
-            )
-        });
-        assert_eq!(end.code, 250, "postfix queued the message: {end}");
-        c.quit();
+        let end = inject(self.listen, "postfix", || self.maillog(), from, to, body);
         end.text()
             .rsplit(' ')
             .next()

@@ -441,3 +441,27 @@ pub fn message(from: &str, to: &str, subject: &str, extra_headers: &[&str]) -> S
     m.push_str("@partnergate.test>\r\n\r\nHello from the partnergate tests.\r\n");
     m
 }
+
+/// Injects one message into a peer MTA listening on `listen` (the way a local submitter would)
+/// and returns its final `250` reply, which carries the MTA's queue id. `mta` names it in
+/// failures, with `log()` (its log) attached.
+pub fn inject(
+    listen: SocketAddr,
+    mta: &str,
+    log: impl Fn() -> String,
+    from: &str,
+    to: &str,
+    body: &str,
+) -> Reply {
+    let (mut c, greeting) = SmtpConn::connect(listen, None);
+    assert_eq!(greeting.code, 220, "{mta} greeting: {greeting}");
+    c.cmd("EHLO submitter.contoso.com");
+    let t = c.send_mail(from, &[to], body);
+    let end = t
+        .data_end()
+        .cloned()
+        .unwrap_or_else(|| panic!("{mta} refused the injected message: {t:?}\n{}", log()));
+    assert_eq!(end.code, 250, "{mta} queued the message: {end}");
+    c.quit();
+    end
+}
