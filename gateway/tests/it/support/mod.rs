@@ -8,6 +8,7 @@
 //! binaries run by other people on the same machine) never share an address or a port. No
 //! traffic ever leaves 127.0.0.0/8.
 
+pub mod dns;
 pub mod exim;
 pub mod fixture;
 pub mod gateway;
@@ -23,6 +24,7 @@ pub mod sink;
 pub mod smtp;
 pub mod wire;
 
+pub use dns::{DnsServer, Zone};
 pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound};
 pub use gateway::{Gateway, GatewaySpec};
 pub use haproxy::{Haproxy, proxy_v2_header};
