@@ -90,10 +90,6 @@ impl Zone {
         self.corrupt.push((owner, rtype.to_ascii_uppercase()));
         self
     }
-
-    pub fn origin(&self) -> &str {
-        &self.origin
-    }
 }
 
 /// A running `knotd` with its zones.
@@ -170,14 +166,6 @@ impl DnsServer {
         self.stop();
         self.write_zones(&zones);
         self.spawn();
-    }
-
-    /// The trust anchor written to a file (one DNSKEY record per line), for resolvers that
-    /// read anchors from a file.
-    pub fn trust_anchor_file(&self) -> PathBuf {
-        let p = self.dir.path().join("trust-anchor.key");
-        std::fs::write(&p, format!("{}\n", self.trust_anchor)).expect("write trust anchor");
-        p
     }
 
     /// `dig` against this server (for diagnostics and for tests of the helper itself).

@@ -24,7 +24,6 @@ pub mod sink;
 pub mod smtp;
 pub mod wire;
 
-pub use dns::{DnsServer, Zone};
 pub use fixture::{Fixture, connector_header, connectors, contoso_bundle, inbound};
 pub use gateway::{Gateway, GatewaySpec};
 pub use haproxy::{Haproxy, proxy_v2_header};
