@@ -65,6 +65,41 @@ pub struct FleetSettings {
     /// none, so a partner's DNS cannot aim the gateway at internal services.
     #[serde(default)]
     pub allow_private_mx_addresses: Vec<IpNet>,
+    /// DANE and MTA-STS for Outbound connectors that enable them (docs/gateway.md, "Outbound
+    /// TLS policies").
+    #[serde(default)]
+    pub tls_policy: TlsPolicySettings,
+}
+
+/// Fleet settings of the outbound TLS policies (DANE, MTA-STS). Defaults suit the public
+/// internet; tests point them at a private DNSSEC zone and a private CA.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields, default)]
+pub struct TlsPolicySettings {
+    /// DNSSEC trust anchors for DANE: a file of DNSKEY records in zone-file syntax (relative to
+    /// the fleet file). Default: the root zone's KSKs built into the resolver.
+    pub dnssec_trust_anchor_file: Option<PathBuf>,
+    /// CA bundle (PEM) that MTA-STS policy servers' HTTPS certificates must chain to, and that
+    /// an MX host under an MTA-STS policy must chain to. Default: public web PKI roots.
+    pub mta_sts_roots_file: Option<PathBuf>,
+    /// TCP port of the MTA-STS policy host (RFC 8461 says 443; other values are for tests).
+    pub mta_sts_port: u16,
+    /// Longest MTA-STS policy body accepted, in octets (RFC 8461 suggests 64 KiB).
+    pub mta_sts_max_policy_bytes: usize,
+    /// Time allowed for one policy fetch (connect, TLS, request, body), in seconds.
+    pub mta_sts_fetch_timeout_secs: u64,
+}
+
+impl Default for TlsPolicySettings {
+    fn default() -> Self {
+        TlsPolicySettings {
+            dnssec_trust_anchor_file: None,
+            mta_sts_roots_file: None,
+            mta_sts_port: 443,
+            mta_sts_max_policy_bytes: 64 * 1024,
+            mta_sts_fetch_timeout_secs: 60,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -333,6 +368,24 @@ pub struct OutboundConnector {
     pub trust_bundle_file: Option<PathBuf>,
     #[serde(default)]
     pub client_certificate: Option<CertificateFiles>,
+    /// DANE (RFC 7672) for this connector's next hops.
+    #[serde(default)]
+    pub dane: PolicyMode,
+    /// MTA-STS (RFC 8461) for this connector's recipient domains (`useMX` only).
+    #[serde(default)]
+    pub mta_sts: PolicyMode,
+}
+
+/// How a DNS-published TLS policy (DANE, MTA-STS) applies to an Outbound connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum PolicyMode {
+    /// Not looked up; the connector's `tls` level alone applies.
+    #[default]
+    None,
+    /// Enforced when the partner publishes it; otherwise the `tls` level applies.
+    Opportunistic,
+    /// Required: a next hop without a usable policy is deferred (`451 4.7.5`).
+    Mandatory,
 }
 
 fn default_true() -> bool {
@@ -517,6 +570,25 @@ impl FleetSettings {
                 name,
             );
         }
+        let tp = &self.tls_policy;
+        if tp.mta_sts_port == 0 {
+            errors.push(FieldError {
+                path: "tlsPolicy.mtaStsPort".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if tp.mta_sts_max_policy_bytes == 0 {
+            errors.push(FieldError {
+                path: "tlsPolicy.mtaStsMaxPolicyBytes".into(),
+                message: "must be at least 1".into(),
+            });
+        }
+        if tp.mta_sts_fetch_timeout_secs == 0 {
+            errors.push(FieldError {
+                path: "tlsPolicy.mtaStsFetchTimeoutSecs".into(),
+                message: "must be at least 1".into(),
+            });
+        }
         if let Some(r) = &self.dns_resolver
             && let Err(message) = parse_dns_resolver(r)
         {
@@ -679,8 +751,41 @@ impl ConnectorsFile {
             if let Some(name) = &c.tls_domain {
                 check_certificate_name(&mut errors, format!("{p}.tlsDomain"), name);
             }
+            check_policy_modes(&mut errors, &p, c);
         }
         errors
+    }
+}
+
+/// The impossible combinations of DANE/MTA-STS with routing and TLS levels (the CRD's CEL rules
+/// say the same).
+fn check_policy_modes(errors: &mut Vec<FieldError>, p: &str, c: &OutboundConnector) {
+    if c.dane != PolicyMode::None {
+        // TLSA records are published for host names; an IP literal has no `_25._tcp` name.
+        for (j, h) in c.smart_hosts.iter().enumerate() {
+            if h.starts_with('[') {
+                errors.push(FieldError {
+                    path: format!("{p}.smartHosts[{j}]"),
+                    message: "DANE needs host names (TLSA records are looked up by name), not \
+                              IP literals"
+                        .into(),
+                });
+            }
+        }
+        if c.tls == TlsLevel::None {
+            errors.push(FieldError {
+                path: format!("{p}.dane"),
+                message: "DANE needs TLS (tls must not be None)".into(),
+            });
+        }
+    }
+    if c.mta_sts != PolicyMode::None && !c.use_mx {
+        errors.push(FieldError {
+            path: format!("{p}.mtaSts"),
+            message: "MTA-STS applies to MX delivery: it needs useMX (a policy lists the \
+                      domain's MX hosts)"
+                .into(),
+        });
     }
 }
 
@@ -863,6 +968,22 @@ mod tests {
         assert_eq!(file(true, "1.3"), []);
         assert_eq!(file(false, "1.2"), []);
         assert_eq!(file(true, "1.2"), []);
+    }
+
+    /// Issue 15: DANE needs host names, MTA-STS needs useMX; the defaults are None.
+    #[test]
+    fn policy_mode_combinations() {
+        let file: ConnectorsFile = serde_json::from_value(serde_json::json!({"outbound": [
+            {"name": "mail/a", "domains": ["a.test"], "smartHosts": ["[192.0.2.1]:25", "mx.a.test"], "dane": "Mandatory"},
+            {"name": "mail/b", "domains": ["b.test"], "smartHosts": ["mx.b.test"], "mtaSts": "Opportunistic"},
+            {"name": "mail/c", "domains": ["c.test"], "useMX": true, "dane": "Opportunistic", "mtaSts": "Mandatory"},
+            {"name": "mail/d", "domains": ["d.test"], "smartHosts": ["mx.d.test"]}
+        ]}))
+        .unwrap();
+        let paths: Vec<String> = file.validate().into_iter().map(|e| e.path).collect();
+        assert_eq!(paths, ["outbound[0].smartHosts[0]", "outbound[1].mtaSts"]);
+        assert_eq!(file.outbound[3].dane, PolicyMode::None);
+        assert_eq!(file.outbound[3].mta_sts, PolicyMode::None);
     }
 
     #[test]

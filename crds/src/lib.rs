@@ -277,7 +277,13 @@ fn default_ca_key() -> String {
         .field_path(".useMX"),
     validation = Rule::new("!has(self.tlsDomain) || !has(self.tls) || self.tls == 'DomainValidation'")
         .message("spec.outbound.tlsDomain is only allowed with tls: DomainValidation")
-        .field_path(".tlsDomain")
+        .field_path(".tlsDomain"),
+    validation = Rule::new("!has(self.dane) || self.dane == 'None' || !has(self.smartHosts) || self.smartHosts.all(h, !h.startsWith('['))")
+        .message("spec.outbound.dane needs host names (smartHosts by name or useMX: true), not IP literals: TLSA records are looked up by name")
+        .field_path(".dane"),
+    validation = Rule::new("!has(self.mtaSts) || self.mtaSts == 'None' || (has(self.useMX) && self.useMX)")
+        .message("spec.outbound.mtaSts needs useMX: true (an MTA-STS policy lists the recipient domain's MX hosts)")
+        .field_path(".mtaSts")
 )]
 #[serde(rename_all = "camelCase")]
 pub struct OutboundSpec {
@@ -325,6 +331,40 @@ pub struct OutboundSpec {
     /// `tls.crt` and `tls.key`) in the connector's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate: Option<ClientCertificate>,
+
+    /// DANE (RFC 7672): authenticate the partner's servers by TLSA records in DNSSEC-signed
+    /// DNS. None (default): not looked up. Opportunistic: enforced when the partner publishes
+    /// TLSA records, otherwise the tls level applies. Mandatory: a next hop without secure TLSA
+    /// records is deferred (`451 4.7.5`). A bogus (failed DNSSEC) answer always defers.
+    #[serde(default, skip_serializing_if = "OutboundPolicyMode::is_none")]
+    pub dane: OutboundPolicyMode,
+
+    /// MTA-STS (RFC 8461), with useMX only: the recipient domain's published policy (MX names,
+    /// enforce/testing) is applied. None (default): not looked up. Opportunistic: enforced when
+    /// the domain publishes a policy. Mandatory: a domain without an enforce policy is deferred
+    /// (`451 4.7.5`). DANE, when it applies to a host, wins over MTA-STS.
+    #[serde(default, skip_serializing_if = "OutboundPolicyMode::is_none")]
+    pub mta_sts: OutboundPolicyMode,
+}
+
+/// How a DNS-published TLS policy (DANE, MTA-STS) applies to an Outbound connector.
+#[derive(
+    Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Default, schemars::JsonSchema,
+)]
+pub enum OutboundPolicyMode {
+    /// Not looked up.
+    #[default]
+    None,
+    /// Enforced when the partner publishes a policy.
+    Opportunistic,
+    /// Required; deferred when the partner publishes none.
+    Mandatory,
+}
+
+impl OutboundPolicyMode {
+    pub fn is_none(&self) -> bool {
+        *self == OutboundPolicyMode::None
+    }
 }
 
 /// TLS level towards the partner's mail servers.

@@ -20,4 +20,5 @@ pub mod session;
 pub mod stream;
 pub mod telemetry;
 pub mod tls;
+pub mod tls_policy;
 pub mod validation;

@@ -13,8 +13,10 @@ use crate::certs::{
     Anchors, CertInfo, TrustStore, load_anchors, load_certs, load_key, public_roots,
 };
 use crate::config::{
-    CertificateFiles, ConnectorsFile, FieldError, FleetSettings, TlsLevel, parse_smart_host,
+    CertificateFiles, ConnectorsFile, FieldError, FleetSettings, PolicyMode, TlsLevel,
+    parse_smart_host,
 };
+use crate::tls::NameRule;
 
 /// The two files the gateway is started with.
 #[derive(Debug, Clone)]
@@ -34,6 +36,10 @@ pub struct NextHopHost {
     pub tls: Arc<rustls::ClientConfig>,
     /// SNI / name sent in the handshake.
     pub server_name: String,
+    /// MX hosts: the recipient domain they were looked up for (MTA-STS, DomainValidation).
+    pub domain: Option<String>,
+    /// MX hosts: whether the MX answer was DNSSEC-validated (DANE).
+    pub mx_security: crate::mx::MxSecurity,
 }
 
 /// A resolved route: where its mail goes (hosts tried in order) and how strictly its TLS is
@@ -48,10 +54,22 @@ pub struct NextHop {
     pub use_mx: bool,
     /// For `useMX` connectors: what is needed to build a TLS config per MX host.
     pub mx: Option<Arc<MxTls>>,
+    /// Outbound connectors with a DANE or MTA-STS mode.
+    pub policy: Option<Arc<crate::tls_policy::engine::HopPolicy>>,
+}
+
+impl NextHop {
+    /// Whether the MX lookup must be DNSSEC-validated (DANE on).
+    pub fn validates_mx(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|p| p.dane != crate::config::PolicyMode::None)
+    }
 }
 
 /// TLS material of a `useMX` connector; the DomainValidation name is `tlsDomain` or, by
-/// default, each MX host's own name, so configs are built per host after the MX lookup.
+/// default, the recipient domain or a name under it (never the MX host's name, which an
+/// unauthenticated DNS answer supplied), so configs are built per host after the MX lookup.
 pub struct MxTls {
     pub anchors: Anchors,
     pub tls_domain: Option<String>,
@@ -73,17 +91,23 @@ impl std::fmt::Debug for MxTls {
 
 impl MxTls {
     /// The next hop host for one address of one MX host.
+    /// `domain`: the recipient domain the MX lookup was for.
     pub fn host(
         &self,
         level: TlsLevel,
         host: &str,
         addr: std::net::IpAddr,
+        domain: &str,
+        mx_security: crate::mx::MxSecurity,
     ) -> Result<NextHopHost, String> {
-        let name = self.tls_domain.clone().unwrap_or_else(|| host.to_string());
+        let rule = match &self.tls_domain {
+            Some(n) => NameRule::Pattern(n.clone()),
+            None => NameRule::DomainOrSubdomain(domain.to_string()),
+        };
         let tls = crate::tls::client_config(
             level,
             self.anchors.clone(),
-            name.clone(),
+            rule,
             self.client_cert
                 .as_ref()
                 .map(|(c, k)| (c.clone(), k.clone_key())),
@@ -93,7 +117,10 @@ impl MxTls {
             port: self.port,
             addr: Some(addr),
             tls,
-            server_name: sni_name(&name, host),
+            // RFC 7672 2.2.3 / RFC 8461 4.2: the SNI is the MX host name.
+            server_name: host.to_string(),
+            domain: Some(domain.to_string()),
+            mx_security,
         })
     }
 }
@@ -360,7 +387,12 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
         certificates.extend(earliest("upstream-client".into(), chain));
     }
     let name = up.tls_domain.clone().unwrap_or_else(|| up.host.clone());
-    let upstream = match crate::tls::client_config(up.tls, anchors, name.clone(), client_cert) {
+    let upstream = match crate::tls::client_config(
+        up.tls,
+        anchors,
+        NameRule::Pattern(name.clone()),
+        client_cert,
+    ) {
         Ok(tls) => Some(NextHop {
             label: "upstream".into(),
             level: up.tls,
@@ -370,15 +402,56 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
                 addr: None,
                 tls,
                 server_name: sni_name(&name, &up.host),
+                domain: None,
+                mx_security: crate::mx::MxSecurity::Unchecked,
             }],
             use_mx: false,
             mx: None,
+            policy: None,
         }),
         Err(e) => {
             errors.push(err("upstream", e));
             None
         }
     };
+
+    // DNS (MX, DANE) and MTA-STS, shared by the Outbound connectors.
+    let tp = &fleet.tls_policy;
+    let trust_anchor = tp
+        .dnssec_trust_anchor_file
+        .as_ref()
+        .map(|f| resolve(&base, f));
+    if let Some(f) = &trust_anchor
+        && let Err(e) = hickory_resolver::proto::dnssec::TrustAnchors::from_file(f)
+    {
+        errors.push(err(
+            "tlsPolicy.dnssecTrustAnchorFile",
+            format!("cannot read DNSKEY records from {}: {e}", f.display()),
+        ));
+    }
+    let sts_roots = hop_anchors(
+        &tp.mta_sts_roots_file,
+        &base,
+        "tlsPolicy.mtaStsRootsFile",
+        &mut errors,
+    );
+    let resolver = Arc::new(
+        crate::mx::MxResolver::new(
+            fleet
+                .dns_resolver
+                .as_deref()
+                .and_then(|r| crate::config::parse_dns_resolver(r).ok()),
+            std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
+            fleet.allow_private_mx_addresses.clone(),
+        )
+        .with_trust_anchor(trust_anchor),
+    );
+    let sts = Arc::new(crate::tls_policy::fetch::StsFetcher {
+        roots: sts_roots,
+        max_bytes: tp.mta_sts_max_policy_bytes,
+        timeout: std::time::Duration::from_secs(tp.mta_sts_fetch_timeout_secs),
+        resolver: resolver.clone(),
+    });
 
     // Outbound connectors.
     let mut outbound = Vec::new();
@@ -419,7 +492,7 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
             match crate::tls::client_config(
                 c.tls,
                 anchors.clone(),
-                name.clone(),
+                NameRule::Pattern(name.clone()),
                 client_cert
                     .as_ref()
                     .map(|(c, k)| (c.clone(), k.clone_key())),
@@ -430,26 +503,35 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
                     port,
                     addr: None,
                     tls,
+                    domain: None,
+                    mx_security: crate::mx::MxSecurity::Unchecked,
                 }),
                 Err(e) => errors.push(err(format!("{p}.smartHosts"), e)),
             }
         }
+        let policy = (c.dane != PolicyMode::None || c.mta_sts != PolicyMode::None).then(|| {
+            Arc::new(crate::tls_policy::engine::HopPolicy {
+                dane: c.dane,
+                mta_sts: c.mta_sts,
+                level: c.tls,
+                anchors: anchors.clone(),
+                tls_domain: c.tls_domain.clone(),
+                client_cert: client_cert
+                    .as_ref()
+                    .map(|(c, k)| (c.clone(), k.clone_key())),
+                resolver: resolver.clone(),
+                sts: sts.clone(),
+            })
+        });
         outbound.push(NextHop {
             label: c.name.clone(),
             level: c.tls,
             hosts,
             use_mx: c.use_mx,
             mx,
+            policy,
         });
     }
-    let resolver = Arc::new(crate::mx::MxResolver::new(
-        fleet
-            .dns_resolver
-            .as_deref()
-            .and_then(|r| crate::config::parse_dns_resolver(r).ok()),
-        std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
-        fleet.allow_private_mx_addresses.clone(),
-    ));
 
     match (server_tls, upstream) {
         (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(LiveConfig {
@@ -495,6 +577,14 @@ pub fn watched_files(paths: &ConfigPaths) -> Vec<PathBuf> {
         .chain(fleet.upstream.trust_bundle_file.iter())
     {
         files.push(resolve(&base, b));
+    }
+    for f in fleet
+        .tls_policy
+        .dnssec_trust_anchor_file
+        .iter()
+        .chain(fleet.tls_policy.mta_sts_roots_file.iter())
+    {
+        files.push(resolve(&base, f));
     }
     if let Some(c) = &fleet.upstream.client_certificate {
         files.push(resolve(&base, &c.cert_file));

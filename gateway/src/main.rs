@@ -305,7 +305,7 @@ fn probe(
         },
     };
     let name = tls_server_name.unwrap_or_else(|| host.clone());
-    let tls = match tls::client_config(level, anchors, name.clone(), None) {
+    let tls = match tls::client_config(level, anchors, tls::NameRule::Pattern(name.clone()), None) {
         Ok(t) => t,
         Err(e) => {
             println!("error: {e}");
@@ -321,9 +321,12 @@ fn probe(
             addr: None,
             tls,
             server_name: name,
+            domain: None,
+            mx_security: partnergate_gateway::mx::MxSecurity::Unchecked,
         }],
         use_mx: false,
         mx: None,
+        policy: None,
     };
     let timeouts = partnergate_gateway::config::Timeouts {
         next_hop_secs: timeout_secs,

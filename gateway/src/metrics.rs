@@ -117,6 +117,13 @@ impl Metrics {
         let connector_tls_handshakes = Family::<ConnectorResultLabels, Counter>::default();
         let next_hop_recipients = Family::<ConnectorResultLabels, Counter>::default();
         registry.register(
+            "partnergate_outbound_tls_policy",
+            "Outbound connection attempts under a DANE/MTA-STS mode, by connector, policy that \
+             applied (dane, mta-sts, none) and result (success, failure, deferred, \
+             testing_failure, fallback)",
+            crate::tls_policy::engine::counters(),
+        );
+        registry.register(
             "partnergate_sessions",
             "SMTP sessions accepted",
             sessions.clone(),

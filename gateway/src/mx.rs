@@ -3,7 +3,10 @@
 //! domain's own A/AAAA as an implicit MX when it has no MX records, and RFC 7505 null MX.
 //!
 //! The resolver is hickory's, pointed at the fleet's `dnsResolver` or the system resolver. It is
-//! built lazily (inside the tokio runtime) once per loaded config.
+//! built lazily (inside the tokio runtime) once per loaded config. Connectors with DANE use a
+//! second, DNSSEC-validating resolver on the same server (trust anchor: the fleet's
+//! `tlsPolicy.dnssecTrustAnchorFile` or the root KSKs), so connectors without DANE keep the
+//! plain resolver's behaviour: a validation failure never affects them.
 //!
 //! Invariant: an MX answer is DNS data the gateway does not control, so an address that is not
 //! globally reachable ([`special_purpose`]: loopback, private, ULA, link-local, CGNAT,
@@ -53,6 +56,18 @@ pub enum MxError {
     /// The DNS lookup failed (timeout, SERVFAIL, …): try again later.
     #[error("DNS lookup failed: {0}")]
     Temporary(String),
+    /// DNSSEC validation of the MX answer failed (only with the validating resolver).
+    #[error("DNSSEC validation of the MX records failed (bogus)")]
+    Bogus,
+}
+
+/// Whether an MX answer was DNSSEC-validated (RFC 7672 2.2.1: DANE needs a secure MX RRset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MxSecurity {
+    /// Looked up with the plain resolver.
+    Unchecked,
+    Secure,
+    Insecure,
 }
 
 impl MxError {
@@ -73,6 +88,10 @@ impl MxError {
                 451,
                 [4, 4, 3],
                 format!("MX lookup for {domain} failed: {why}; try again later"),
+            ),
+            MxError::Bogus => crate::reply::next_hop::tls_policy_not_met(
+                domain,
+                "DNSSEC validation of the MX records failed (bogus)",
             ),
         }
     }
@@ -145,6 +164,9 @@ pub struct MxResolver {
     /// The fleet's `allowPrivateMxAddresses`.
     allowed: Vec<IpNet>,
     inner: OnceLock<Result<Arc<TokioResolver>, String>>,
+    /// The fleet's `tlsPolicy.dnssecTrustAnchorFile`, resolved; `None` = root KSKs.
+    trust_anchor: Option<std::path::PathBuf>,
+    validating: OnceLock<Result<Arc<TokioResolver>, String>>,
 }
 
 impl std::fmt::Debug for MxResolver {
@@ -155,7 +177,12 @@ impl std::fmt::Debug for MxResolver {
     }
 }
 
-fn build(server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver, String> {
+/// `dnssec`: `Some(anchors)` builds a validating resolver.
+fn build(
+    server: Option<SocketAddr>,
+    timeout: Duration,
+    dnssec: Option<Arc<hickory_resolver::proto::dnssec::TrustAnchors>>,
+) -> Result<TokioResolver, String> {
     let provider = TokioRuntimeProvider::default();
     let mut builder = match server {
         Some(addr) => {
@@ -175,6 +202,9 @@ fn build(server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver,
         None => TokioResolver::builder(provider)
             .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?,
     };
+    if let Some(anchors) = dnssec {
+        builder = builder.with_trust_anchor(anchors);
+    }
     let opts = builder.options_mut();
     opts.timeout = timeout;
     opts.attempts = 2;
@@ -228,7 +258,31 @@ impl MxResolver {
             timeout,
             allowed,
             inner: OnceLock::new(),
+            trust_anchor: None,
+            validating: OnceLock::new(),
         }
+    }
+
+    /// Sets the DNSSEC trust anchor file of the validating resolver.
+    pub fn with_trust_anchor(mut self, file: Option<std::path::PathBuf>) -> MxResolver {
+        self.trust_anchor = file;
+        self
+    }
+
+    /// The DNSSEC-validating resolver (DANE), built on first use.
+    pub fn validating(&self) -> Result<Arc<TokioResolver>, String> {
+        self.validating
+            .get_or_init(|| {
+                use hickory_resolver::proto::dnssec::TrustAnchors;
+                let anchors = match &self.trust_anchor {
+                    Some(f) => TrustAnchors::from_file(f).map_err(|e| {
+                        format!("cannot read DNSSEC trust anchor {}: {e}", f.display())
+                    })?,
+                    None => TrustAnchors::default(),
+                };
+                build(self.server, self.timeout, Some(Arc::new(anchors))).map(Arc::new)
+            })
+            .clone()
     }
 
     /// Splits the addresses of MX host `name` into those that may be connected to (at most
@@ -262,9 +316,45 @@ impl MxResolver {
 
     fn resolver(&self) -> Result<Arc<TokioResolver>, MxError> {
         self.inner
-            .get_or_init(|| build(self.server, self.timeout).map(Arc::new))
+            .get_or_init(|| build(self.server, self.timeout, None).map(Arc::new))
             .clone()
             .map_err(MxError::Temporary)
+    }
+
+    /// The TXT strings at `name` (each record's strings joined), from the plain resolver.
+    pub async fn txt(&self, name: &str) -> Result<Vec<String>, MxError> {
+        let r = self.resolver()?;
+        match r.txt_lookup(format!("{}.", normalise(name))).await {
+            Ok(l) => Ok(l
+                .answers()
+                .iter()
+                .filter_map(|rec| match &rec.data {
+                    RData::TXT(t) => Some(
+                        t.txt_data
+                            .iter()
+                            .map(|b| String::from_utf8_lossy(b).into_owned())
+                            .collect::<String>(),
+                    ),
+                    _ => None,
+                })
+                .collect()),
+            Err(e) if e.is_no_records_found() || e.is_nx_domain() => Ok(Vec::new()),
+            Err(e) => Err(MxError::Temporary(e.to_string())),
+        }
+    }
+
+    /// The addresses of `host` that may be connected to (the `allowPrivateMxAddresses`
+    /// screen of MX hosts), for other hosts named by partner DNS (MTA-STS policy hosts).
+    pub async fn usable_addresses(&self, host: &str) -> Result<Vec<IpAddr>, String> {
+        let addrs = self.addresses(host).await.map_err(|e| e.to_string())?;
+        if addrs.is_empty() {
+            return Err("no A/AAAA records".into());
+        }
+        let (usable, why) = self.screen(host, addrs);
+        match why {
+            Some(why) => Err(why),
+            None => Ok(usable),
+        }
     }
 
     /// The addresses of one host name (A and AAAA). `Ok(vec![])` when the name has none.
@@ -287,21 +377,58 @@ impl MxResolver {
 
     /// The mail exchangers of `domain`, best first, each with its addresses.
     pub async fn resolve(&self, domain: &str) -> Result<Vec<MxHost>, MxError> {
+        self.resolve_with(domain, false).await.map(|(h, _)| h)
+    }
+
+    /// Like [`MxResolver::resolve`]; with `validate` the MX records come from the validating
+    /// resolver and the answer says whether they are secure (a bogus answer is an error).
+    pub async fn resolve_with(
+        &self,
+        domain: &str,
+        validate: bool,
+    ) -> Result<(Vec<MxHost>, MxSecurity), MxError> {
         let domain = normalise(domain);
-        let r = self.resolver()?;
+        let r = if validate {
+            self.validating().map_err(MxError::Temporary)?
+        } else {
+            self.resolver()?
+        };
+        let mut security = if validate {
+            MxSecurity::Insecure
+        } else {
+            MxSecurity::Unchecked
+        };
         let records: Vec<(u16, String)> = match r.mx_lookup(format!("{domain}.")).await {
-            Ok(l) => l
-                .answers()
-                .iter()
-                .filter_map(|rec| match &rec.data {
-                    RData::MX(mx) => Some((mx.preference, normalise(&mx.exchange.to_ascii()))),
-                    _ => None,
-                })
-                .collect(),
+            Ok(l) => {
+                let answers: Vec<_> = l
+                    .answers()
+                    .iter()
+                    .filter(|rec| matches!(rec.data, RData::MX(_)))
+                    .collect();
+                if validate {
+                    use hickory_resolver::proto::dnssec::Proof;
+                    if answers.iter().any(|r| r.proof == Proof::Bogus) {
+                        return Err(MxError::Bogus);
+                    }
+                    if !answers.is_empty() && answers.iter().all(|r| r.proof == Proof::Secure) {
+                        security = MxSecurity::Secure;
+                    }
+                }
+                answers
+                    .iter()
+                    .filter_map(|rec| match &rec.data {
+                        RData::MX(mx) => Some((mx.preference, normalise(&mx.exchange.to_ascii()))),
+                        _ => None,
+                    })
+                    .collect()
+            }
+            Err(e) if crate::tls_policy::dns::is_bogus(&e) => return Err(MxError::Bogus),
             Err(e) if e.is_nx_domain() => {
                 return Err(MxError::NoMailServers(format!("{domain} does not exist")));
             }
-            Err(e) if e.is_no_records_found() => Vec::new(),
+            Err(e) if e.is_no_records_found() || crate::tls_policy::dns::is_denial(&e) => {
+                Vec::new()
+            }
             Err(e) => return Err(MxError::Temporary(e.to_string())),
         };
         if records.len() == 1 && is_root(&records[0].1) {
@@ -318,12 +445,21 @@ impl MxResolver {
                 )));
             }
             let (addrs, error) = self.screen(&domain, addrs);
-            return Ok(vec![MxHost {
-                name: domain,
-                preference: 0,
-                addrs,
-                error,
-            }]);
+            // An implicit MX has no MX RRset to be secure.
+            let security = if validate {
+                MxSecurity::Insecure
+            } else {
+                security
+            };
+            return Ok((
+                vec![MxHost {
+                    name: domain,
+                    preference: 0,
+                    addrs,
+                    error,
+                }],
+                security,
+            ));
         }
         let mut hosts = Vec::new();
         for (preference, name) in order(records).into_iter().take(MAX_MX_HOSTS) {
@@ -339,7 +475,7 @@ impl MxResolver {
                 error,
             });
         }
-        Ok(hosts)
+        Ok((hosts, security))
     }
 }
 

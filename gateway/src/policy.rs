@@ -951,6 +951,8 @@ mod tests {
             tls_domain: None,
             trust_bundle_file: None,
             client_certificate: None,
+            dane: Default::default(),
+            mta_sts: Default::default(),
         });
         cs.outbound.push(OutboundConnector {
             name: "mail/any".into(),
@@ -1000,6 +1002,8 @@ mod tests {
             tls_domain: None,
             trust_bundle_file: None,
             client_certificate: None,
+            dane: Default::default(),
+            mta_sts: Default::default(),
         });
         let split = decide_recipient(&f, &cs, true, "u@fabrikam.com", Some(&Route::Upstream), 1)
             .unwrap_err();
@@ -1158,6 +1162,8 @@ mod tests {
             tls_domain: None,
             trust_bundle_file: None,
             client_certificate: None,
+            dane: Default::default(),
+            mta_sts: Default::default(),
         });
         let r = |internal: bool, rcpt: &str| decide_recipient(&f, &cs, internal, rcpt, None, 0);
         for ours in [

@@ -184,6 +184,28 @@ pub mod next_hop {
         )
     }
 
+    /// A DANE or MTA-STS policy of an Outbound connector is not met (bogus DNSSEC, no
+    /// TLSA match, MX host not in the MTA-STS policy, Mandatory mode without a policy):
+    /// `451 4.7.5`, the same class as a TLS level not met, never a downgrade.
+    pub fn tls_policy_not_met(label: &str, why: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 7, 5],
+            format!("TLS policy for next hop {label} not met: {why}"),
+        )
+    }
+
+    /// RFC 8689 5: a `REQUIRETLS` message cannot be relayed over a validated TLS connection to
+    /// a next hop that offers REQUIRETLS (`550 5.7.30`, permanent: a retry through the same
+    /// route would meet the same next hop).
+    pub fn requiretls_not_met(label: &str, why: &str) -> Reply {
+        Reply::owned(
+            550,
+            [5, 7, 30],
+            format!("REQUIRETLS support required; next hop {label}: {why}"),
+        )
+    }
+
     /// The next hop answered outside the protocol, e.g. `354` to RCPT (`451 4.5.0`): never
     /// taken as acceptance.
     pub fn protocol_error(label: &str, why: &str) -> Reply {

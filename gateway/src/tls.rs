@@ -10,6 +10,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{CertificateError, DigitallySignedStruct, DistinguishedName, SignatureScheme};
 
 use crate::certs::{Anchors, CertInfo, name_matches, verify_chain};
+
 use crate::config::TlsLevel;
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -91,15 +92,66 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
+/// The name a next hop's certificate must carry under DomainValidation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NameRule {
+    /// `tlsDomain` or the host: RFC 6125 match of this name or `*.` pattern.
+    Pattern(String),
+    /// `useMX` without `tlsDomain`: the recipient domain itself or any name under it
+    /// (Postfix `secure` with its default `nexthop, dot-nexthop`), so an MX host name from an
+    /// unauthenticated DNS answer is never what the certificate is checked against.
+    DomainOrSubdomain(String),
+}
+
+impl NameRule {
+    /// Whether one certificate name (possibly `*.` wildcard) satisfies the rule.
+    pub fn matches(&self, cert_name: &str) -> bool {
+        match self {
+            NameRule::Pattern(p) => name_matches(p, cert_name),
+            NameRule::DomainOrSubdomain(d) => {
+                let d = d.trim_end_matches('.').to_ascii_lowercase();
+                let c = cert_name.trim_end_matches('.').to_ascii_lowercase();
+                // A wildcard certificate covers names under its base, which are under `d`
+                // when the base is `d` or under it; `*.com` covers no one domain's names.
+                let c = match c.strip_prefix("*.") {
+                    Some(base) if base.contains('.') => base.to_string(),
+                    Some(_) => return false,
+                    None if c.contains('*') => return false,
+                    None => c,
+                };
+                c == d || c.ends_with(&format!(".{d}"))
+            }
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            NameRule::Pattern(p) => p.clone(),
+            NameRule::DomainOrSubdomain(d) => format!("{d} or a name under it"),
+        }
+    }
+}
+
 /// Verifies a next hop's certificate per its TLS level. One verifier for all levels so the
 /// failure reason (untrusted chain, name mismatch) is worded the same everywhere.
 #[derive(Debug)]
 pub struct NextHopVerifier {
     level: TlsLevel,
     anchors: Anchors,
-    /// The name (or `*.` pattern) required under DomainValidation.
-    name: String,
+    /// The name required under DomainValidation.
+    name: NameRule,
     algs: WebPkiSupportedAlgorithms,
+}
+
+impl NextHopVerifier {
+    pub fn new(level: TlsLevel, anchors: Anchors, name: NameRule) -> NextHopVerifier {
+        NextHopVerifier {
+            level,
+            anchors,
+            name,
+            algs: provider().signature_verification_algorithms,
+        }
+    }
 }
 
 impl ServerCertVerifier for NextHopVerifier {
@@ -127,7 +179,11 @@ impl ServerCertVerifier for NextHopVerifier {
             })
         })?;
         if self.level == TlsLevel::DomainValidation {
-            let ok = if let Ok(ip) = self.name.parse::<std::net::IpAddr>() {
+            let ip = match &self.name {
+                NameRule::Pattern(p) => p.parse::<std::net::IpAddr>().ok(),
+                NameRule::DomainOrSubdomain(_) => None,
+            };
+            let ok = if let Some(ip) = ip {
                 webpki::EndEntityCert::try_from(end_entity)
                     .and_then(|ee| {
                         ee.verify_is_valid_for_subject_name(&ServerName::IpAddress(ip.into()))
@@ -135,7 +191,7 @@ impl ServerCertVerifier for NextHopVerifier {
                     .is_ok()
             } else {
                 CertInfo::from_der(end_entity)
-                    .map(|i| i.names.iter().any(|n| name_matches(&self.name, n)))
+                    .map(|i| i.names.iter().any(|n| self.name.matches(n)))
                     .unwrap_or(false)
             };
             if !ok {
@@ -174,16 +230,21 @@ impl ServerCertVerifier for NextHopVerifier {
 pub fn client_config(
     level: TlsLevel,
     anchors: Anchors,
-    name: String,
+    name: NameRule,
+    client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+) -> Result<Arc<rustls::ClientConfig>, String> {
+    client_config_with(
+        Arc::new(NextHopVerifier::new(level, anchors, name)),
+        client_cert,
+    )
+}
+
+/// Client config for one next hop with any certificate verifier (the TLS policies' ones).
+pub fn client_config_with(
+    verifier: Arc<dyn ServerCertVerifier>,
     client_cert: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
 ) -> Result<Arc<rustls::ClientConfig>, String> {
     let provider = provider();
-    let verifier = Arc::new(NextHopVerifier {
-        level,
-        anchors,
-        name,
-        algs: provider.signature_verification_algorithms,
-    });
     let builder = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(VERSIONS)
         .map_err(|e| e.to_string())?
@@ -214,5 +275,39 @@ pub fn describe_tls_error(e: &std::io::Error) -> String {
         }
         Some(other) => format!("TLS handshake failed: {other}"),
         None => format!("TLS handshake failed: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod name_rule_tests {
+    use super::NameRule;
+
+    /// Issue 15: under DomainValidation with useMX the certificate must name the recipient
+    /// domain or a name under it (Postfix `secure`: nexthop, dot-nexthop).
+    #[test]
+    fn recipient_domain_or_subdomain() {
+        let r = NameRule::DomainOrSubdomain("partner.test".into());
+        for ok in [
+            "partner.test",
+            "mx1.partner.test",
+            "a.b.partner.test",
+            "*.partner.test",
+            "*.eu.partner.test",
+            "MX1.Partner.Test.",
+        ] {
+            assert!(r.matches(ok), "{ok}");
+        }
+        for bad in [
+            "mx.attacker.test",
+            "partner.test.attacker.test",
+            "xpartner.test",
+            "*.test",
+            "*",
+            "mx*.partner.test",
+        ] {
+            assert!(!r.matches(bad), "{bad}");
+        }
+        assert!(NameRule::Pattern("*.partner.test".into()).matches("mx1.partner.test"));
+        assert!(!NameRule::Pattern("*.partner.test".into()).matches("a.b.partner.test"));
     }
 }

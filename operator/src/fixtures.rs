@@ -103,6 +103,8 @@ pub fn outbound(
                 tls_domain: None,
                 trust_bundle: None,
                 client_certificate: None,
+                dane: Default::default(),
+                mta_sts: Default::default(),
             }),
         },
         status: None,

@@ -25,8 +25,8 @@ use std::path::PathBuf;
 use ipnet::IpNet;
 use partnergate_core::config as gw;
 use partnergate_crds::{
-    CertificateStatus, Direction, IdentifyBy, MinTlsVersion, OutboundTls, PartnerConnector,
-    TrustBundle,
+    CertificateStatus, Direction, IdentifyBy, MinTlsVersion, OutboundPolicyMode, OutboundTls,
+    PartnerConnector, TrustBundle,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -374,8 +374,18 @@ fn to_gateway(pc: &PartnerConnector, r: Option<&Resolved>) -> Result<GatewayConn
                 tls_domain: o.tls_domain.clone(),
                 trust_bundle_file: r.and_then(|r| r.trust_bundle_file.clone()),
                 client_certificate: r.and_then(|r| r.client_certificate.clone()),
+                dane: policy_mode(o.dane),
+                mta_sts: policy_mode(o.mta_sts),
             }))
         }
+    }
+}
+
+fn policy_mode(m: OutboundPolicyMode) -> gw::PolicyMode {
+    match m {
+        OutboundPolicyMode::None => gw::PolicyMode::None,
+        OutboundPolicyMode::Opportunistic => gw::PolicyMode::Opportunistic,
+        OutboundPolicyMode::Mandatory => gw::PolicyMode::Mandatory,
     }
 }
 

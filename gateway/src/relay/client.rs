@@ -13,7 +13,7 @@ use crate::config::{Timeouts, TlsLevel};
 use crate::live_config::{NextHop, NextHopHost};
 use crate::policy::TlsVersion;
 use crate::reply::Reply;
-use crate::reply::next_hop::{tls_failure, unreachable};
+use crate::reply::next_hop::{tls_failure, tls_policy_not_met, unreachable};
 use crate::stream::Conn;
 
 /// Longest reply line we accept from a next hop (RFC 5321 says 512; be lenient).
@@ -68,6 +68,7 @@ pub struct Capabilities {
     pub size: bool,
     pub eightbit: bool,
     pub smtputf8: bool,
+    pub requiretls: bool,
 }
 
 pub struct HopConnection {
@@ -81,6 +82,11 @@ pub struct HopConnection {
     pub peer_cert: Option<rustls_pki_types::CertificateDer<'static>>,
     /// Which host (and address) this connection went to, for logs and probes.
     pub peer: String,
+    /// The next hop's certificate was authenticated: a validating level (Certificate- or
+    /// DomainValidation), DANE or MTA-STS enforce (what REQUIRETLS needs, RFC 8689 4.2).
+    pub authenticated: bool,
+    /// The TLS policy that applied: `dane`, `mta-sts` or `none`.
+    pub policy: &'static str,
     reply_timeout: Duration,
     data_end_timeout: Duration,
 }
@@ -104,10 +110,16 @@ pub async fn mx_hosts(
     let Some(mx) = &hop.mx else {
         return Err(unreachable(&hop.label, "MX routing is not configured"));
     };
-    let hosts = resolver.resolve(domain).await.map_err(|e| {
-        tracing::warn!(next_hop = %hop.label, domain, error = %e, "MX lookup failed");
-        e.reply(domain)
-    })?;
+    let (hosts, security) = resolver
+        .resolve_with(domain, hop.validates_mx())
+        .await
+        .map_err(|e| {
+            tracing::warn!(next_hop = %hop.label, domain, error = %e, "MX lookup failed");
+            if e == crate::mx::MxError::Bogus {
+                crate::tls_policy::engine::count(&hop.label, "dane", "deferred");
+            }
+            e.reply(domain)
+        })?;
     let mut targets = Vec::new();
     let mut why = Vec::new();
     for h in &hosts {
@@ -115,7 +127,7 @@ pub async fn mx_hosts(
             why.push(e.clone());
         }
         for ip in &h.addrs {
-            match mx.host(hop.level, &h.name, *ip) {
+            match mx.host(hop.level, &h.name, *ip, domain, security) {
                 Ok(t) => targets.push(t),
                 Err(e) => why.push(format!("{}: {e}", h.name)),
             }
@@ -198,6 +210,12 @@ impl HopConnection {
             }
         };
         let _ = tcp.set_nodelay(true);
+        let prepared = match &hop.policy {
+            Some(p) => Some(p.prepare(&hop.label, target).await?),
+            None => None,
+        };
+        let require_tls = prepared.as_ref().is_some_and(|p| p.require_tls);
+        let policy = prepared.as_ref().map_or("none", |p| p.policy);
         let mut c = HopConnection {
             conn: Conn::Plain(tcp),
             rbuf: Vec::new(),
@@ -207,6 +225,8 @@ impl HopConnection {
             tls: None,
             peer_cert: None,
             peer: where_.clone(),
+            authenticated: false,
+            policy,
             reply_timeout: secs,
             data_end_timeout: Duration::from_secs(t.next_hop_data_end_secs),
         };
@@ -219,12 +239,19 @@ impl HopConnection {
             ));
         }
         c.ehlo(helo).await.map_err(lost)?;
-        if hop.level == TlsLevel::None {
+        if hop.level == TlsLevel::None && !require_tls {
             return Ok(c);
         }
         if !c.caps.starttls {
-            if hop.level == TlsLevel::Opportunistic {
+            if hop.level == TlsLevel::Opportunistic && !require_tls {
                 return Ok(c);
+            }
+            if require_tls {
+                crate::tls_policy::engine::count(&hop.label, policy, "failure");
+                return Err(tls_policy_not_met(
+                    &hop.label,
+                    &format!("{where_} does not offer STARTTLS ({policy} requires TLS)"),
+                ));
             }
             return Err(tls_failure(
                 &hop.label,
@@ -247,7 +274,11 @@ impl HopConnection {
         c.rbuf.clear();
         let name = ServerName::try_from(target.server_name.clone())
             .map_err(|_| tls_failure(&hop.label, "invalid TLS server name"))?;
-        let connector = tokio_rustls::TlsConnector::from(target.tls.clone());
+        let config = prepared
+            .as_ref()
+            .and_then(|p| p.tls.clone())
+            .unwrap_or_else(|| target.tls.clone());
+        let connector = tokio_rustls::TlsConnector::from(config);
         let tls = match timeout(
             Duration::from_secs(t.tls_handshake_secs),
             connector.connect(name, tcp),
@@ -256,6 +287,18 @@ impl HopConnection {
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
+                if let Some(why) = prepared
+                    .as_ref()
+                    .and_then(|p| p.verifier.as_ref())
+                    .and_then(|v| v.failure())
+                {
+                    crate::tls_policy::engine::count(&hop.label, policy, "failure");
+                    tracing::warn!(next_hop = %hop.label, host = %target.host, policy, reason = %why, "TLS policy: certificate refused");
+                    return Err(tls_policy_not_met(&hop.label, &format!("{where_}: {why}")));
+                }
+                if prepared.is_some() {
+                    crate::tls_policy::engine::count(&hop.label, policy, "failure");
+                }
                 return Err(tls_failure(
                     &hop.label,
                     &format!("{where_}: {}", crate::tls::describe_tls_error(&e)),
@@ -280,6 +323,23 @@ impl HopConnection {
             .and_then(|certs| certs.first())
             .map(|cert| cert.clone().into_owned());
         c.conn = Conn::ClientTls(Box::new(tls));
+        c.authenticated = match &prepared {
+            Some(p) => p.authenticated,
+            None => matches!(
+                hop.level,
+                TlsLevel::CertificateValidation | TlsLevel::DomainValidation
+            ),
+        };
+        if let Some(p) = &prepared {
+            if p.policy != "none" {
+                crate::tls_policy::engine::count(&hop.label, policy, "success");
+            }
+            if let Some(why) = p.verifier.as_ref().and_then(|v| v.testing_failure()) {
+                crate::tls_policy::engine::count(&hop.label, policy, "testing_failure");
+                tracing::warn!(next_hop = %hop.label, host = %target.host, reason = %why, "MTA-STS testing: the certificate would fail the policy; delivering anyway");
+            }
+            tracing::info!(next_hop = %hop.label, host = %target.host, policy, detail = %p.detail, "TLS policy applied");
+        }
         c.ehlo(helo).await.map_err(lost)?;
         Ok(c)
     }
@@ -313,6 +373,7 @@ impl HopConnection {
                 "SIZE" => caps.size = true,
                 "8BITMIME" => caps.eightbit = true,
                 "SMTPUTF8" => caps.smtputf8 = true,
+                "REQUIRETLS" => caps.requiretls = true,
                 _ => {}
             }
         }
