@@ -967,6 +967,35 @@ mod tests {
         assert!(o.expiring[0].contains("CN=Soon CA"));
     }
 
+    /// Issue 15: dane/mtaSts reach the gateway's connectors file; an IP-literal smart host
+    /// with DANE is refused by the gateway's own rules (Accepted=False, Invalid) when a CRD
+    /// without CEL lets it through.
+    #[test]
+    fn outbound_tls_policy_modes_are_rendered_and_checked() {
+        let mut ok = outbound("mail", "fab", 1, &["fabrikam.com"], &["smtp.fabrikam.com"]);
+        if let Some(o) = ok.spec.outbound.as_mut() {
+            o.dane = partnergate_crds::OutboundPolicyMode::Mandatory;
+        }
+        let mut mx = outbound("mail", "adatum", 1, &["adatum.com"], &[]);
+        if let Some(o) = mx.spec.outbound.as_mut() {
+            o.use_mx = true;
+            o.mta_sts = partnergate_crds::OutboundPolicyMode::Opportunistic;
+        }
+        let mut bad = outbound("mail", "litware", 1, &["litware.com"], &["[192.0.2.10]:25"]);
+        if let Some(o) = bad.spec.outbound.as_mut() {
+            o.dane = partnergate_crds::OutboundPolicyMode::Opportunistic;
+        }
+        let r = render(&[ok, mx, bad], &Objects::new(), now());
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        let names: Vec<&str> = file.outbound.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mail/adatum", "mail/fab"]);
+        assert_eq!(file.outbound[0].mta_sts, gw::PolicyMode::Opportunistic);
+        assert_eq!(file.outbound[0].dane, gw::PolicyMode::None);
+        assert_eq!(file.outbound[1].dane, gw::PolicyMode::Mandatory);
+        let msg = format!("{:?}", r.outcomes["mail/litware"]);
+        assert!(msg.contains("spec.outbound.smartHosts[0]"), "{msg}");
+    }
+
     #[test]
     fn outbound_client_certificate() {
         let (crt, key) = self_signed(

@@ -22,7 +22,7 @@
 
 use crate::live_config::LiveConfig;
 use crate::policy::Route;
-use crate::reply::next_hop::{protocol_error, recipients_lost, unreachable};
+use crate::reply::next_hop::{protocol_error, recipients_lost, requiretls_not_met, unreachable};
 use crate::reply::{Reply, fixed};
 
 use super::client::{HopConnection, HopReply, mx_hosts};
@@ -36,6 +36,9 @@ pub struct Envelope {
     pub size: usize,
     pub eightbit: bool,
     pub smtputf8: bool,
+    /// RFC 8689 `REQUIRETLS`: relayed only over an authenticated TLS connection to a next hop
+    /// that offers REQUIRETLS, with the parameter passed on.
+    pub requiretls: bool,
 }
 
 /// The label of a route in replies and logs: `upstream` or the Outbound connector's name.
@@ -139,8 +142,28 @@ fn mail_command(env: &Envelope, hop: &HopConnection) -> String {
     if hop.caps.smtputf8 && env.smtputf8 {
         cmd.push_str(" SMTPUTF8");
     }
+    if env.requiretls {
+        cmd.push_str(" REQUIRETLS");
+    }
     cmd.push_str("\r\n");
     cmd
+}
+
+/// RFC 8689 4.2: why `hop` may not carry a REQUIRETLS message, if it may not.
+fn requiretls_refusal(env: &Envelope, hop: &HopConnection) -> Option<&'static str> {
+    if !env.requiretls {
+        None
+    } else if hop.tls.is_none() {
+        Some("the connection is not encrypted")
+    } else if !hop.authenticated {
+        Some(
+            "its certificate is not validated (the connector's TLS level authenticates nothing and no DANE or MTA-STS enforce policy applied)",
+        )
+    } else if !hop.caps.requiretls {
+        Some("it does not offer REQUIRETLS")
+    } else {
+        None
+    }
 }
 
 fn rcpt_command(rcpt: &str) -> String {
@@ -333,6 +356,10 @@ impl RelayTransaction {
         label: &str,
     ) -> Result<HopConnection, Reply> {
         if let Some(mut hop) = pooled {
+            if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
+                hop.quit().await;
+                return Err(requiretls_not_met(label, why));
+            }
             let mail = mail_command(&self.envelope, &hop);
             match exchange(&mut hop, label, &mail, "MAIL").await {
                 Answer::Accepted(_) => return Ok(hop),
@@ -352,6 +379,11 @@ impl RelayTransaction {
             }
         }
         let mut hop = open_route(rt, route).await?;
+        if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
+            tracing::warn!(next_hop = %label, peer = %hop.peer, reason = why, "REQUIRETLS message refused");
+            hop.quit().await;
+            return Err(requiretls_not_met(label, why));
+        }
         let mail = mail_command(&self.envelope, &hop);
         match exchange(&mut hop, label, &mail, "MAIL").await {
             Answer::Accepted(_) => Ok(hop),
@@ -376,6 +408,10 @@ impl RelayTransaction {
     ) -> Option<HopConnection> {
         let result = async {
             let mut hop = open_route(rt, route).await.ok()?;
+            if requiretls_refusal(&self.envelope, &hop).is_some() {
+                hop.quit().await;
+                return None;
+            }
             let mail = mail_command(&self.envelope, &hop);
             if !matches!(
                 exchange(&mut hop, label, &mail, "MAIL").await,

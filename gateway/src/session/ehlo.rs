@@ -1,5 +1,6 @@
 //! EHLO and HELO: end any open transaction, remember the client's name, list the extensions
-//! (STARTTLS only while the session is plaintext).
+//! (STARTTLS only while the session is plaintext, REQUIRETLS only once it is encrypted:
+//! RFC 8689 4.1).
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -26,6 +27,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         ];
         if self.tls.is_none() {
             lines.push("STARTTLS".into());
+        } else {
+            lines.push("REQUIRETLS".into());
         }
         let last = lines.len() - 1;
         for (i, l) in lines.iter().enumerate() {

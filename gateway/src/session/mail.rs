@@ -13,8 +13,10 @@ use crate::relay::{Envelope, RelayTransaction};
 use crate::reply::fixed;
 
 fn mail_params_unsupported(m: &MailFrom<Cow<'_, str>>) -> bool {
-    let allowed =
-        smtp_proto::MAIL_BODY_7BIT | smtp_proto::MAIL_BODY_8BITMIME | smtp_proto::MAIL_SMTPUTF8;
+    let allowed = smtp_proto::MAIL_BODY_7BIT
+        | smtp_proto::MAIL_BODY_8BITMIME
+        | smtp_proto::MAIL_SMTPUTF8
+        | smtp_proto::MAIL_REQUIRETLS;
     m.flags & !allowed != 0
         || m.trans_id.is_some()
         || m.by != 0
@@ -35,6 +37,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             return self.error(&fixed::NESTED_MAIL);
         }
         if mail_params_unsupported(&from) {
+            return self.error(&fixed::UNSUPPORTED_PARAM);
+        }
+        // REQUIRETLS is advertised only after STARTTLS (RFC 8689 4.1).
+        if from.flags & smtp_proto::MAIL_REQUIRETLS != 0 && self.tls.is_none() {
             return self.error(&fixed::UNSUPPORTED_PARAM);
         }
         if !from.address.is_ascii() && from.flags & smtp_proto::MAIL_SMTPUTF8 == 0 {
@@ -67,6 +73,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     size: from.size,
                     eightbit: from.flags & smtp_proto::MAIL_BODY_8BITMIME != 0,
                     smtputf8: from.flags & smtp_proto::MAIL_SMTPUTF8 != 0,
+                    requiretls: from.flags & smtp_proto::MAIL_REQUIRETLS != 0,
                 };
                 self.ctx.admission.in_transaction();
                 self.tx = Some(Transaction {
