@@ -19,6 +19,7 @@ mod inbound_rules;
 mod interop;
 mod no_loss;
 mod open_relay;
+mod outbound_dane;
 mod outbound_matrix;
 mod outbound_mx;
 mod outbound_validation;

@@ -18,6 +18,8 @@ use rcgen::{
 };
 use tempfile::TempDir;
 
+pub mod tls_policy;
+
 use crate::support::CertPair;
 use crate::support::pki::set_mode;
 

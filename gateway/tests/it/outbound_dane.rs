@@ -1,0 +1,174 @@
+//! Issue 15, DANE (RFC 7672) for `useMX` Outbound connectors, against real parts: Knot serving
+//! a DNSSEC-signed zone (signed in the test with BIND's tools, the root key as the gateway's
+//! trust anchor — support::dns), an unsigned zone, and Postfix as the partner's MX presenting a
+//! self-signed certificate (DANE-EE) or one from the partner's CA with the chain (DANE-TA).
+//! Every case asserts the reply, what the partner's MX received, and the policy metric.
+
+use serde_json::json;
+
+use crate::outbound_support::PartnerPki;
+use crate::outbound_support::tls_policy::{
+    fleet, partner_mx, policy_count, tlsa_ee_spki, tlsa_ta_cert, with_chain,
+};
+use crate::support::dns::{DnsServer, Zone};
+use crate::support::{Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SmtpConn, message};
+
+fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
+    let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
+    c.cmd("EHLO relay.example.org");
+    let t = c.send_mail(from, &[to], &message(from, to, "dane", &[]));
+    c.quit();
+    t
+}
+
+fn received_from(pf: &Postfix, from: &str) -> bool {
+    pf.maillog().contains(&format!("from=<{from}>"))
+}
+
+#[test]
+fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip_ee, ip_ta) = (net.ip(30), net.ip(31));
+
+    // DANE-EE: a self-signed certificate whose key the TLSA record pins (no CA, a name the MX
+    // host does not have: DANE-EE checks neither).
+    let ee = partner.self_signed("ee", &["not-the-mx.example"]);
+    // DANE-TA: issued by the partner CA for the MX host, presented with the CA.
+    let ta_leaf = partner.server("ta", &["mx-ta.dane.test"]);
+    let ta = with_chain(&ta_leaf, &partner.ca, net_dir(&ta_leaf));
+    // A key the partner does not use.
+    let other = partner.self_signed("other", &["mx-ee.dane.test"]);
+
+    let ee_tlsa = tlsa_ee_spki(&ee.cert);
+    let dns = DnsServer::start(
+        net.ip(53),
+        vec![
+            Zone::signed(
+                "dane.test",
+                &[
+                    "ee IN MX 10 mx-ee",
+                    &format!("mx-ee IN A {ip_ee}"),
+                    &format!("_25._tcp.mx-ee IN TLSA {ee_tlsa}"),
+                    "ta IN MX 10 mx-ta",
+                    &format!("mx-ta IN A {ip_ta}"),
+                    &format!("_25._tcp.mx-ta IN TLSA {}", tlsa_ta_cert(&partner.ca)),
+                    "bad IN MX 10 mx-bad",
+                    &format!("mx-bad IN A {ip_ee}"),
+                    &format!("_25._tcp.mx-bad IN TLSA {}", tlsa_ee_spki(&other.cert)),
+                    "bogus IN MX 10 mx-bogus",
+                    &format!("mx-bogus IN A {ip_ee}"),
+                    &format!("_25._tcp.mx-bogus IN TLSA {ee_tlsa}"),
+                ],
+            )
+            .corrupt_signature("_25._tcp.mx-bogus", "TLSA"),
+            // Unsigned: its TLSA record (pinning a key the MX does not use) must be ignored.
+            Zone::unsigned(
+                "plain.test",
+                &[
+                    "@ IN MX 10 mx",
+                    "m IN MX 10 mx",
+                    &format!("mx IN A {ip_ee}"),
+                    &format!("_25._tcp.mx IN TLSA {}", tlsa_ee_spki(&other.cert)),
+                ],
+            ),
+        ],
+    );
+    let mx_ee = partner_mx(
+        ip_ee,
+        "mx-ee.dane.test",
+        &[
+            "ee.dane.test",
+            "bad.dane.test",
+            "bogus.dane.test",
+            "plain.test",
+            "m.plain.test",
+        ],
+        ee.clone(),
+    );
+    let mx_ta = partner_mx(ip_ta, "mx-ta.dane.test", &["ta.dane.test"], ta);
+
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/dane", "generation": 1,
+                 "domains": ["ee.dane.test", "ta.dane.test", "bad.dane.test", "bogus.dane.test",
+                             "plain.test"],
+                 "useMX": true, "tls": "EncryptionOnly", "dane": "Opportunistic"},
+                {"name": "partners/dane-mandatory", "generation": 1,
+                 "domains": ["m.plain.test"],
+                 "useMX": true, "tls": "EncryptionOnly", "dane": "Mandatory"},
+            ]}),
+        )
+        .fleet(fleet(&net.cidr(), &dns, pki_dir(&pki), None)),
+    );
+    let c = |policy: &str, result: &str| policy_count(&gw, "partners/dane", policy, result);
+
+    // DANE-EE match: delivered over TLS although the certificate is self-signed and names
+    // another host.
+    send(&gw, &net, "ee@example.org", "a@ee.dane.test").assert_delivered("DANE-EE match");
+    assert!(mx_ee.wait_received("ee@example.org").tls);
+    assert_eq!(c("dane", "success"), 1);
+
+    // DANE-TA match: chain to the TLSA-pinned CA and the MX host's name.
+    send(&gw, &net, "ta@example.org", "b@ta.dane.test").assert_delivered("DANE-TA match");
+    assert!(mx_ta.wait_received("ta@example.org").tls);
+    assert_eq!(c("dane", "success"), 2);
+
+    // TLSA mismatch: secure records pin another key.
+    let t = send(&gw, &net, "bad@example.org", "c@bad.dane.test");
+    t.assert_refused("451 4.7.5", "TLSA mismatch");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(
+        text.contains("DANE") && text.contains("no TLSA record matches"),
+        "{text}"
+    );
+    assert_eq!(c("dane", "failure"), 1);
+
+    // Bogus signature over the TLSA records: deferred before connecting, even in
+    // Opportunistic mode.
+    let t = send(&gw, &net, "bogus@example.org", "d@bogus.dane.test");
+    t.assert_refused("451 4.7.5", "bogus TLSA");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("bogus"), "{text}");
+    assert_eq!(c("dane", "deferred"), 1);
+
+    // Unsigned zone, Opportunistic: the level (EncryptionOnly) applies, the unsigned TLSA
+    // record that would not match is ignored.
+    send(&gw, &net, "plain@example.org", "e@plain.test")
+        .assert_delivered("insecure, Opportunistic");
+    assert!(mx_ee.wait_received("plain@example.org").tls);
+    assert_eq!(c("none", "fallback"), 1);
+
+    // Unsigned zone, Mandatory: deferred.
+    let t = send(&gw, &net, "mand@example.org", "f@m.plain.test");
+    t.assert_refused("451 4.7.5", "insecure, Mandatory");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("Mandatory"), "{text}");
+    assert_eq!(
+        policy_count(&gw, "partners/dane-mandatory", "dane", "deferred"),
+        1
+    );
+
+    for from in ["bad@example.org", "bogus@example.org", "mand@example.org"] {
+        assert!(
+            !received_from(&mx_ee, from),
+            "nothing from {from} reached the MX"
+        );
+    }
+    gw.wait_log(&["TLS policy applied", "secure TLSA 3 1 1"]);
+    assert!(org.messages().is_empty(), "nothing went upstream");
+}
+
+fn net_dir(pair: &crate::support::CertPair) -> &std::path::Path {
+    pair.cert.parent().expect("cert dir")
+}
+
+fn pki_dir(pki: &Pki) -> &std::path::Path {
+    pki.ca.parent().expect("pki dir")
+}
