@@ -21,6 +21,7 @@ mod no_loss;
 mod open_relay;
 mod outbound_dane;
 mod outbound_matrix;
+mod outbound_mta_sts;
 mod outbound_mx;
 mod outbound_validation;
 mod policy_hardening;

@@ -107,8 +107,8 @@ pub fn with_chain(pair: &CertPair, ca: &Path, dir: &Path) -> CertPair {
     }
 }
 
-/// Python's `http.server` over TLS on `ip`:443 serving `root` (policies go to
-/// `root/.well-known/mta-sts.txt`); each request is logged to stderr, which is kept.
+/// Python's `http.server` over TLS on `ip`:443 serving one policy per `Host` (from
+/// `root/<host>/.well-known/mta-sts.txt`); each request is logged to stderr, which is kept.
 pub struct PolicyServer {
     child: Child,
     pub root: TempDir,
@@ -116,11 +116,14 @@ pub struct PolicyServer {
 }
 
 const SERVER: &str = r#"
-import http.server, ssl, sys, functools
+import http.server, ssl, sys, functools, os
 ip, cert, key, root = sys.argv[1:5]
 class H(http.server.SimpleHTTPRequestHandler):
+    def translate_path(self, path):
+        host = (self.headers.get("Host") or "").split(":")[0].lower()
+        return os.path.join(root, host, path.split("?")[0].lstrip("/"))
     def log_message(self, fmt, *args):
-        sys.stderr.write("REQUEST %s\n" % (fmt % args))
+        sys.stderr.write("REQUEST %s %s\n" % (self.headers.get("Host"), fmt % args))
         sys.stderr.flush()
 handler = functools.partial(H, directory=root)
 httpd = http.server.ThreadingHTTPServer((ip, 443), handler)
@@ -138,7 +141,6 @@ impl PolicyServer {
             .prefix("pg-mta-sts-")
             .tempdir()
             .expect("tempdir");
-        std::fs::create_dir(root.path().join(".well-known")).expect("mkdir");
         let log = root.path().join("server.log");
         let child = Command::new(require_tool("python3"))
             .args(["-c", SERVER, &ip.to_string()])
@@ -157,20 +159,26 @@ impl PolicyServer {
         s
     }
 
-    pub fn set_policy(&self, body: &str) {
-        std::fs::write(self.root.path().join(".well-known/mta-sts.txt"), body)
-            .expect("write policy");
+    /// Serves `body` as the policy of `domain` (at `mta-sts.<domain>`).
+    pub fn set_policy(&self, domain: &str, body: &str) {
+        let dir = self
+            .root
+            .path()
+            .join(format!("mta-sts.{domain}/.well-known"));
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        std::fs::write(dir.join("mta-sts.txt"), body).expect("write policy");
     }
 
     fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// Policy requests served so far.
-    pub fn requests(&self) -> usize {
+    /// Policy requests for `domain` served so far.
+    pub fn requests(&self, domain: &str) -> usize {
+        let host = format!("REQUEST mta-sts.{domain} ");
         self.log_text()
             .lines()
-            .filter(|l| l.starts_with("REQUEST") && l.contains("/.well-known/mta-sts.txt"))
+            .filter(|l| l.starts_with(&host) && l.contains("/.well-known/mta-sts.txt"))
             .count()
     }
 }

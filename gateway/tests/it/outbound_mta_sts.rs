@@ -1,0 +1,207 @@
+//! Issue 15, MTA-STS (RFC 8461) for `useMX` Outbound connectors, against real parts: Knot
+//! serving the `_mta-sts` TXT records, MX and policy-host addresses; Python's HTTPS server
+//! serving the policies with a certificate from the partner's CA (the fleet's
+//! `tlsPolicy.mtaStsRootsFile`); Postfix as the partner's MX. Every case asserts the reply,
+//! what the MX received, and the policy metric; the cache case also what the policy server
+//! was asked.
+
+use serde_json::json;
+
+use crate::outbound_support::PartnerPki;
+use crate::outbound_support::tls_policy::{PolicyServer, fleet, partner_mx, policy_count};
+use crate::support::dns::{DnsServer, Zone};
+use crate::support::{Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SmtpConn, message};
+
+fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
+    let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
+    c.cmd("EHLO relay.example.org");
+    let t = c.send_mail(from, &[to], &message(from, to, "mta-sts", &[]));
+    c.quit();
+    t
+}
+
+fn received_from(pf: &Postfix, from: &str) -> bool {
+    pf.maillog().contains(&format!("from=<{from}>"))
+}
+
+fn policy(mode: &str, mx: &[&str]) -> String {
+    let mut p = format!("version: STSv1\r\nmode: {mode}\r\n");
+    for m in mx {
+        p.push_str(&format!("mx: {m}\r\n"));
+    }
+    p.push_str("max_age: 86400\r\n");
+    p
+}
+
+const DOMAINS: [&str; 6] = ["enf", "notlisted", "badcert", "testing", "cache", "open"];
+
+fn zone(ip_mx: std::net::Ipv4Addr, ip_https: std::net::Ipv4Addr, cache_id: u32) -> Vec<Zone> {
+    let mut records = Vec::new();
+    for d in DOMAINS {
+        records.push(format!("{d} IN MX 10 mx.{d}"));
+        records.push(format!("mx.{d} IN A {ip_mx}"));
+        if d != "open" {
+            let id = if d == "cache" { cache_id } else { 1 };
+            records.push(format!("_mta-sts.{d} IN TXT \"v=STSv1; id={id};\""));
+            records.push(format!("mta-sts.{d} IN A {ip_https}"));
+        }
+    }
+    records.push("nopolicy IN MX 10 mx.nopolicy".into());
+    records.push(format!("mx.nopolicy IN A {ip_mx}"));
+    let refs: Vec<&str> = records.iter().map(String::as_str).collect();
+    vec![Zone::unsigned("sts.test", &refs)]
+}
+
+#[test]
+fn mta_sts_enforce_testing_cache_and_modes() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip_mx, ip_https) = (net.ip(30), net.ip(40));
+    let mut dns = DnsServer::start(net.ip(53), zone(ip_mx, ip_https, 1));
+
+    // The MX's certificate names every MX host but mx.badcert.sts.test.
+    let mx_cert = partner.server(
+        "mx",
+        &[
+            "mx.enf.sts.test",
+            "mx.notlisted.sts.test",
+            "mx.testing.sts.test",
+            "mx.cache.sts.test",
+            "mx.open.sts.test",
+            "mx.nopolicy.sts.test",
+        ],
+    );
+    let all: Vec<String> = DOMAINS
+        .iter()
+        .chain(["nopolicy"].iter())
+        .map(|d| format!("{d}.sts.test"))
+        .collect();
+    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mx = partner_mx(ip_mx, "mx.enf.sts.test", &all_refs, mx_cert);
+
+    let https_names: Vec<String> = DOMAINS
+        .iter()
+        .map(|d| format!("mta-sts.{d}.sts.test"))
+        .collect();
+    let https_refs: Vec<&str> = https_names.iter().map(String::as_str).collect();
+    let web = PolicyServer::start(ip_https, &partner.server("mta-sts", &https_refs));
+    web.set_policy("enf.sts.test", &policy("enforce", &["mx.enf.sts.test"]));
+    web.set_policy(
+        "notlisted.sts.test",
+        &policy("enforce", &["mx9.notlisted.sts.test"]),
+    );
+    web.set_policy(
+        "badcert.sts.test",
+        &policy("enforce", &["*.badcert.sts.test"]),
+    );
+    web.set_policy(
+        "testing.sts.test",
+        &policy("testing", &["other.testing.sts.test"]),
+    );
+    web.set_policy("cache.sts.test", &policy("enforce", &["mx.cache.sts.test"]));
+
+    let connectors = |generation: u32| {
+        json!({"inbound": [], "outbound": [
+            {"name": "partners/sts", "generation": generation,
+             "domains": all[..DOMAINS.len()],
+             "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Opportunistic"},
+            {"name": "partners/sts-mandatory", "generation": generation,
+             "domains": ["nopolicy.sts.test"],
+             "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Mandatory"},
+        ]})
+    };
+    let mut gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(org.addr, connectors(1)).fleet(fleet(
+            &net.cidr(),
+            &dns,
+            pki.ca.parent().expect("pki dir"),
+            Some(&partner.ca),
+        )),
+    );
+    let c =
+        |gw: &Gateway, policy: &str, result: &str| policy_count(gw, "partners/sts", policy, result);
+
+    // enforce, MX listed, certificate valid for the MX host: delivered.
+    send(&gw, &net, "enf@example.org", "a@enf.sts.test").assert_delivered("enforce match");
+    assert!(mx.wait_received("enf@example.org").tls);
+    assert_eq!(c(&gw, "mta-sts", "success"), 1);
+
+    // enforce, MX not in the policy: deferred before connecting.
+    let t = send(&gw, &net, "notlisted@example.org", "b@notlisted.sts.test");
+    t.assert_refused("451 4.7.5", "MX not in policy");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("not listed in the MTA-STS policy"), "{text}");
+    assert_eq!(c(&gw, "mta-sts", "deferred"), 1);
+
+    // enforce, MX listed (by pattern) but its certificate does not name it: refused at the
+    // handshake, although the connector's level (EncryptionOnly) would have taken it.
+    let t = send(&gw, &net, "badcert@example.org", "c@badcert.sts.test");
+    t.assert_refused("451 4.7.5", "bad certificate under enforce");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(
+        text.contains("MTA-STS") && text.contains("name mismatch"),
+        "{text}"
+    );
+    assert_eq!(c(&gw, "mta-sts", "failure"), 1);
+
+    // testing: the MX is not listed, delivered anyway, the failure counted and logged.
+    send(&gw, &net, "testing@example.org", "d@testing.sts.test").assert_delivered("testing");
+    assert!(mx.wait_received("testing@example.org").tls);
+    assert_eq!(c(&gw, "mta-sts", "testing_failure"), 1);
+    gw.wait_log(&["MTA-STS testing", "not listed"]);
+
+    // No policy published, Opportunistic: the level applies. Mandatory: deferred.
+    send(&gw, &net, "open@example.org", "e@open.sts.test").assert_delivered("no policy");
+    mx.wait_received("open@example.org");
+    assert_eq!(c(&gw, "none", "fallback"), 1);
+    let t = send(&gw, &net, "mand@example.org", "f@nopolicy.sts.test");
+    t.assert_refused("451 4.7.5", "Mandatory without a policy");
+    assert_eq!(
+        policy_count(&gw, "partners/sts-mandatory", "mta-sts", "deferred"),
+        1
+    );
+
+    // Cache: the first delivery fetched the policy; a changed policy file with the same TXT id
+    // is not fetched again (max_age not over) ...
+    send(&gw, &net, "cache1@example.org", "g@cache.sts.test").assert_delivered("cache, first");
+    mx.wait_received("cache1@example.org");
+    assert_eq!(web.requests("cache.sts.test"), 1);
+    web.set_policy(
+        "cache.sts.test",
+        &policy("enforce", &["elsewhere.cache.sts.test"]),
+    );
+    send(&gw, &net, "cache2@example.org", "g@cache.sts.test")
+        .assert_delivered("cache, policy changed but id not");
+    mx.wait_received("cache2@example.org");
+    assert_eq!(web.requests("cache.sts.test"), 1, "served from the cache");
+    // ... and a new id makes the gateway fetch the new policy, which no longer lists the MX.
+    // The TXT answer itself is in the DNS resolver's cache for its TTL; a config reload
+    // builds a new resolver (and keeps the process-wide policy cache, as the enf.sts.test
+    // count below shows).
+    dns.replace_zones(zone(ip_mx, ip_https, 2));
+    gw.rewrite_connectors(&connectors(2));
+    gw.wait_config_hash(&gw.expected_hash());
+    send(&gw, &net, "enf2@example.org", "a@enf.sts.test").assert_delivered("cached after reload");
+    mx.wait_received("enf2@example.org");
+    let t = send(&gw, &net, "cache3@example.org", "g@cache.sts.test");
+    t.assert_refused("451 4.7.5", "new policy after the id changed");
+    assert_eq!(web.requests("cache.sts.test"), 2);
+
+    for from in [
+        "notlisted@example.org",
+        "badcert@example.org",
+        "mand@example.org",
+        "cache3@example.org",
+    ] {
+        assert!(
+            !received_from(&mx, from),
+            "nothing from {from} reached the MX"
+        );
+    }
+    assert_eq!(web.requests("enf.sts.test"), 1, "one fetch per policy id");
+    assert!(org.messages().is_empty(), "nothing went upstream");
+}
