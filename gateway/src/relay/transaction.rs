@@ -357,6 +357,7 @@ impl RelayTransaction {
     ) -> Result<HopConnection, Reply> {
         if let Some(mut hop) = pooled {
             if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
+                crate::tls_policy::engine::count(label, "requiretls", "refused");
                 hop.quit().await;
                 return Err(requiretls_not_met(label, why));
             }
@@ -381,12 +382,18 @@ impl RelayTransaction {
         let mut hop = open_route(rt, route).await?;
         if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
             tracing::warn!(next_hop = %label, peer = %hop.peer, reason = why, "REQUIRETLS message refused");
+            crate::tls_policy::engine::count(label, "requiretls", "refused");
             hop.quit().await;
             return Err(requiretls_not_met(label, why));
         }
         let mail = mail_command(&self.envelope, &hop);
         match exchange(&mut hop, label, &mail, "MAIL").await {
-            Answer::Accepted(_) => Ok(hop),
+            Answer::Accepted(_) => {
+                if self.envelope.requiretls {
+                    crate::tls_policy::engine::count(label, "requiretls", "relayed");
+                }
+                Ok(hop)
+            }
             Answer::Refused(r) => {
                 hop.quit().await;
                 Err(r.mirror([1, 0]))

@@ -28,11 +28,12 @@ use crate::tls::{NameRule, NextHopVerifier};
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PolicyLabels {
     pub connector: String,
-    /// `dane`, `mta-sts` or `none`.
+    /// `dane`, `mta-sts` or `none`; `requiretls` for REQUIRETLS messages.
     pub policy: String,
     /// `success` (handshake passed the policy), `failure` (it did not: 451), `deferred`
     /// (decided before connecting: 451), `testing_failure` (MTA-STS testing: delivered anyway),
-    /// `fallback` (Opportunistic mode, no policy published: the level applied).
+    /// `fallback` (Opportunistic mode, no policy published: the level applied); for
+    /// `requiretls`: `relayed` or `refused` (550 5.7.30).
     pub result: String,
 }
 

@@ -36,6 +36,7 @@ fn openssl_and_python_talk_starttls_to_the_sink() {
             rcpt_reply: None,
             reject_rcpt: vec![("nobody@example.org".into(), "550 5.1.1 no such user".into())],
             data_reply: None,
+            requiretls: false,
         },
     );
     // openssl verifies the name gateway.test; the sink's certificate says sink.test, so

@@ -23,6 +23,7 @@ mod outbound_dane;
 mod outbound_matrix;
 mod outbound_mta_sts;
 mod outbound_mx;
+mod outbound_requiretls;
 mod outbound_validation;
 mod policy_hardening;
 mod postfix_partner;

@@ -74,6 +74,8 @@ pub struct SinkOptions {
     pub data_reply: Option<String>,
     /// Offer STARTTLS with this certificate.
     pub starttls: Option<CertPair>,
+    /// Offer REQUIRETLS (RFC 8689) once TLS is up.
+    pub requiretls: bool,
 }
 
 #[derive(Default)]
@@ -270,6 +272,9 @@ async fn phase<S: AsyncRead + AsyncWrite + Unpin>(
             );
             if ctx.tls.is_some() && !tls {
                 s.push_str("250-STARTTLS\r\n");
+            }
+            if tls && ctx.opts.requiretls {
+                s.push_str("250-REQUIRETLS\r\n");
             }
             s.push_str("250 ENHANCEDSTATUSCODES");
             s
