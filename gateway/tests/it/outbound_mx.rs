@@ -54,10 +54,13 @@ fn mx_routing_end_to_end() {
         .mx("wrongname.test", 10, "mx9.wrongname.test")
         .a("mx9.wrongname.test", mx1)
         // An MX host without addresses.
-        .mx("dangling.test", 10, "nowhere.dangling.test");
+        .mx("dangling.test", 10, "nowhere.dangling.test")
+        // A (spoofed) MX answer naming a host whose certificate is valid for its own name but
+        // not for the recipient domain.
+        .mx("spoofed.test", 10, "mx1.partner.test");
     let mut opts = ReceiverOptions::new(
         std::net::SocketAddr::from((mx1, 25)),
-        &["partner.test", "implicit.test", "wrongname.test"],
+        &["partner.test", "implicit.test", "wrongname.test", "spoofed.test"],
     );
     opts.hostname = "mx1.partner.test".into();
     opts.server_cert = Some(partner.server("mx1", &["mx1.partner.test", "implicit.test"]));
@@ -71,7 +74,7 @@ fn mx_routing_end_to_end() {
             json!({"inbound": [], "outbound": [{
                 "name": "partners/mx", "generation": 1,
                 "domains": ["partner.test", "implicit.test", "nullmx.test", "wrongname.test",
-                            "dangling.test", "missing.test"],
+                            "dangling.test", "missing.test", "spoofed.test"],
                 "useMX": true,
                 "tls": "DomainValidation",
                 "trustBundleFile": partner.ca,
@@ -97,9 +100,18 @@ fn mx_routing_end_to_end() {
         .assert_delivered("implicit MX (A record of the domain)");
     pf.wait_received("implicit@example.org");
 
-    // DomainValidation's default name is the MX host's name.
+    // DomainValidation's default name is the recipient domain or a name under it: mx1's
+    // certificate (mx1.partner.test) is fine for partner.test above, not for wrongname.test.
     let t = send(&gw, &net, "wrong@example.org", "fay@wrongname.test");
-    t.assert_refused("451 4.7.5", "MX host name not in the certificate");
+    t.assert_refused("451 4.7.5", "recipient domain not in the certificate");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("certificate name mismatch"), "{text}");
+
+    // Issue 15 regression: an MX answer for spoofed.test naming a host with a valid
+    // certificate for its own name (mx1.partner.test) passed DomainValidation (Postfix
+    // `verify`); the certificate must name the recipient domain (Postfix `secure`).
+    let t = send(&gw, &net, "spoof@example.org", "gil@spoofed.test");
+    t.assert_refused("451 4.7.5", "certificate for the MX host, not the recipient domain");
     let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
     assert!(text.contains("certificate name mismatch"), "{text}");
 
@@ -127,7 +139,11 @@ fn mx_routing_end_to_end() {
     c.quit();
     pf.wait_received("split@example.org");
 
-    for (from, _) in [("wrong@example.org", ()), ("null@example.org", ())] {
+    for (from, _) in [
+        ("wrong@example.org", ()),
+        ("null@example.org", ()),
+        ("spoof@example.org", ()),
+    ] {
         assert!(
             !pf.maillog().contains(&format!("from=<{from}>")),
             "nothing from {from} reached the partner"
