@@ -55,7 +55,7 @@ pub enum DaneMatch {
     TrustAnchor(usize),
 }
 
-fn selected<'a>(cert: &'a [u8], selector: u8) -> Option<&'a [u8]> {
+fn selected(cert: &[u8], selector: u8) -> Option<&[u8]> {
     match selector {
         0 => Some(cert),
         1 => X509Certificate::from_der(cert)
@@ -253,14 +253,22 @@ mod tests {
         }
         let r = rec(2, 0, 1, &c.ca);
         let e = check(
-            &[r.clone()],
+            std::slice::from_ref(&r),
             &presented,
             &names(&["mx.other.test"]),
             UnixTime::now(),
         );
         assert!(e.unwrap_err().contains("name mismatch"));
         // The TA only as a record, not in the chain: nothing to anchor to.
-        assert!(check(&[r.clone()], &[c.leaf.clone()], &want, UnixTime::now()).is_err());
+        assert!(
+            check(
+                std::slice::from_ref(&r),
+                std::slice::from_ref(&c.leaf),
+                &want,
+                UnixTime::now()
+            )
+            .is_err()
+        );
         let old = chain(&["mx.partner.test"], true);
         let r_old = rec(2, 0, 1, &old.ca);
         let e = check(&[r_old], &[old.leaf, old.ca], &want, UnixTime::now()).unwrap_err();

@@ -60,7 +60,12 @@ fn mx_routing_end_to_end() {
         .mx("spoofed.test", 10, "mx1.partner.test");
     let mut opts = ReceiverOptions::new(
         std::net::SocketAddr::from((mx1, 25)),
-        &["partner.test", "implicit.test", "wrongname.test", "spoofed.test"],
+        &[
+            "partner.test",
+            "implicit.test",
+            "wrongname.test",
+            "spoofed.test",
+        ],
     );
     opts.hostname = "mx1.partner.test".into();
     opts.server_cert = Some(partner.server("mx1", &["mx1.partner.test", "implicit.test"]));
@@ -111,7 +116,10 @@ fn mx_routing_end_to_end() {
     // certificate for its own name (mx1.partner.test) passed DomainValidation (Postfix
     // `verify`); the certificate must name the recipient domain (Postfix `secure`).
     let t = send(&gw, &net, "spoof@example.org", "gil@spoofed.test");
-    t.assert_refused("451 4.7.5", "certificate for the MX host, not the recipient domain");
+    t.assert_refused(
+        "451 4.7.5",
+        "certificate for the MX host, not the recipient domain",
+    );
     let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
     assert!(text.contains("certificate name mismatch"), "{text}");
 

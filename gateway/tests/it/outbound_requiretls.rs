@@ -11,17 +11,27 @@ use serde_json::json;
 use crate::outbound_support::PartnerPki;
 use crate::outbound_support::tls_policy::{partner_mx, policy_count};
 use crate::support::{
-    ClientTls, Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions, SmtpConn, assert_reply, message, wait_for,
+    ClientTls, Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions, SmtpConn, assert_reply, message,
+    wait_for,
 };
 
 /// EHLO, STARTTLS, EHLO, then one REQUIRETLS transaction to `rcpt`; returns the reply that
 /// ended it (RCPT's refusal or the final dot's).
-fn send_requiretls(gw: &Gateway, pki: &Pki, net: &Net, from: &str, rcpt: &str) -> crate::support::Reply {
+fn send_requiretls(
+    gw: &Gateway,
+    pki: &Pki,
+    net: &Net,
+    from: &str,
+    rcpt: &str,
+) -> crate::support::Reply {
     let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
     c.cmd("EHLO relay.example.org");
     c.starttls(&ClientTls::new(&pki.ca));
     let ehlo = c.cmd("EHLO relay.example.org");
-    assert!(ehlo.lines.iter().any(|l| l == "REQUIRETLS"), "offered after STARTTLS: {ehlo}");
+    assert!(
+        ehlo.lines.iter().any(|l| l == "REQUIRETLS"),
+        "offered after STARTTLS: {ehlo}"
+    );
     let r = c.cmd(&format!("MAIL FROM:<{from}> REQUIRETLS"));
     assert_reply(&r, "250", "REQUIRETLS accepted over TLS");
     let r = c.cmd(&format!("RCPT TO:<{rcpt}>"));
@@ -108,8 +118,18 @@ fn requiretls_relayed_only_to_validated_next_hops_that_offer_it() {
     assert_eq!(policy_count(&gw, "partners/rt", "requiretls", "relayed"), 1);
 
     // Offered, but the connector's level validates nothing.
-    let r = send_requiretls(&gw, &pki, &net, "unv@example.org", "b@unverified.partner.test");
-    assert_reply(&r, "550 5.7.30", "REQUIRETLS over an unvalidated connection");
+    let r = send_requiretls(
+        &gw,
+        &pki,
+        &net,
+        "unv@example.org",
+        "b@unverified.partner.test",
+    );
+    assert_reply(
+        &r,
+        "550 5.7.30",
+        "REQUIRETLS over an unvalidated connection",
+    );
     assert!(r.text().contains("not validated"), "{r}");
     assert_eq!(
         policy_count(&gw, "partners/rt-unverified", "requiretls", "refused"),
@@ -123,6 +143,10 @@ fn requiretls_relayed_only_to_validated_next_hops_that_offer_it() {
     assert_eq!(policy_count(&gw, "partners/pf", "requiretls", "refused"), 1);
     assert!(!pf.maillog().contains("from=<pf@example.org>"));
 
-    assert_eq!(capable.messages().len(), 1, "only the first message reached the sink");
+    assert_eq!(
+        capable.messages().len(),
+        1,
+        "only the first message reached the sink"
+    );
     assert!(org.messages().is_empty(), "nothing went upstream");
 }
