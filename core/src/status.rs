@@ -59,6 +59,10 @@ pub struct StatusValidation {
     pub peer_subject: Option<String>,
     pub peer_not_after: Option<String>,
     pub error: Option<String>,
+    /// Which outbound TLS policy authenticated the host (`dane`, `mta-sts`, `none`) and what
+    /// was found (TLSA records, MTA-STS mode), for connectors with a DANE/MTA-STS mode.
+    #[serde(default)]
+    pub policy: Option<String>,
 }
 
 #[cfg(test)]

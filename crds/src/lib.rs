@@ -495,6 +495,10 @@ pub struct ValidationStatus {
     /// Why the probe failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For connectors with a DANE or MTA-STS mode: the policy that authenticated the host
+    /// (`dane`, `mta-sts`, `none`) and what was found (TLSA records, MTA-STS mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// Condition types.

@@ -37,6 +37,8 @@ pub struct ProbeResult {
     /// Unix seconds.
     pub peer_not_after: Option<i64>,
     pub error: Option<String>,
+    /// The TLS policy that applied and what its lookups found.
+    pub policy: Option<String>,
 }
 
 impl ProbeResult {
@@ -56,6 +58,7 @@ impl ProbeResult {
             peer_subject: self.peer_subject.clone(),
             peer_not_after: not_after,
             error: self.error.clone(),
+            policy: self.policy.clone(),
         }
     }
 }
@@ -276,6 +279,7 @@ pub async fn probe_connector(rt: &LiveConfig, i: usize) -> Vec<ProbeResult> {
                 peer_subject: None,
                 peer_not_after: None,
                 error: Some(reply.to_string()),
+                policy: None,
             }),
         }
     }
@@ -306,6 +310,10 @@ async fn probe(
                 peer_subject: info.as_ref().map(|i| i.subject.clone()),
                 peer_not_after: info.map(|i| i.not_after.unix_timestamp()),
                 error: None,
+                policy: conn
+                    .policy_detail
+                    .as_ref()
+                    .map(|d| format!("{}: {d}", conn.policy)),
             };
             conn.quit().await;
             r
@@ -319,6 +327,7 @@ async fn probe(
             peer_subject: None,
             peer_not_after: None,
             error: Some(reply.to_string()),
+            policy: None,
         },
     }
 }
@@ -350,6 +359,7 @@ mod tests {
             peer_subject: None,
             peer_not_after: None,
             error: Some("451 4.7.5 TLS to next hop mail/fabrikam failed".into()),
+            policy: None,
         };
         let j = serde_json::to_value(r.to_status()).unwrap();
         assert_eq!(j["result"], "Failure");

@@ -105,6 +105,7 @@ pub fn validation(snapshot: &GatewaySnapshot, name: &str) -> Vec<ValidationStatu
                         peer_subject: v.peer_subject.clone(),
                         peer_not_after: v.peer_not_after.clone(),
                         error: v.error.clone(),
+                        policy: v.policy.clone(),
                     },
                 );
             }

@@ -87,6 +87,8 @@ pub struct HopConnection {
     pub authenticated: bool,
     /// The TLS policy that applied: `dane`, `mta-sts` or `none`.
     pub policy: &'static str,
+    /// What the policy lookups found (connectors with a DANE/MTA-STS mode).
+    pub policy_detail: Option<String>,
     reply_timeout: Duration,
     data_end_timeout: Duration,
 }
@@ -227,6 +229,7 @@ impl HopConnection {
             peer: where_.clone(),
             authenticated: false,
             policy,
+            policy_detail: prepared.as_ref().map(|p| p.detail.clone()),
             reply_timeout: secs,
             data_end_timeout: Duration::from_secs(t.next_hop_data_end_secs),
         };

@@ -165,6 +165,75 @@ fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
     assert!(org.messages().is_empty(), "nothing went upstream");
 }
 
+/// The validation probe reports which policy authenticated each MX host and what was found;
+/// a bogus TLSA answer is a Failure with the `451 4.7.5` a recipient would get.
+#[test]
+fn probes_report_the_policy_per_next_hop() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let ip = net.ip(30);
+    let ee = partner.self_signed("ee", &["mx-ee.dane.test"]);
+    let tlsa = tlsa_ee_spki(&ee.cert);
+    let dns = DnsServer::start(
+        net.ip(53),
+        vec![
+            Zone::signed(
+                "dane.test",
+                &[
+                    "ee IN MX 10 mx-ee",
+                    &format!("mx-ee IN A {ip}"),
+                    &format!("_25._tcp.mx-ee IN TLSA {tlsa}"),
+                    "bogus IN MX 10 mx-bogus",
+                    &format!("mx-bogus IN A {ip}"),
+                    &format!("_25._tcp.mx-bogus IN TLSA {tlsa}"),
+                ],
+            )
+            .corrupt_signature("_25._tcp.mx-bogus", "TLSA"),
+        ],
+    );
+    let _mx = partner_mx(ip, "mx-ee.dane.test", &["ee.dane.test"], ee);
+    let mut fleet = fleet(&net.cidr(), &dns, pki_dir(&pki), None);
+    fleet["validationIntervalSecs"] = json!(600);
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/dane", "generation": 1,
+                 "domains": ["ee.dane.test", "bogus.dane.test"],
+                 "useMX": true, "tls": "EncryptionOnly", "dane": "Opportunistic"},
+            ]}),
+        )
+        .fleet(fleet),
+    );
+    let entry = |host: &str| {
+        crate::support::wait_for(
+            std::time::Duration::from_secs(30),
+            &format!("a validation result for {host}"),
+            || {
+                gw.status()["validation"]
+                    .as_array()
+                    .and_then(|v| v.iter().find(|e| e["host"] == host).cloned())
+            },
+        )
+    };
+    let ok = entry("mx-ee.dane.test:25");
+    assert_eq!(ok["result"], "Success", "{ok}");
+    let policy = ok["policy"].as_str().unwrap_or_default();
+    assert!(policy.starts_with("dane: DANE: secure TLSA 3 1 1"), "{ok}");
+    let bad = entry("mx-bogus.dane.test:25");
+    assert_eq!(bad["result"], "Failure", "{bad}");
+    let error = bad["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("451 4.7.5") && error.contains("bogus"),
+        "{bad}"
+    );
+    assert!(policy_count(&gw, "partners/dane", "dane", "deferred") >= 1);
+}
+
 fn net_dir(pair: &crate::support::CertPair) -> &std::path::Path {
     pair.cert.parent().expect("cert dir")
 }
