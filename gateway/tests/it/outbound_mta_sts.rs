@@ -48,6 +48,12 @@ fn zone(ip_mx: std::net::Ipv4Addr, ip_https: std::net::Ipv4Addr, cache_id: u32) 
     }
     records.push("nopolicy IN MX 10 mx.nopolicy".into());
     records.push(format!("mx.nopolicy IN A {ip_mx}"));
+    // Policies that must not count: a redirect and an over-long body.
+    for d in ["redirect", "huge"] {
+        records.push(format!("{d} IN MX 10 mx.enf"));
+        records.push(format!("_mta-sts.{d} IN TXT \"v=STSv1; id=1;\""));
+        records.push(format!("mta-sts.{d} IN A {ip_https}"));
+    }
     let refs: Vec<&str> = records.iter().map(String::as_str).collect();
     vec![Zone::unsigned("sts.test", &refs)]
 }
@@ -83,6 +89,7 @@ fn mta_sts_enforce_testing_cache_and_modes() {
 
     let https_names: Vec<String> = DOMAINS
         .iter()
+        .chain(["redirect", "huge"].iter())
         .map(|d| format!("mta-sts.{d}.sts.test"))
         .collect();
     let https_refs: Vec<&str> = https_names.iter().map(String::as_str).collect();
@@ -101,6 +108,20 @@ fn mta_sts_enforce_testing_cache_and_modes() {
         &policy("testing", &["other.testing.sts.test"]),
     );
     web.set_policy("cache.sts.test", &policy("enforce", &["mx.cache.sts.test"]));
+    // http.server answers a directory requested without a trailing slash with a 301.
+    std::fs::create_dir_all(
+        web.root
+            .path()
+            .join("mta-sts.redirect.sts.test/.well-known/mta-sts.txt"),
+    )
+    .expect("mkdir");
+    let mut huge = policy("enforce", &["mx.enf.sts.test"]);
+    while huge.len() <= 64 * 1024 {
+        huge.push_str(
+            "x-padding: an extension key, ignored but counted against the size limit\r\n",
+        );
+    }
+    web.set_policy("huge.sts.test", &huge);
 
     let connectors = |generation: u32| {
         json!({"inbound": [], "outbound": [
@@ -108,7 +129,7 @@ fn mta_sts_enforce_testing_cache_and_modes() {
              "domains": all[..DOMAINS.len()],
              "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Opportunistic"},
             {"name": "partners/sts-mandatory", "generation": generation,
-             "domains": ["nopolicy.sts.test"],
+             "domains": ["nopolicy.sts.test", "redirect.sts.test", "huge.sts.test"],
              "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Mandatory"},
         ]})
     };
@@ -163,6 +184,31 @@ fn mta_sts_enforce_testing_cache_and_modes() {
     assert_eq!(
         policy_count(&gw, "partners/sts-mandatory", "mta-sts", "deferred"),
         1
+    );
+
+    // A redirect is not followed and an over-long policy is not read: no policy, so the
+    // Mandatory connector defers, naming why.
+    for (from, to, why) in [
+        ("redir@example.org", "h@redirect.sts.test", "HTTP 301"),
+        (
+            "huge@example.org",
+            "i@huge.sts.test",
+            "larger than 65536 bytes",
+        ),
+    ] {
+        let t = send(&gw, &net, from, to);
+        t.assert_refused("451 4.7.5", why);
+        let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+        assert!(text.contains(why), "{text}");
+        assert!(
+            !received_from(&mx, from),
+            "nothing from {from} reached the MX"
+        );
+    }
+    assert_eq!(web.requests("redirect.sts.test"), 1);
+    assert_eq!(
+        policy_count(&gw, "partners/sts-mandatory", "mta-sts", "deferred"),
+        3
     );
 
     // Cache: the first delivery fetched the policy; a changed policy file with the same TXT id
