@@ -269,6 +269,12 @@ impl RelayTransaction {
         self.broken
     }
 
+    /// The outbound TLS policy (`dane`, `mta-sts`, `none`) of the connection holding this
+    /// transaction, for the decision log.
+    pub fn tls_policy(&self) -> Option<&'static str> {
+        self.held.as_ref().map(|(_, hop)| hop.policy)
+    }
+
     /// Sends one recipient (already allowed by policy for `route`) to its route's next hop;
     /// the reply is for the client.
     pub async fn recipient(

@@ -86,6 +86,8 @@ struct Decision<'a> {
     recipients: Option<usize>,
     internal: Option<bool>,
     error: Option<&'a str>,
+    /// The outbound TLS policy of the next hop connection (`dane`, `mta-sts`, `none`).
+    tls_policy: Option<&'a str>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -127,7 +129,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             connector = d.connector, rule = d.rule, tls = tls_str(self.tls),
             cert_subject = %self.cert_subject(), outcome = d.outcome,
             reply = d.reply.map(tracing::field::display), next_hop = d.next_hop,
-            recipients = d.recipients, internal = d.internal, error = d.error, "{message}");
+            recipients = d.recipients, internal = d.internal, error = d.error,
+            tls_policy = d.tls_policy, "{message}");
     }
 
     fn facts(&self) -> Facts<'_> {

@@ -53,6 +53,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .recipient(&rt, &mut self.pool, &route, &to.address)
             .await;
         let counted = self.route_connector(&tx.decision, &route);
+        let tls_policy = tx.relay.tls_policy();
         self.tx = Some(tx);
         let label = route_label(&rt, &route);
         self.ctx
@@ -68,6 +69,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             },
             reply: Some(&reply),
             next_hop: Some(&label),
+            tls_policy,
             ..Decision::default()
         };
         self.log_decision(d, "RCPT TO decided");

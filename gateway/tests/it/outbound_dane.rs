@@ -162,6 +162,8 @@ fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
         );
     }
     gw.wait_log(&["TLS policy applied", "secure TLSA 3 1 1"]);
+    // The RCPT decision line names the policy of the connection that carried the recipient.
+    gw.wait_log(&["RCPT TO decided", "\"tls_policy\":\"dane\""]);
     assert!(org.messages().is_empty(), "nothing went upstream");
 }
 
