@@ -25,7 +25,7 @@ HERE = Path(__file__).resolve().parent
 FLEET_FIELDS = {  # core/src/config.rs FleetSettings (serde camelCase names)
     "listen", "adminListen", "hostname", "serverCertificate", "acceptedDomains",
     "internalSenders", "upstream", "defaultInbound", "materialDir", "limits", "timeouts",
-    "trustedProxies", "allowPrivateMxAddresses", "validationIntervalSecs",
+    "trustedProxies", "allowPrivateMxAddresses", "validationIntervalSecs", "tlsPolicy",
 }
 NESTED_FIELDS = {
     "serverCertificate": {"certFile", "keyFile"},
@@ -34,6 +34,8 @@ NESTED_FIELDS = {
     "limits": {"maxMessageSize", "maxRecipients", "maxConnections", "maxConnectionsPerIp",
                "maxCommandLine", "maxTextLine", "maxErrors", "reservedConnectionsPercent",
                "stressPercent", "ipv6PrefixLength"},
+    "tlsPolicy": {"dnssecTrustAnchorFile", "mtaStsRootsFile", "mtaStsMaxPolicyBytes",
+                  "mtaStsFetchTimeoutSecs"},
     "timeouts": {"commandSecs", "dataSecs", "tlsHandshakeSecs", "nextHopSecs",
                  "nextHopDataEndSecs", "shutdownGraceSecs", "stressCommandSecs", "shedAfterSecs"},
 }
@@ -152,7 +154,8 @@ def run_gateway_check(gateway_bin, fleet_text, label):
     with tempfile.TemporaryDirectory() as tmp:
         t = Path(tmp)
         fleet = json.loads(fleet_text.replace("/etc/partnergate/", f"{tmp}/"))
-        for d in ("tls", "material", "connectors", "upstream-ca", "upstream-client", "internal-senders-ca"):
+        for d in ("tls", "material", "connectors", "upstream-ca", "upstream-client", "internal-senders-ca",
+                  "dnssec-trust-anchor", "mta-sts-roots"):
             (t / d).mkdir()
         subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
                         "-nodes", "-days", "2", "-subj", "/CN=mx.example.com",
@@ -160,8 +163,15 @@ def run_gateway_check(gateway_bin, fleet_text, label):
         for d in ("upstream-client",):
             for f in ("tls.key", "tls.crt"):
                 (t / d / f).write_bytes((t / "tls" / f).read_bytes())
-        for d in ("upstream-ca", "internal-senders-ca"):
+        for d in ("upstream-ca", "internal-senders-ca", "mta-sts-roots"):
             (t / d / "ca.crt").write_bytes((t / "tls/tls.crt").read_bytes())
+        # A DNSKEY trust anchor (the root KSK-2017), as `partnergate-gateway check` parses it.
+        (t / "dnssec-trust-anchor" / "ca.crt").write_text(
+            ". 172800 IN DNSKEY 257 3 8 AwEAAaz/tAm8yTn4Mfeh5eyI96WSVexTBAvkMgJzkKTOiW1vkIbzxeF3"
+            "+/4RgWOq7HrxRixHlFlExOLAJr5emLvN7SWXgnLh4+B5xQlNVz8Og8kvArMtNROxVQuCaSnIDdD5LKyWbRd2"
+            "n9WGe2R8PzgCmr3EgVLrjyBxWezF0jLHwVN8efS3rCj/EWgvIWgb9tarpVUDK/b58Da+sqqls3eNbuv7pr+e"
+            "oZG+SrDK6nWeL3c6H5Apxz7LjVc1uTIdsIXxuOLYA4/ilBmSVIzuDWfdRUfhHdY6+cn8HFRm+2hM8AnXGXws"
+            "9555KrUB5qihylGa8subX2Nn6UwNR1AkUTV74bU=\n")
         (t / "fleet.json").write_text(json.dumps(fleet))
         (t / "connectors/connectors.json").write_text('{"inbound": [], "outbound": []}')
         r = subprocess.run([gateway_bin, "check", "--fleet", t / "fleet.json",
@@ -386,9 +396,16 @@ def main():
                                                        "keyFile": "/etc/partnergate/upstream-client/tls.key"}},
           f"max: upstream {mfleet['upstream']}")
     check(mfleet["internalSenders"]["trustBundleFile"] == "/etc/partnergate/internal-senders-ca/ca.crt", "max: internal CA path")
+    check(fleet["tlsPolicy"] == {"mtaStsMaxPolicyBytes": 65536, "mtaStsFetchTimeoutSecs": 60},
+          f"default: tlsPolicy {fleet['tlsPolicy']}")
+    check(mfleet["tlsPolicy"] == {"dnssecTrustAnchorFile": "/etc/partnergate/dnssec-trust-anchor/ca.crt",
+                                  "mtaStsRootsFile": "/etc/partnergate/mta-sts-roots/ca.crt",
+                                  "mtaStsMaxPolicyBytes": 32768, "mtaStsFetchTimeoutSecs": 30},
+          f"max: tlsPolicy {mfleet['tlsPolicy']}")
     check(mfleet["limits"]["maxMessageSize"] == 52428800 and isinstance(mfleet["limits"]["maxMessageSize"], int), "max: integers stay integers")
     gmounts = {m["mountPath"] for m in container(gwm, "gateway")["volumeMounts"]}
-    for p in ("/etc/partnergate/upstream-ca", "/etc/partnergate/upstream-client", "/etc/partnergate/internal-senders-ca"):
+    for p in ("/etc/partnergate/upstream-ca", "/etc/partnergate/upstream-client", "/etc/partnergate/internal-senders-ca",
+              "/etc/partnergate/dnssec-trust-anchor", "/etc/partnergate/mta-sts-roots"):
         check(p in gmounts, f"max: {p} not mounted although fleet.json refers to it")
     print("ok   fleet.json: only FleetSettings fields, paths match the mounts")
     gateway_bin = (out / "gateway-bin").read_text().strip() if (out / "gateway-bin").exists() else ""
