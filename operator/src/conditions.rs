@@ -77,11 +77,17 @@ pub fn tls_summary(pc: &PartnerConnector) -> Option<String> {
                 "Optional".to_string()
             }
         }),
-        Direction::Outbound => pc
-            .spec
-            .outbound
-            .as_ref()
-            .map(|o| o.tls.as_str().to_string()),
+        Direction::Outbound => pc.spec.outbound.as_ref().map(|o| {
+            // DANE/MTA-STS modes after the level, only when set, so existing connectors keep
+            // their column: `Opportunistic+DANE(Mandatory)+MTA-STS(Opportunistic)`.
+            let mut s = o.tls.as_str().to_string();
+            for (name, mode) in [("DANE", o.dane), ("MTA-STS", o.mta_sts)] {
+                if !mode.is_none() {
+                    s.push_str(&format!("+{name}({mode:?})"));
+                }
+            }
+            s
+        }),
     }
 }
 
@@ -507,6 +513,20 @@ mod tests {
         assert_eq!(s.validation.len(), 1);
         assert_eq!(s.validation[0].result, "Success");
         assert_eq!(s.tls.as_deref(), Some("DomainValidation"));
+    }
+
+    #[test]
+    fn tls_column_names_dane_and_mta_sts_modes() {
+        let mut pc = crate::fixtures::outbound("mail", "fab", 1, &["fabrikam.com"], &[]);
+        assert_eq!(tls_summary(&pc).as_deref(), Some("DomainValidation"));
+        if let Some(o) = pc.spec.outbound.as_mut() {
+            o.dane = partnergate_crds::OutboundPolicyMode::Mandatory;
+            o.mta_sts = partnergate_crds::OutboundPolicyMode::Opportunistic;
+        }
+        assert_eq!(
+            tls_summary(&pc).as_deref(),
+            Some("DomainValidation+DANE(Mandatory)+MTA-STS(Opportunistic)")
+        );
     }
 
     #[test]
