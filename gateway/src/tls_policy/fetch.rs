@@ -8,7 +8,8 @@
 //! followed (RFC 8461 3.3), and the whole fetch is bounded by `mtaStsFetchTimeoutSecs`. The
 //! policy host's addresses pass the same `allowPrivateMxAddresses` screen as MX hosts. A cached
 //! policy is used until its `max_age` runs out, and replaced only when the TXT record's `id`
-//! changes and the new policy fetches and parses (RFC 8461 5.1).
+//! changes and the new policy fetches and parses (RFC 8461 5.1). A failed fetch is retried after
+//! a minute at the earliest.
 
 use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex};
@@ -41,6 +42,37 @@ struct Cached {
 
 static CACHE: LazyLock<Mutex<HashMap<String, Cached>>> =
     LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// Failed fetches, by domain and record id, with the error: the same failure is answered from
+/// here for [`RETRY_AFTER`], so a domain whose policy host is down costs one fetch, not one per
+/// MX address tried (each up to the fetch timeout).
+static FAILED: LazyLock<Mutex<HashMap<FailureKey, (Instant, String)>>> =
+    LazyLock::new(|| Mutex::new(HashMap::new()));
+
+/// (domain, TXT record id).
+type FailureKey = (String, String);
+
+const RETRY_AFTER: Duration = Duration::from_secs(60);
+
+fn recent_failure(domain: &str, id: &str) -> Option<String> {
+    let mut failed = FAILED.lock().ok()?;
+    let now = Instant::now();
+    failed.retain(|_, (at, _)| now.duration_since(*at) < RETRY_AFTER);
+    failed
+        .get(&(domain.to_string(), id.to_string()))
+        .map(|(_, e)| e.clone())
+}
+
+fn remember_failure(domain: &str, id: &str, error: &str) {
+    if let Ok(mut failed) = FAILED.lock()
+        && failed.len() < MAX_CACHED
+    {
+        failed.insert(
+            (domain.to_string(), id.to_string()),
+            (Instant::now(), error.to_string()),
+        );
+    }
+}
 
 /// Entries kept at most (the oldest-expiring is dropped first): domains are the partners'
 /// of Outbound connectors, so this bounds memory against a flood of distinct recipient domains
@@ -120,6 +152,12 @@ impl StsFetcher {
         if let Some(p) = cached(&domain, Some(&record.id)) {
             return StsLookup::Policy(p);
         }
+        if let Some(e) = recent_failure(&domain, &record.id) {
+            return match cached(&domain, None) {
+                Some(p) => StsLookup::Policy(p),
+                None => StsLookup::Failed(e),
+            };
+        }
         let fetched = match tokio::time::timeout(self.timeout, self.fetch(&domain)).await {
             Ok(r) => r,
             Err(_) => Err("policy fetch timed out".into()),
@@ -133,6 +171,7 @@ impl StsFetcher {
             }
             Err(e) => {
                 tracing::warn!(domain, error = %e, "MTA-STS policy fetch failed");
+                remember_failure(&domain, &record.id, &e);
                 // RFC 8461 5.1: an unexpired cached policy stays in force.
                 match cached(&domain, None) {
                     Some(p) => StsLookup::Policy(p),

@@ -206,9 +206,13 @@ fn mta_sts_enforce_testing_cache_and_modes() {
         );
     }
     assert_eq!(web.requests("redirect.sts.test"), 1);
+    // A failed fetch is not repeated at once (for each MX address, each up to the timeout).
+    send(&gw, &net, "redir2@example.org", "h@redirect.sts.test")
+        .assert_refused("451 4.7.5", "the remembered failure");
+    assert_eq!(web.requests("redirect.sts.test"), 1, "failure remembered");
     assert_eq!(
         policy_count(&gw, "partners/sts-mandatory", "mta-sts", "deferred"),
-        3
+        4
     );
 
     // Cache: the first delivery fetched the policy; a changed policy file with the same TXT id
