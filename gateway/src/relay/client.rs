@@ -196,6 +196,13 @@ impl HopConnection {
                 None => TcpStream::connect((target.host.as_str(), target.port)).await,
             }
         };
+        // The policy is decided before connecting: a deferred host is never connected to.
+        let prepared = match &hop.policy {
+            Some(p) => Some(p.prepare(&hop.label, target).await?),
+            None => None,
+        };
+        let require_tls = prepared.as_ref().is_some_and(|p| p.require_tls);
+        let policy = prepared.as_ref().map_or("none", |p| p.policy);
         let tcp = match timeout(secs, connect).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
@@ -212,12 +219,6 @@ impl HopConnection {
             }
         };
         let _ = tcp.set_nodelay(true);
-        let prepared = match &hop.policy {
-            Some(p) => Some(p.prepare(&hop.label, target).await?),
-            None => None,
-        };
-        let require_tls = prepared.as_ref().is_some_and(|p| p.require_tls);
-        let policy = prepared.as_ref().map_or("none", |p| p.policy);
         let mut c = HopConnection {
             conn: Conn::Plain(tcp),
             rbuf: Vec::new(),
