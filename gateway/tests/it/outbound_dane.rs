@@ -61,15 +61,20 @@ fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
                     "bogus IN MX 10 mx-bogus",
                     &format!("mx-bogus IN A {ip_ee}"),
                     &format!("_25._tcp.mx-bogus IN TLSA {ee_tlsa}"),
+                    // A secure host behind a bogus MX answer.
+                    "mxbogus IN MX 10 mx-ee",
                 ],
             )
-            .corrupt_signature("_25._tcp.mx-bogus", "TLSA"),
+            .corrupt_signature("_25._tcp.mx-bogus", "TLSA")
+            .corrupt_signature("mxbogus", "MX"),
             // Unsigned: its TLSA record (pinning a key the MX does not use) must be ignored.
             Zone::unsigned(
                 "plain.test",
                 &[
                     "@ IN MX 10 mx",
                     "m IN MX 10 mx",
+                    // An unsigned MX answer naming a host with secure TLSA records.
+                    "viaplain IN MX 10 mx-ee.dane.test.",
                     &format!("mx IN A {ip_ee}"),
                     &format!("_25._tcp.mx IN TLSA {}", tlsa_ee_spki(&other.cert)),
                 ],
@@ -98,10 +103,10 @@ fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
             json!({"inbound": [], "outbound": [
                 {"name": "partners/dane", "generation": 1,
                  "domains": ["ee.dane.test", "ta.dane.test", "bad.dane.test", "bogus.dane.test",
-                             "plain.test"],
+                             "plain.test", "mxbogus.dane.test"],
                  "useMX": true, "tls": "EncryptionOnly", "dane": "Opportunistic"},
                 {"name": "partners/dane-mandatory", "generation": 1,
-                 "domains": ["m.plain.test"],
+                 "domains": ["m.plain.test", "viaplain.plain.test"],
                  "useMX": true, "tls": "EncryptionOnly", "dane": "Mandatory"},
             ]}),
         )
@@ -155,7 +160,29 @@ fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {
         1
     );
 
-    for from in ["bad@example.org", "bogus@example.org", "mand@example.org"] {
+    // A bogus MX answer: deferred before any TLSA lookup or connection.
+    let t = send(&gw, &net, "mxbogus@example.org", "g@mxbogus.dane.test");
+    t.assert_refused("451 4.7.5", "bogus MX");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("MX records failed (bogus)"), "{text}");
+    assert_eq!(c("dane", "deferred"), 2);
+
+    // RFC 7672 2.2.1: an insecure MX answer does not let the host's (secure) TLSA records
+    // apply, so Mandatory defers.
+    let t = send(&gw, &net, "viaplain@example.org", "h@viaplain.plain.test");
+    t.assert_refused("451 4.7.5", "insecure MX, Mandatory");
+    assert_eq!(
+        policy_count(&gw, "partners/dane-mandatory", "dane", "deferred"),
+        2
+    );
+
+    for from in [
+        "bad@example.org",
+        "bogus@example.org",
+        "mand@example.org",
+        "mxbogus@example.org",
+        "viaplain@example.org",
+    ] {
         assert!(
             !received_from(&mx_ee, from),
             "nothing from {from} reached the MX"
