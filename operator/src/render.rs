@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use partnergate_core::config as gw;
 use partnergate_crds::{
     CertificateStatus, Direction, IdentifyBy, MinTlsVersion, OutboundTls, PartnerConnector,
-    TrustBundle,
+    SenderAuthentication, TrustBundle,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -351,6 +351,12 @@ fn to_gateway(pc: &PartnerConnector, r: Option<&Resolved>) -> Result<GatewayConn
                 }),
                 restrict_to_ip_ranges: i.restrict_to_ip_ranges,
                 restrict_to_certificate: i.restrict_to_certificate,
+                sender_authentication: match i.sender_authentication {
+                    SenderAuthentication::None => gw::SenderAuthentication::None,
+                    SenderAuthentication::Spf => gw::SenderAuthentication::Spf,
+                    SenderAuthentication::Dkim => gw::SenderAuthentication::Dkim,
+                    SenderAuthentication::Dmarc => gw::SenderAuthentication::Dmarc,
+                },
             }))
         }
         Direction::Outbound => {

@@ -48,10 +48,19 @@ enum Flow {
     Close,
 }
 
-/// One transaction: the sender decision (policy) and its next-hop side.
+/// One transaction: the sender decision (policy), its sender authentication and its next-hop
+/// side.
 struct Transaction {
     decision: SenderDecision,
     relay: RelayTransaction,
+    auth: TxAuth,
+}
+
+/// What sender authentication decided at MAIL FROM ([`crate::auth`]).
+struct TxAuth {
+    plan: crate::auth::Plan,
+    /// The SPF result, when the plan evaluates SPF.
+    spf: Option<mail_auth::SpfOutput>,
 }
 
 pub struct Session<S> {
@@ -86,6 +95,8 @@ struct Decision<'a> {
     recipients: Option<usize>,
     internal: Option<bool>,
     error: Option<&'a str>,
+    /// Sender authentication mechanism and result, e.g. `spf:fail`, `dmarc:pass`.
+    auth: Option<&'a str>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -127,7 +138,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             connector = d.connector, rule = d.rule, tls = tls_str(self.tls),
             cert_subject = %self.cert_subject(), outcome = d.outcome,
             reply = d.reply.map(tracing::field::display), next_hop = d.next_hop,
-            recipients = d.recipients, internal = d.internal, error = d.error, "{message}");
+            recipients = d.recipients, internal = d.internal, error = d.error, auth = d.auth,
+            "{message}");
     }
 
     fn facts(&self) -> Facts<'_> {
@@ -245,7 +257,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Request::StartTls => self.starttls().await,
             Request::Mail { .. } if !utf8 => self.error(&fixed::BAD_SENDER),
             Request::Rcpt { .. } if !utf8 => self.error(&fixed::BAD_RCPT),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from).await,
             Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data().await,
             Request::Rset => {
