@@ -187,7 +187,12 @@ pub async fn message(
                 spf,
             ))
             .await;
-        ar = ar.with_dmarc_result(&out);
+        // After the DKIM part, which `extra` may hold (`dkim=none`).
+        extra.push_str(
+            &AuthenticationResults::new("")
+                .with_dmarc_result(&out)
+                .to_string(),
+        );
         Some(DmarcSummary {
             outcome: Outcome::dmarc(&out.result()),
             domain: out.domain().to_string(),
