@@ -689,6 +689,25 @@ mod tests {
     }
 
     #[test]
+    fn renders_sender_authentication() {
+        let mut a = connector("mail", "a", 1, &["contoso.com"]);
+        if let Some(i) = a.spec.inbound.as_mut() {
+            i.sender_authentication = SenderAuthentication::Dmarc;
+        }
+        let b = connector("mail", "b", 1, &["fabrikam.com"]);
+        let r = render(&[a, b], &Objects::new(), now());
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        let auth = |name: &str| {
+            file.inbound
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.sender_authentication)
+        };
+        assert_eq!(auth("mail/a"), Some(gw::SenderAuthentication::Dmarc));
+        assert_eq!(auth("mail/b"), Some(gw::SenderAuthentication::None));
+    }
+
+    #[test]
     fn hash_changes_with_generation() {
         let a1 = connector("mail", "a", 1, &["contoso.com"]);
         let a2 = connector("mail", "a", 2, &["contoso.com"]);
