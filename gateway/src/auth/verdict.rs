@@ -170,6 +170,15 @@ pub fn message_refusal(
                 Outcome::None => {
                     replies::dmarc_failed(domain, "the domain publishes no DMARC policy")
                 }
+                // Not evaluated (header section over the limit) or a broken record.
+                Outcome::PermError => replies::dmarc_failed(
+                    if domain.is_empty() {
+                        "the message"
+                    } else {
+                        domain
+                    },
+                    "permanent error (permerror)",
+                ),
                 _ => replies::dmarc_failed(domain, "no SPF or DKIM pass aligned with From:"),
             };
             Some(Refusal {

@@ -14,9 +14,12 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::support::dns::{DnsServer, Zone};
+use crate::support::opendkim::OpenDkim;
+use crate::support::postfix::PostfixOptions;
 use crate::support::wire::Wire;
 use crate::support::{
-    Fixture, Recorded, Reply, SinkOptions, connector_header, connectors, inbound, require_tool,
+    Fixture, Postfix, Recorded, Reply, SinkOptions, connector_header, connectors, inbound,
+    require_tool,
 };
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -350,6 +353,45 @@ fn dkim_pass_and_a_message_altered_after_signing_is_not_relayed() {
     );
 }
 
+/// The partner's real MTA: Postfix relaying to the gateway through an OpenDKIM milter that
+/// signs for contoso.test. The client address is not in SPF, so DMARC passes on the DKIM
+/// signature alone.
+#[test]
+fn postfix_with_opendkim_as_the_partner_mta_passes_dmarc_by_dkim() {
+    let w = world(
+        json!({}),
+        vec![partner("mail/contoso", &["contoso.test"], "DMARC")],
+    );
+    let milter = OpenDkim::start(w.f.net.ip(30), "contoso.test", "sel", &w.contoso.pem);
+    let mut opts = PostfixOptions::new(w.bad, w.f.gw.smtp);
+    opts.tls_level = "may".into();
+    opts.milter = Some(milter.addr);
+    let pf = Postfix::start(opts);
+    let id = pf.submit(
+        "a@contoso.test",
+        "bob@example.org",
+        "From: <a@contoso.test>\r\nTo: <bob@example.org>\r\nSubject: via postfix\r\n\r\nsigned by opendkim\r\n",
+    );
+    let d = pf.wait_delivery(&id, "bob@example.org");
+    assert_eq!(d.status, "sent", "{}\n{}", d.line, milter.output());
+    let m = w.delivered();
+    assert!(
+        m.header_values("DKIM-Signature")
+            .iter()
+            .any(|v| v.contains("d=contoso.test")),
+        "not signed by OpenDKIM:\n{}",
+        m.headers()
+    );
+    let ar = our_auth_results(&m);
+    assert!(
+        ar.contains("spf=fail") && ar.contains("dkim=pass") && ar.contains("dmarc=pass"),
+        "{ar}"
+    );
+    assert!(connector_header(&m).contains("auth=dmarc:pass"));
+    assert_eq!(w.metric("mail/contoso", "dmarc", "pass"), 1);
+    assert_eq!(w.metric("mail/contoso", "spf", "fail"), 1);
+}
+
 #[test]
 fn dmarc_aligned_via_spf_via_dkim_and_unaligned() {
     let w = world(
@@ -484,4 +526,37 @@ fn twenty_mib_signed_message_streams_with_bounded_memory() {
         after - before
     );
     assert_eq!(w.metric("mail/contoso", "dkim", "pass"), 2);
+}
+
+/// A header section over `limits.maxHeaderSize` is not held whole: it is streamed on, DKIM and
+/// DMARC evaluate to `permerror`, and the message (unclaimed, `Stamp`) is still delivered
+/// intact; where DKIM is required it is refused.
+#[test]
+fn header_section_over_the_hold_limit_is_streamed_as_permerror() {
+    let w = world(
+        json!({"unclaimedSenderAuthentication": "Stamp", "limits": {"maxHeaderSize": 1024}}),
+        vec![partner("mail/contoso", &["contoso.test"], "DKIM")],
+    );
+    let padding: String = (0..40)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(60)))
+        .collect();
+    let big = format!("{padding}From: <a@other.test>\r\nSubject: big\r\n\r\nbody line\r\n");
+    let o = w.send(w.good, "a@other.test", big.as_bytes());
+    assert_code(&o.end, "250");
+    let m = w.delivered();
+    let ar = our_auth_results(&m);
+    assert!(
+        ar.contains("dkim=permerror") && ar.contains("dmarc=permerror"),
+        "{ar}"
+    );
+    assert!(m.text().ends_with("\r\n\r\nbody line\r\n"), "body intact");
+    assert_eq!(m.header_values("X-Pad-39").len(), 1, "every header relayed");
+    // Required DKIM cannot pass on a header section that was not evaluated.
+    let signed = sign(
+        &format!("{padding}From: <a@contoso.test>\r\nSubject: big\r\n\r\nx\r\n").into_bytes(),
+        "contoso.test",
+        &w.contoso,
+    );
+    assert_code(&w.send(w.good, "a@contoso.test", &signed).end, "550 5.7.1");
+    assert_eq!(w.metric("none", "dkim", "permerror"), 1);
 }
