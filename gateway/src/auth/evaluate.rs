@@ -20,6 +20,16 @@ use super::plan::Plan;
 use super::resolver::AuthResolver;
 use super::verdict::{DmarcSummary, Outcome, SignatureResult};
 
+/// At most this many DKIM-Signature headers are verified (each costs DNS lookups); the rest
+/// are ignored (RFC 6376 6.1 lets a verifier limit them), so a header section full of
+/// signatures cannot make one message cost hundreds of queries.
+pub const MAX_SIGNATURES: usize = 5;
+
+/// Keeps the first [`MAX_SIGNATURES`] signatures (the ones nearest the top, added last).
+pub fn limit_signatures(msg: &mut AuthenticatedMessage<'_>) {
+    msg.dkim_headers.truncate(MAX_SIGNATURES);
+}
+
 /// The envelope facts SPF and DMARC need.
 pub struct Envelope<'a> {
     pub ip: IpAddr,
@@ -121,6 +131,7 @@ pub async fn message(
             header: format!("Authentication-Results: {ar}{extra}\r\n"),
         };
     };
+    limit_signatures(&mut msg);
     // Each body-hash slot gets the hash its first signature claims: verify_dkim then judges
     // the header hash and key; the body is judged against the same claim at the end of DATA.
     let claims: Vec<(Slot, Vec<u8>)> = msg
@@ -216,5 +227,26 @@ pub async fn message(
         dmarc,
         dkim,
         header: format!("Authentication-Results: {ar}{extra}\r\n"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_signatures_are_verified() {
+        let mut raw = String::new();
+        for i in 0..(MAX_SIGNATURES + 3) {
+            raw.push_str(&format!(
+                "DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=d{i}.example; s=s; h=from; bh=AAAA; b=AAAA\r\n"
+            ));
+        }
+        raw.push_str("From: a@example.org\r\n\r\n");
+        let mut msg = AuthenticatedMessage::parse(raw.as_bytes()).unwrap();
+        assert_eq!(msg.dkim_headers.len(), MAX_SIGNATURES + 3);
+        limit_signatures(&mut msg);
+        assert_eq!(msg.dkim_headers.len(), MAX_SIGNATURES);
+        assert_eq!(msg.dkim_headers[0].header.d, "d0.example");
     }
 }
