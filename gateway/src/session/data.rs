@@ -180,8 +180,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             relay,
             auth,
         } = tx;
-        let sender = relay.envelope().sender.clone();
         let plan = auth.plan;
+        // Only sender authentication needs it after the relay takes the envelope.
+        let sender = if plan.is_off() {
+            String::new()
+        } else {
+            relay.envelope().sender.clone()
+        };
         // With DKIM/DMARC our headers wait for the end of the header section.
         let mut held = plan
             .needs_message()

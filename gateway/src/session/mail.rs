@@ -120,15 +120,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             Ok(()) => {
                 let plan = self.auth_plan(&decision);
-                let connector = connector.to_string();
-                let Ok(spf) = self.check_spf(&plan, &connector, &from.address).await else {
+                let Ok(spf) = self.check_spf(&plan, connector, &from.address).await else {
                     return Flow::Continue;
                 };
                 let token = spf
                     .as_ref()
                     .map(|s| format!("spf:{}", Outcome::spf(s.result()).as_str()));
                 let d = Decision {
-                    connector: &connector,
+                    connector,
                     rule: "claim",
                     outcome: "accepted",
                     internal: Some(decision.internal),
