@@ -133,19 +133,26 @@ pub fn dkim_for_sender(signatures: &[SignatureResult], sender_domain: &str) -> O
     }
 }
 
-/// At the end of the header section, for DKIM, DMARC and unclaimed `p=reject`.
+/// At the end of the header section, for DKIM, DMARC and unclaimed `p=reject`. `dkim`: the
+/// DKIM result when it was decided without signatures (no resolver: `temperror`; header
+/// section not evaluated: `permerror`), else `None` and it is derived from `signatures`.
 pub fn message_refusal(
     plan: &Plan,
     signatures: &[SignatureResult],
+    dkim: Option<Outcome>,
     dmarc: Option<&DmarcSummary>,
     sender_domain: &str,
 ) -> Option<Refusal> {
     match plan.enforce {
         Enforce::Nothing | Enforce::Spf => None,
         Enforce::Dkim => {
-            let reply = match dkim_for_sender(signatures, sender_domain) {
+            let outcome = dkim.unwrap_or_else(|| dkim_for_sender(signatures, sender_domain));
+            let reply = match outcome {
                 Outcome::Pass => return None,
                 Outcome::TempError => replies::temperror("DKIM"),
+                Outcome::PermError if signatures.is_empty() => {
+                    replies::dkim_failed("the header section could not be evaluated (permerror)")
+                }
                 Outcome::None => replies::dkim_failed(&format!(
                     "the message has no DKIM signature of {sender_domain}"
                 )),
@@ -323,7 +330,9 @@ mod tests {
     #[test]
     fn dkim_table_counts_only_the_senders_domain() {
         let p = plan(S::Dkim);
-        let r = |sigs: &[SignatureResult]| code(message_refusal(&p, sigs, None, "contoso.example"));
+        let r = |sigs: &[SignatureResult]| {
+            code(message_refusal(&p, sigs, None, None, "contoso.example"))
+        };
         assert_eq!(r(&[sig("contoso.example", Outcome::Pass)]), None);
         assert_eq!(r(&[sig("mail.contoso.example", Outcome::Pass)]), None);
         assert_eq!(
@@ -343,6 +352,10 @@ mod tests {
             r(&[sig("contoso.example", Outcome::TempError)]).as_deref(),
             Some("451 4.7.5")
         );
+        // Decided without signatures: no resolver is a DNS error (451), never a 5xx.
+        let decided = |o| code(message_refusal(&p, &[], Some(o), None, "contoso.example"));
+        assert_eq!(decided(Outcome::TempError).as_deref(), Some("451 4.7.5"));
+        assert_eq!(decided(Outcome::PermError).as_deref(), Some("550 5.7.1"));
     }
 
     #[test]
@@ -353,7 +366,8 @@ mod tests {
             policy_reject: reject,
         };
         let p = plan(S::Dmarc);
-        let r = |x: Option<&DmarcSummary>| code(message_refusal(&p, &[], x, "contoso.example"));
+        let r =
+            |x: Option<&DmarcSummary>| code(message_refusal(&p, &[], None, x, "contoso.example"));
         assert_eq!(r(Some(&d(Outcome::Pass, false))), None);
         assert_eq!(
             r(Some(&d(Outcome::Fail, false))).as_deref(),
@@ -369,7 +383,8 @@ mod tests {
             Some("451 4.7.5")
         );
         let u = Plan::for_transaction(None, false, U::EnforceDmarcReject);
-        let r = |x: Option<&DmarcSummary>| code(message_refusal(&u, &[], x, "contoso.example"));
+        let r =
+            |x: Option<&DmarcSummary>| code(message_refusal(&u, &[], None, x, "contoso.example"));
         assert_eq!(
             r(Some(&d(Outcome::Fail, true))).as_deref(),
             Some("550 5.7.26")
@@ -386,7 +401,13 @@ mod tests {
         );
         let s = Plan::for_transaction(None, false, U::Stamp);
         assert_eq!(
-            code(message_refusal(&s, &[], Some(&d(Outcome::Fail, true)), "x")),
+            code(message_refusal(
+                &s,
+                &[],
+                None,
+                Some(&d(Outcome::Fail, true)),
+                "x"
+            )),
             None
         );
     }

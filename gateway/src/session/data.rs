@@ -133,6 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let refusal = verdict::message_refusal(
             &plan,
             &results.signatures,
+            results.dkim,
             results.dmarc.as_ref(),
             env.spf_domain(),
         );

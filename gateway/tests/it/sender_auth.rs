@@ -309,7 +309,11 @@ fn spf_pass_fail_softfail_temperror_at_mail_from() {
 fn dkim_pass_and_a_message_altered_after_signing_is_not_relayed() {
     let w = world(
         json!({}),
-        vec![partner("mail/contoso", &["contoso.test"], "DKIM")],
+        vec![partner(
+            "mail/contoso",
+            &["contoso.test", "temp.test"],
+            "DKIM",
+        )],
     );
     let signed = sign(
         &message("a@contoso.test", "dkim", "signed body\r\nline two\r\n"),
@@ -345,6 +349,14 @@ fn dkim_pass_and_a_message_altered_after_signing_is_not_relayed() {
     let o = w.send(w.bad, "a@contoso.test", &header_changed);
     assert_code(&o.end, "550 5.7.1");
     assert_eq!(w.metric("mail/contoso", "dkim", "fail"), 2);
+    // The signer's key cannot be looked up (its zone answers SERVFAIL): 451, never a pass.
+    let temp = sign(
+        &message("a@temp.test", "t", "x\r\n"),
+        "temp.test",
+        &w.contoso,
+    );
+    assert_code(&w.send(w.bad, "a@temp.test", &temp).end, "451 4.7.5");
+    assert_eq!(w.metric("mail/contoso", "dkim", "temperror"), 1);
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         w.f.sink.messages().len(),
