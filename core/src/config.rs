@@ -69,6 +69,43 @@ pub struct FleetSettings {
     /// TLS policies").
     #[serde(default)]
     pub tls_policy: TlsPolicySettings,
+    /// What is checked for mail no Inbound connector claims (internal senders are never
+    /// checked): nothing, SPF/DKIM/DMARC evaluated and stamped, or that plus refusing mail
+    /// whose sender domain publishes DMARC `p=reject` and fails it. Uses `dnsResolver`.
+    #[serde(default)]
+    pub unclaimed_sender_authentication: UnclaimedSenderAuthentication,
+}
+
+/// How the sender of mail a connector claims must be authenticated beyond the connector's own
+/// rules (docs/partnerconnector.md, "Sender authentication").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum SenderAuthentication {
+    /// Nothing is evaluated (the connector's rules alone decide).
+    #[default]
+    None,
+    /// SPF must pass for the envelope sender (decided at MAIL FROM).
+    #[serde(rename = "SPF")]
+    Spf,
+    /// A DKIM signature of the sender's domain must verify (decided while DATA streams).
+    #[serde(rename = "DKIM")]
+    Dkim,
+    /// DMARC (RFC 7489) must pass: an SPF or DKIM pass aligned with the From: domain.
+    #[serde(rename = "DMARC")]
+    Dmarc,
+}
+
+/// The fleet-level default for unclaimed mail.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
+pub enum UnclaimedSenderAuthentication {
+    /// Nothing is evaluated.
+    #[default]
+    None,
+    /// SPF, DKIM and DMARC are evaluated and stamped (Authentication-Results); nothing is
+    /// refused for their results.
+    Stamp,
+    /// As `Stamp`, and mail failing DMARC whose domain publishes `p=reject` is refused
+    /// (`550 5.7.26`); a DNS error deciding it gives `451`.
+    EnforceDmarcReject,
 }
 
 /// Fleet settings of the outbound TLS policies (DANE, MTA-STS). Defaults suit the public
@@ -201,6 +238,9 @@ pub struct Limits {
     /// IPv6 clients are counted per prefix of this length by `maxConnectionsPerIp` (one
     /// subscriber usually holds a whole /64).
     pub ipv6_prefix_length: u8,
+    /// Largest header section (octets) held back while DKIM/DMARC are evaluated; the rest of
+    /// a larger one is streamed and DKIM/DMARC evaluate to `permerror`.
+    pub max_header_size: usize,
 }
 
 /// Timeouts in seconds, all in one place.
@@ -257,6 +297,7 @@ impl Default for Limits {
             reserved_connections_percent: 10,
             stress_percent: 80,
             ipv6_prefix_length: 64,
+            max_header_size: 256 * 1024,
         }
     }
 }
@@ -333,6 +374,9 @@ pub struct InboundConnector {
     pub restrict_to_ip_ranges: bool,
     #[serde(default)]
     pub restrict_to_certificate: bool,
+    /// How the partner's identity must be authenticated beyond these rules.
+    #[serde(default)]
+    pub sender_authentication: SenderAuthentication,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -604,6 +648,7 @@ impl FleetSettings {
             ("limits.maxRecipients", l.max_recipients, 1),
             ("limits.maxConnections", l.max_connections, 1),
             ("limits.maxConnectionsPerIp", l.max_connections_per_ip, 1),
+            ("limits.maxHeaderSize", l.max_header_size, 1024),
         ] {
             if value < min {
                 errors.push(FieldError {

@@ -63,6 +63,10 @@ fn valid_examples_pass() {
             "tls": "DomainValidation", "tlsDomain": "*.fabrikam.com"}}));
     ok(json!({"direction": "Outbound", "domains": ["fabrikam.com"],
         "outbound": {"useMX": true, "tls": "Opportunistic"}}));
+    for auth in ["None", "SPF", "DKIM", "DMARC"] {
+        ok(json!({"direction": "Inbound", "domains": ["contoso.com"],
+            "inbound": {"senderAuthentication": auth}}));
+    }
 }
 
 #[test]

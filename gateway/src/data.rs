@@ -1,5 +1,6 @@
 //! The DATA phase as a pure line filter: finds the end of data, enforces the smuggling, line and
-//! size rules, and strips `X-Partnergate-Connector:` headers. The session feeds it lines in the
+//! size rules, and strips `X-Partnergate-Connector:` headers and Authentication-Results headers
+//! claiming our authserv-id (RFC 8601 5). The session feeds it lines in the
 //! dot-stuffed wire form and forwards what it says to forward unchanged (the next hop
 //! un-stuffs), so the message is streamed and never un-stuffed or buffered whole here.
 
@@ -34,6 +35,9 @@ pub struct DataFilter {
     /// Dropping a stripped header's continuation lines. Starts true: a continuation line at the
     /// very top would otherwise fold into the headers we prepend.
     dropping: bool,
+    /// Our authserv-id (the fleet hostname): a client's Authentication-Results claiming it is
+    /// stripped.
+    authserv_id: Option<String>,
     pub error: Option<DataError>,
 }
 
@@ -59,8 +63,20 @@ impl DataFilter {
             in_long_line: false,
             in_headers: true,
             dropping: true,
+            authserv_id: None,
             error: None,
         }
+    }
+
+    /// Also strip Authentication-Results headers whose authserv-id is `id`.
+    pub fn with_authserv_id(mut self, id: &str) -> DataFilter {
+        self.authserv_id = Some(id.to_string());
+        self
+    }
+
+    /// Still in the header section: the empty line that ends it has not been seen.
+    pub fn in_headers(&self) -> bool {
+        self.in_headers
     }
 
     fn fail(&mut self, e: DataError) {
@@ -123,7 +139,11 @@ impl DataFilter {
                 Action::Forward
             };
         }
-        self.dropping = is_our_header(logical);
+        self.dropping = is_our_header(logical)
+            || self
+                .authserv_id
+                .as_deref()
+                .is_some_and(|id| crate::auth::headers::claims_authserv_id(logical, id));
         if self.dropping {
             Action::Drop
         } else {
@@ -169,6 +189,30 @@ mod tests {
         assert_eq!(
             String::from_utf8_lossy(&out),
             "Subject: hi\r\nX-Partnergate-Connectors: other\r\n\r\nX-Partnergate-Connector: in body\r\n..dot\r\n"
+        );
+    }
+
+    #[test]
+    fn strips_authentication_results_claiming_our_authserv_id() {
+        let msg = b"Authentication-Results: gw.example; dkim=pass\r\n\tdmarc=pass\r\nAuthentication-Results: mx.partner.example; spf=pass\r\n.authentication-results:GW.EXAMPLE;spf=pass\r\nSubject: x\r\n\r\nAuthentication-Results: gw.example; in body\r\n.\r\n";
+        let mut f = DataFilter::new(1 << 20, 1000).with_authserv_id("gw.example");
+        let mut out = Vec::new();
+        for line in msg.split_inclusive(|b| *b == b'\n') {
+            match f.push_line(line) {
+                Action::Forward => out.extend_from_slice(line),
+                Action::Drop => {}
+                Action::End => break,
+            }
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "Authentication-Results: mx.partner.example; spf=pass\r\nSubject: x\r\n\r\nAuthentication-Results: gw.example; in body\r\n"
+        );
+        // Without an authserv-id (as before) nothing but our connector header is stripped.
+        let (out, _, _) = run(msg, 1 << 20, 1000);
+        assert!(
+            String::from_utf8_lossy(&out)
+                .starts_with("Authentication-Results: gw.example; dkim=pass")
         );
     }
 

@@ -5,6 +5,7 @@ pub use partnergate_core::{config, http, status};
 
 pub mod admin;
 pub mod admission;
+pub mod auth;
 pub mod certs;
 pub mod data;
 pub mod live_config;

@@ -148,6 +148,12 @@ pub struct LiveConfig {
     pub certificates: Vec<CertStatus>,
     /// DNS resolver for `useMX` connectors (built on first use).
     pub resolver: Arc<crate::mx::MxResolver>,
+    /// SPF/DKIM/DMARC on the same `dnsResolver` (built on first use).
+    pub auth: Arc<crate::auth::resolver::AuthResolver>,
+    /// `senderAuthentication` of the Inbound connectors that set one other than None, by
+    /// name: looked up once per claimed transaction, so the cost does not grow with the
+    /// number of connectors.
+    pub sender_auth: std::collections::HashMap<String, crate::config::SenderAuthentication>,
 }
 
 impl std::fmt::Debug for LiveConfig {
@@ -533,6 +539,21 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
         });
     }
 
+    let dns_server = fleet
+        .dns_resolver
+        .as_deref()
+        .and_then(|r| crate::config::parse_dns_resolver(r).ok());
+    let auth = Arc::new(crate::auth::resolver::AuthResolver::new(
+        dns_server,
+        std::time::Duration::from_secs(fleet.timeouts.next_hop_secs.clamp(1, 10)),
+    ));
+    let sender_auth = connectors
+        .inbound
+        .iter()
+        .filter(|c| c.sender_authentication != crate::config::SenderAuthentication::None)
+        .map(|c| (c.name.clone(), c.sender_authentication))
+        .collect();
+
     match (server_tls, upstream) {
         (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(LiveConfig {
             fleet,
@@ -545,6 +566,8 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
             outbound,
             certificates,
             resolver,
+            auth,
+            sender_auth,
         }),
         _ => Err(errors),
     }

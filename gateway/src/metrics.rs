@@ -60,6 +60,13 @@ pub struct ConnectorResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SenderAuthLabels {
+    pub connector: String,
+    pub mechanism: String,
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
     pub secret: String,
 }
@@ -89,6 +96,9 @@ pub struct Metrics {
     /// The next hop's reply to each forwarded RCPT (`accepted`, `tempfail`, `rejected`):
     /// an unreachable next hop (451 4.4.1) shows here, never in `messages`.
     pub next_hop_recipients: Family<ConnectorResultLabels, Counter>,
+    /// Sender authentication results (mechanism `spf`, `dkim`, `dmarc`) by connector (`none`
+    /// for unclaimed mail), counted once per transaction when the result is final.
+    pub sender_auth: Family<SenderAuthLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -116,6 +126,7 @@ impl Metrics {
         let max_connections = Gauge::default();
         let connector_tls_handshakes = Family::<ConnectorResultLabels, Counter>::default();
         let next_hop_recipients = Family::<ConnectorResultLabels, Counter>::default();
+        let sender_auth = Family::<SenderAuthLabels, Counter>::default();
         registry.register(
             "partnergate_outbound_tls_policy",
             "Outbound connection attempts under a DANE/MTA-STS mode, by connector, policy that \
@@ -198,6 +209,11 @@ impl Metrics {
             "Next hop replies to forwarded RCPT commands by connector and result",
             next_hop_recipients.clone(),
         );
+        registry.register(
+            "partnergate_sender_auth",
+            "Sender authentication results (SPF, DKIM, DMARC) by connector, mechanism and result",
+            sender_auth.clone(),
+        );
         // Every label set that can occur starts at 0, so `rate()`/`increase()` in alerts see a
         // series before the first flood rather than nothing.
         for class in ["general", "priority"] {
@@ -232,7 +248,18 @@ impl Metrics {
             max_connections,
             connector_tls_handshakes,
             next_hop_recipients,
+            sender_auth,
         }
+    }
+
+    pub fn sender_auth(&self, connector: &str, mechanism: &str, result: &str) {
+        self.sender_auth
+            .get_or_create(&SenderAuthLabels {
+                connector: connector.into(),
+                mechanism: mechanism.into(),
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn session_shed(&self, class: &str) {

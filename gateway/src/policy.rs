@@ -603,6 +603,7 @@ mod tests {
             certificate: None,
             restrict_to_ip_ranges: false,
             restrict_to_certificate: false,
+            sender_authentication: Default::default(),
         }
     }
 

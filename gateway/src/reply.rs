@@ -228,3 +228,60 @@ pub mod next_hop {
         )
     }
 }
+
+/// Replies about sender authentication (SPF, DKIM, DMARC; docs/gateway.md, "Sender
+/// authentication"). Enhanced codes per RFC 7372 where it has one; the issue's `5.7.1` for DKIM.
+/// A DNS error deciding a required check is always a `451`: never a pass, never a `5xx`.
+pub mod auth {
+    use super::Reply;
+
+    /// Required SPF did not pass (`fail`, `softfail`, `neutral`, `none`).
+    pub fn spf_failed(result: &str, domain: &str) -> Reply {
+        Reply::owned(
+            550,
+            [5, 7, 23],
+            format!("SPF check did not pass for {domain} ({result}): sender not authorized"),
+        )
+    }
+
+    /// Required SPF: the domain's SPF record is broken (`permerror`).
+    pub fn spf_permerror(domain: &str) -> Reply {
+        Reply::owned(
+            550,
+            [5, 7, 24],
+            format!("SPF record of {domain} is invalid (permerror)"),
+        )
+    }
+
+    /// Required SPF could not be decided: DNS error (`temperror`).
+    pub fn spf_temperror(domain: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 7, 24],
+            format!("SPF check for {domain} failed with a DNS error (temperror); try again later"),
+        )
+    }
+
+    /// Required DKIM: no valid signature of the sender's domain.
+    pub fn dkim_failed(why: &str) -> Reply {
+        Reply::owned(550, [5, 7, 1], format!("DKIM check did not pass: {why}"))
+    }
+
+    /// Required DKIM or DMARC (or a domain's `p=reject`) could not be decided: DNS error.
+    pub fn temperror(mechanism: &str) -> Reply {
+        Reply::owned(
+            451,
+            [4, 7, 5],
+            format!("{mechanism} check failed with a DNS error (temperror); try again later"),
+        )
+    }
+
+    /// Required DMARC did not pass, or the From: domain's `p=reject` was enforced.
+    pub fn dmarc_failed(domain: &str, why: &str) -> Reply {
+        Reply::owned(
+            550,
+            [5, 7, 26],
+            format!("DMARC check for {domain} did not pass: {why}"),
+        )
+    }
+}

@@ -4,7 +4,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
 use partnergate_crds::{
     Direction, IdentifyBy, InboundCertificate, InboundSpec, KeyRef, MinTlsVersion, OutboundSpec,
-    OutboundTls, PartnerConnector, PartnerConnectorSpec, TrustBundle,
+    OutboundTls, PartnerConnector, PartnerConnectorSpec, SenderAuthentication, TrustBundle,
 };
 
 fn meta(ns: &str, name: &str, generation: i64) -> ObjectMeta {
@@ -26,6 +26,7 @@ fn inbound_spec() -> InboundSpec {
         certificate: None,
         restrict_to_ip_ranges: false,
         restrict_to_certificate: false,
+        sender_authentication: SenderAuthentication::None,
     }
 }
 

@@ -26,7 +26,7 @@ use ipnet::IpNet;
 use partnergate_core::config as gw;
 use partnergate_crds::{
     CertificateStatus, Direction, IdentifyBy, MinTlsVersion, OutboundPolicyMode, OutboundTls,
-    PartnerConnector, TrustBundle,
+    PartnerConnector, SenderAuthentication, TrustBundle,
 };
 use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
@@ -351,6 +351,12 @@ fn to_gateway(pc: &PartnerConnector, r: Option<&Resolved>) -> Result<GatewayConn
                 }),
                 restrict_to_ip_ranges: i.restrict_to_ip_ranges,
                 restrict_to_certificate: i.restrict_to_certificate,
+                sender_authentication: match i.sender_authentication {
+                    SenderAuthentication::None => gw::SenderAuthentication::None,
+                    SenderAuthentication::Spf => gw::SenderAuthentication::Spf,
+                    SenderAuthentication::Dkim => gw::SenderAuthentication::Dkim,
+                    SenderAuthentication::Dmarc => gw::SenderAuthentication::Dmarc,
+                },
             }))
         }
         Direction::Outbound => {
@@ -690,6 +696,25 @@ mod tests {
             serde_json::from_slice::<gw::ConnectorsFile>(&empty.connectors_json).unwrap(),
             gw::ConnectorsFile::default()
         );
+    }
+
+    #[test]
+    fn renders_sender_authentication() {
+        let mut a = connector("mail", "a", 1, &["contoso.com"]);
+        if let Some(i) = a.spec.inbound.as_mut() {
+            i.sender_authentication = SenderAuthentication::Dmarc;
+        }
+        let b = connector("mail", "b", 1, &["fabrikam.com"]);
+        let r = render(&[a, b], &Objects::new(), now());
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        let auth = |name: &str| {
+            file.inbound
+                .iter()
+                .find(|c| c.name == name)
+                .map(|c| c.sender_authentication)
+        };
+        assert_eq!(auth("mail/a"), Some(gw::SenderAuthentication::Dmarc));
+        assert_eq!(auth("mail/b"), Some(gw::SenderAuthentication::None));
     }
 
     #[test]

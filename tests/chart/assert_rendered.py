@@ -26,6 +26,7 @@ FLEET_FIELDS = {  # core/src/config.rs FleetSettings (serde camelCase names)
     "listen", "adminListen", "hostname", "serverCertificate", "acceptedDomains",
     "internalSenders", "upstream", "defaultInbound", "materialDir", "limits", "timeouts",
     "trustedProxies", "allowPrivateMxAddresses", "validationIntervalSecs", "tlsPolicy",
+    "unclaimedSenderAuthentication",
 }
 NESTED_FIELDS = {
     "serverCertificate": {"certFile", "keyFile"},
@@ -33,7 +34,7 @@ NESTED_FIELDS = {
     "upstream": {"host", "port", "tls", "tlsDomain", "trustBundleFile", "clientCertificate"},
     "limits": {"maxMessageSize", "maxRecipients", "maxConnections", "maxConnectionsPerIp",
                "maxCommandLine", "maxTextLine", "maxErrors", "reservedConnectionsPercent",
-               "stressPercent", "ipv6PrefixLength"},
+               "stressPercent", "ipv6PrefixLength", "maxHeaderSize"},
     "tlsPolicy": {"dnssecTrustAnchorFile", "mtaStsRootsFile", "mtaStsMaxPolicyBytes",
                   "mtaStsFetchTimeoutSecs"},
     "timeouts": {"commandSecs", "dataSecs", "tlsHandshakeSecs", "nextHopSecs",

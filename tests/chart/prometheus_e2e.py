@@ -220,6 +220,12 @@ def traffic(net, tmp, connectors_file, good_connectors):
         s.mail("a@contoso.test")
         code, _ = s.rcpt("tempfail@example.test")
         check(code == 451, f"RCPT the upstream answers 451 got {code}")
+    # a partner whose SPF cannot be looked up (nothing answers on dnsResolver): 451 4.7.24,
+    # partnergate_sender_auth_total{mechanism="spf",result="temperror"}
+    with smtplib.SMTP(*gw, source_address=(f"{net}.21", 0), timeout=60) as s:
+        s.ehlo("mail.tailspin.test")
+        code, _ = s.mail("a@tailspin.test")
+        check(code == 451, f"MAIL FROM with SPF required and no DNS got {code}, want 451")
     # internal sender to the Outbound connector's partner
     with smtplib.SMTP(*gw, source_address=(f"{net}.20", 0), timeout=10) as s:
         s.sendmail("me@example.test", ["you@fabrikam.test"], msg)
@@ -268,9 +274,12 @@ def live(tmp, gateway_bin, queries, alert_exprs, gw_samples, gw_fams):
         "defaultInbound": "Reject",
         "limits": {"maxConnections": 900},
         "validationIntervalSecs": 3600,
+        "dnsResolver": f"{net}.3:53",
     }
     connectors = {
-        "inbound": [{"name": "mail/contoso", "generation": 1, "domains": ["contoso.test"], "requireTls": True}],
+        "inbound": [{"name": "mail/contoso", "generation": 1, "domains": ["contoso.test"], "requireTls": True},
+                    {"name": "mail/tailspin", "generation": 1, "domains": ["tailspin.test"], "requireTls": False,
+                     "senderAuthentication": "SPF"}],
         "outbound": [
             {"name": "mail/fabrikam", "generation": 1, "domains": ["fabrikam.test"],
              "smartHosts": [f"[{net}.2]:2526"], "tls": "None"},

@@ -8,6 +8,7 @@ packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel
   prometheus   # promtool and a private Prometheus for the chart's alerts/dashboard (tests/chart)
   msmtp        # gateway/tests/it/interop.rs: a plain SMTP client
   knot bind9-utils bind9-dnsutils  # gateway/tests/it/support/dns.rs: knotd serves, BIND's dnssec-signzone signs, dig/delv check
+  python3-dkim opendkim  # gateway/tests/it/sender_auth.rs: OpenDKIM (milter of the partner's Postfix) and dkimpy's dkimsign sign the partner's mail
   # The libraries of exim4-daemon-light and opensmtpd (see below).
   libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libpcre2-8-0 libcrypt1 libdb5.3 libnsl2
   libevent-2.1-7 libpam0g libssl3 zlib1g)

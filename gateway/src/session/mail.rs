@@ -1,14 +1,18 @@
 //! MAIL FROM: syntax and parameter checks, then the sender decision (which connector claims
-//! the transaction and whether its rules are met) from the pure policy. Nothing is sent to a
-//! next hop yet: that happens at the first RCPT the policy allows.
+//! the transaction and whether its rules are met) from the pure policy, then SPF when the
+//! sender-authentication plan evaluates it (`550 5.7.23` when required and not passed). Nothing
+//! is sent to a next hop yet: that happens at the first RCPT the policy allows.
 
 use std::borrow::Cow;
 
 use smtp_proto::MailFrom;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Decision, Flow, Session, Transaction};
-use crate::policy;
+use super::{Decision, Flow, Session, Transaction, TxAuth};
+use crate::auth::Plan;
+use crate::auth::evaluate::{self, Envelope as AuthEnvelope};
+use crate::auth::verdict::{self, Outcome};
+use crate::policy::{self, SenderDecision};
 use crate::relay::{Envelope, RelayTransaction};
 use crate::reply::fixed;
 
@@ -29,7 +33,68 @@ fn mail_params_unsupported(m: &MailFrom<Cow<'_, str>>) -> bool {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    pub(super) fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Flow {
+    /// The sender-authentication plan of an accepted sender decision.
+    fn auth_plan(&self, decision: &SenderDecision) -> Plan {
+        let claimed = decision
+            .connector
+            .as_ref()
+            .map(|name| self.rt.sender_auth.get(name).copied().unwrap_or_default());
+        Plan::for_transaction(
+            claimed,
+            decision.internal,
+            self.rt.fleet.unclaimed_sender_authentication,
+        )
+    }
+
+    /// SPF for the plan: `Err` when required and not passed (refused, logged, counted).
+    async fn check_spf(
+        &mut self,
+        plan: &Plan,
+        connector: &str,
+        sender: &str,
+    ) -> Result<Option<mail_auth::SpfOutput>, ()> {
+        if !plan.spf {
+            return Ok(None);
+        }
+        let rt = self.rt.clone();
+        let helo = self.helo.clone().unwrap_or_default();
+        let env = AuthEnvelope {
+            ip: self.ctx.client_ip,
+            helo: &helo,
+            sender,
+            host: &rt.fleet.hostname,
+        };
+        let out = evaluate::spf(&rt.auth, &env).await;
+        let outcome = Outcome::spf(out.result());
+        self.ctx
+            .metrics
+            .sender_auth(connector, "spf", outcome.as_str());
+        let token = format!("spf:{}", outcome.as_str());
+        match verdict::spf_refusal(plan, outcome, env.spf_domain()) {
+            None => Ok(Some(out)),
+            Some(r) => {
+                let d = Decision {
+                    connector,
+                    rule: r.rule,
+                    outcome: "rejected",
+                    reply: Some(&r.reply),
+                    auth: Some(&token),
+                    ..Decision::default()
+                };
+                self.log_decision(d, "MAIL FROM refused: sender authentication");
+                self.ctx.metrics.rejection(connector, r.rule);
+                self.ctx.metrics.message(
+                    connector,
+                    "inbound",
+                    super::outcome(&r.reply, "accepted"),
+                );
+                self.reply(&r.reply);
+                Err(())
+            }
+        }
+    }
+
+    pub(super) async fn mail(&mut self, from: MailFrom<Cow<'_, str>>) -> Flow {
         if self.helo.is_none() {
             return self.error(&fixed::HELO_FIRST);
         }
@@ -60,11 +125,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.ctx.metrics.message(connector, "inbound", "rejected");
             }
             Ok(()) => {
+                let plan = self.auth_plan(&decision);
+                let Ok(spf) = self.check_spf(&plan, connector, &from.address).await else {
+                    return Flow::Continue;
+                };
+                let token = spf
+                    .as_ref()
+                    .map(|s| format!("spf:{}", Outcome::spf(s.result()).as_str()));
                 let d = Decision {
                     connector,
                     rule: "claim",
                     outcome: "accepted",
                     internal: Some(decision.internal),
+                    auth: token.as_deref(),
                     ..Decision::default()
                 };
                 self.log_decision(d, "MAIL FROM accepted");
@@ -79,6 +152,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.tx = Some(Transaction {
                     decision,
                     relay: RelayTransaction::new(envelope),
+                    auth: TxAuth { plan, spf },
                 });
                 self.reply(&fixed::SENDER_OK);
             }

@@ -48,10 +48,19 @@ enum Flow {
     Close,
 }
 
-/// One transaction: the sender decision (policy) and its next-hop side.
+/// One transaction: the sender decision (policy), its sender authentication and its next-hop
+/// side.
 struct Transaction {
     decision: SenderDecision,
     relay: RelayTransaction,
+    auth: TxAuth,
+}
+
+/// What sender authentication decided at MAIL FROM ([`crate::auth`]).
+struct TxAuth {
+    plan: crate::auth::Plan,
+    /// The SPF result, when the plan evaluates SPF.
+    spf: Option<mail_auth::SpfOutput>,
 }
 
 pub struct Session<S> {
@@ -88,6 +97,8 @@ struct Decision<'a> {
     error: Option<&'a str>,
     /// The outbound TLS policy of the next hop connection (`dane`, `mta-sts`, `none`).
     tls_policy: Option<&'a str>,
+    /// Sender authentication mechanism and result, e.g. `spf:fail`, `dmarc:pass`.
+    auth: Option<&'a str>,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
@@ -130,7 +141,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             cert_subject = %self.cert_subject(), outcome = d.outcome,
             reply = d.reply.map(tracing::field::display), next_hop = d.next_hop,
             recipients = d.recipients, internal = d.internal, error = d.error,
-            tls_policy = d.tls_policy, "{message}");
+            tls_policy = d.tls_policy, auth = d.auth, "{message}");
     }
 
     fn facts(&self) -> Facts<'_> {
@@ -248,7 +259,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             Request::StartTls => self.starttls().await,
             Request::Mail { .. } if !utf8 => self.error(&fixed::BAD_SENDER),
             Request::Rcpt { .. } if !utf8 => self.error(&fixed::BAD_RCPT),
-            Request::Mail { from } => self.mail(from),
+            Request::Mail { from } => self.mail(from).await,
             Request::Rcpt { to } => self.rcpt(to).await,
             Request::Data => self.data().await,
             Request::Rset => {

@@ -32,4 +32,5 @@ mod relay;
 mod relay_model;
 mod relay_regressions;
 mod reload;
+mod sender_auth;
 mod slow_clients;

@@ -340,6 +340,11 @@ impl Gateway {
         self.child.try_wait().ok().flatten()
     }
 
+    /// The gateway process's id (for /proc figures such as peak RSS).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Sends a signal to the gateway process.
     pub fn signal(&self, sig: &str) {
         let _ = Command::new("kill")

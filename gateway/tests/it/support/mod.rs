@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod haproxy;
 pub mod msmtp;
 pub mod net;
+pub mod opendkim;
 pub mod opensmtpd;
 pub mod peers;
 pub mod pki;

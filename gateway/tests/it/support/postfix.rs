@@ -34,6 +34,8 @@ pub struct PostfixOptions {
     pub verify_name: String,
     pub ca_file: Option<PathBuf>,
     pub client_cert: Option<CertPair>,
+    /// A milter every message passes through (e.g. OpenDKIM signing, support::opendkim).
+    pub milter: Option<SocketAddr>,
 }
 
 impl PostfixOptions {
@@ -46,6 +48,7 @@ impl PostfixOptions {
             verify_name: "gateway.test".into(),
             ca_file: None,
             client_cert: None,
+            milter: None,
         }
     }
 }
@@ -249,6 +252,14 @@ biff = no
                 "smtp_tls_cert_file = {}\nsmtp_tls_key_file = {}\n",
                 c.cert.display(),
                 c.key.display()
+            ));
+        }
+        if let Some(m) = opts.milter {
+            // A milter that cannot be reached defers the mail instead of passing it unsigned.
+            main.push_str(&format!(
+                "smtpd_milters = inet:{}:{}\nnon_smtpd_milters = $smtpd_milters\nmilter_default_action = tempfail\n",
+                m.ip(),
+                m.port()
             ));
         }
         Postfix::launch(dir, conf, listen, log, &main)
