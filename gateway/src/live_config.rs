@@ -117,8 +117,10 @@ impl MxTls {
             port: self.port,
             addr: Some(addr),
             tls,
-            // RFC 7672 2.2.3 / RFC 8461 4.2: the SNI is the MX host name.
-            server_name: host.to_string(),
+            // As before the TLS policies: a non-wildcard tlsDomain, else the MX host. Under a
+            // DANE or MTA-STS policy the client sends the MX host name instead (RFC 7672
+            // 2.2.3, RFC 8461 4.2): relay::client.
+            server_name: sni_name(self.tls_domain.as_deref().unwrap_or(host), host),
             domain: Some(domain.to_string()),
             mx_security,
         })
@@ -456,6 +458,7 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
         roots: sts_roots,
         max_bytes: tp.mta_sts_max_policy_bytes,
         timeout: std::time::Duration::from_secs(tp.mta_sts_fetch_timeout_secs),
+        port: tp.mta_sts_port,
         resolver: resolver.clone(),
     });
 

@@ -59,6 +59,10 @@ pub enum MxError {
     /// DNSSEC validation of the MX answer failed (only with the validating resolver).
     #[error("DNSSEC validation of the MX records failed (bogus)")]
     Bogus,
+    /// The whole resolution (MX and every host's addresses) took longer than
+    /// [`MxResolver::deadline`].
+    #[error("DNS lookups did not finish within {0} s")]
+    Timeout(u64),
 }
 
 /// Whether an MX answer was DNSSEC-validated (RFC 7672 2.2.1: DANE needs a secure MX RRset).
@@ -83,6 +87,11 @@ impl MxError {
                 550,
                 [5, 4, 4],
                 format!("Recipient domain {domain} has no mail servers: {why}"),
+            ),
+            MxError::Timeout(_) => Reply::owned(
+                451,
+                [4, 4, 3],
+                format!("MX lookup for {domain} failed: {self}; try again later"),
             ),
             MxError::Temporary(why) => Reply::owned(
                 451,
@@ -249,6 +258,23 @@ fn order(mut hosts: Vec<(u16, String)>) -> Vec<(u16, String)> {
         .collect()
 }
 
+/// The security of a validated MX answer from its records' proofs (RFC 7672 2.2.1), failing
+/// closed: only a proven-insecure answer is `Insecure`; an indeterminate one is a temporary
+/// failure, a bogus one [`MxError::Bogus`].
+fn mx_security(
+    proofs: impl IntoIterator<Item = hickory_resolver::proto::dnssec::Proof>,
+) -> Result<MxSecurity, MxError> {
+    use crate::tls_policy::dns::{Security, security};
+    match security(proofs) {
+        Security::Secure => Ok(MxSecurity::Secure),
+        Security::Insecure => Ok(MxSecurity::Insecure),
+        Security::Bogus => Err(MxError::Bogus),
+        Security::Indeterminate => Err(MxError::Temporary(
+            "the DNSSEC status of the MX answer is indeterminate".into(),
+        )),
+    }
+}
+
 impl MxResolver {
     /// `server`: the fleet's `dnsResolver`, already validated; `None` = system resolver.
     /// `allowed`: the fleet's `allowPrivateMxAddresses`.
@@ -380,9 +406,29 @@ impl MxResolver {
         self.resolve_with(domain, false).await.map(|(h, _)| h)
     }
 
+    /// The longest one DNS stage before connecting may take: the MX resolution with its
+    /// hosts' addresses, a TLSA lookup, an `_mta-sts` TXT lookup. Six times the per-query
+    /// timeout (`timeouts.nextHopSecs`, clamped to 1–10 s), i.e. three queries of two
+    /// attempts each; a validating lookup chases its DS/DNSKEY records within the same bound.
+    pub fn deadline(&self) -> Duration {
+        self.timeout * 6
+    }
+
     /// Like [`MxResolver::resolve`]; with `validate` the MX records come from the validating
     /// resolver and the answer says whether they are secure (a bogus answer is an error).
+    /// Bounded by [`MxResolver::deadline`] ([`MxError::Timeout`]).
     pub async fn resolve_with(
+        &self,
+        domain: &str,
+        validate: bool,
+    ) -> Result<(Vec<MxHost>, MxSecurity), MxError> {
+        let deadline = self.deadline();
+        tokio::time::timeout(deadline, self.resolve_inner(domain, validate))
+            .await
+            .unwrap_or(Err(MxError::Timeout(deadline.as_secs())))
+    }
+
+    async fn resolve_inner(
         &self,
         domain: &str,
         validate: bool,
@@ -405,14 +451,8 @@ impl MxResolver {
                     .iter()
                     .filter(|rec| matches!(rec.data, RData::MX(_)))
                     .collect();
-                if validate {
-                    use hickory_resolver::proto::dnssec::Proof;
-                    if answers.iter().any(|r| r.proof == Proof::Bogus) {
-                        return Err(MxError::Bogus);
-                    }
-                    if !answers.is_empty() && answers.iter().all(|r| r.proof == Proof::Secure) {
-                        security = MxSecurity::Secure;
-                    }
+                if validate && !answers.is_empty() {
+                    security = mx_security(answers.iter().map(|r| r.proof))?;
                 }
                 answers
                     .iter()
@@ -426,9 +466,14 @@ impl MxResolver {
             Err(e) if e.is_nx_domain() => {
                 return Err(MxError::NoMailServers(format!("{domain} does not exist")));
             }
-            Err(e) if e.is_no_records_found() || crate::tls_policy::dns::is_denial(&e) => {
+            Err(e) if crate::tls_policy::dns::denial_proof(&e).is_some() => {
+                // A denial the resolver could not classify is a failed lookup (fail closed);
+                // a proven one (secure or insecure) means no MX records.
+                let proof = crate::tls_policy::dns::denial_proof(&e);
+                mx_security(proof)?;
                 Vec::new()
             }
+            Err(e) if e.is_no_records_found() => Vec::new(),
             Err(e) => return Err(MxError::Temporary(e.to_string())),
         };
         if records.len() == 1 && is_root(&records[0].1) {
@@ -582,6 +627,28 @@ mod tests {
         );
         assert_eq!(usable, ips(&["127.0.0.5", "::ffff:127.0.0.6"]));
         assert_eq!(why, None);
+    }
+
+    #[test]
+    fn mx_answers_are_insecure_only_when_proven_insecure() {
+        use hickory_resolver::proto::dnssec::Proof;
+        assert_eq!(mx_security([Proof::Secure]), Ok(MxSecurity::Secure));
+        assert_eq!(
+            mx_security([Proof::Secure, Proof::Insecure]),
+            Ok(MxSecurity::Insecure)
+        );
+        assert!(matches!(
+            mx_security([Proof::Indeterminate]),
+            Err(MxError::Temporary(_))
+        ));
+        assert!(matches!(
+            mx_security([Proof::Secure, Proof::Indeterminate]),
+            Err(MxError::Temporary(_))
+        ));
+        assert_eq!(
+            mx_security([Proof::Indeterminate, Proof::Bogus]),
+            Err(MxError::Bogus)
+        );
     }
 
     #[test]

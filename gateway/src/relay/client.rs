@@ -15,6 +15,7 @@ use crate::policy::TlsVersion;
 use crate::reply::Reply;
 use crate::reply::next_hop::{tls_failure, tls_policy_not_met, unreachable};
 use crate::stream::Conn;
+use crate::tls_policy::engine::Prepared;
 
 /// Longest reply line we accept from a next hop (RFC 5321 says 512; be lenient).
 const MAX_REPLY_LINE: usize = 4096;
@@ -82,8 +83,8 @@ pub struct HopConnection {
     pub peer_cert: Option<rustls_pki_types::CertificateDer<'static>>,
     /// Which host (and address) this connection went to, for logs and probes.
     pub peer: String,
-    /// The next hop's certificate was authenticated: a validating level (Certificate- or
-    /// DomainValidation), DANE or MTA-STS enforce (what REQUIRETLS needs, RFC 8689 4.2).
+    /// The next hop's certificate was authenticated, chain and name: DomainValidation, DANE or
+    /// MTA-STS enforce (what REQUIRETLS needs, RFC 8689 4.2.1).
     pub authenticated: bool,
     /// The TLS policy that applied: `dane`, `mta-sts` or `none`.
     pub policy: &'static str,
@@ -117,10 +118,17 @@ pub async fn mx_hosts(
         .await
         .map_err(|e| {
             tracing::warn!(next_hop = %hop.label, domain, error = %e, "MX lookup failed");
-            if e == crate::mx::MxError::Bogus {
-                crate::tls_policy::engine::count(&hop.label, "dane", "deferred");
+            match e {
+                crate::mx::MxError::Bogus => {
+                    crate::tls_policy::engine::count(&hop.label, "dane", "deferred");
+                    e.reply(domain)
+                }
+                // A connector with a TLS policy defers as its policy lookups do.
+                crate::mx::MxError::Timeout(_) if hop.policy.is_some() => {
+                    tls_policy_not_met(&hop.label, &format!("{domain}: {e}"))
+                }
+                _ => e.reply(domain),
             }
-            e.reply(domain)
         })?;
     let mut targets = Vec::new();
     let mut why = Vec::new();
@@ -142,6 +150,30 @@ pub async fn mx_hosts(
         ));
     }
     Ok(targets)
+}
+
+/// Why [`HopConnection::open_qualifying`] found no connection.
+#[derive(Debug)]
+pub struct OpenError {
+    pub reply: Reply,
+    /// Every target reached was refused by the qualification (none failed otherwise).
+    pub refused: bool,
+}
+
+/// Counts and logs how an MTA-STS testing policy fared on one connection: a testing failure
+/// (at most one per connection, whatever went wrong first), else a success.
+fn record_policy_outcome(label: &str, host: &str, p: &Prepared, failure: Option<String>) {
+    let failure = failure
+        .or_else(|| p.testing_failure.clone())
+        .or_else(|| p.verifier.as_ref().and_then(|v| v.testing_failure()));
+    match failure {
+        Some(why) if p.testing => {
+            crate::tls_policy::engine::count(label, p.policy, "testing_failure");
+            tracing::warn!(next_hop = label, host, reason = %why, "MTA-STS testing: the policy would have refused this delivery; delivering anyway");
+        }
+        _ if p.policy != "none" => crate::tls_policy::engine::count(label, p.policy, "success"),
+        _ => {}
+    }
 }
 
 impl HopConnection {
@@ -166,17 +198,54 @@ impl HopConnection {
         helo: &str,
         t: &Timeouts,
     ) -> Result<HopConnection, Reply> {
-        let mut last = None;
+        Self::open_qualifying(hop, targets, helo, t, &|_| None)
+            .await
+            .map_err(|e| e.reply)
+    }
+
+    /// Like [`HopConnection::open_hosts`], and a connection `qualifies` refuses (its reply) is
+    /// closed for the next target (RFC 8689 4.2.1: the next MX host that offers REQUIRETLS).
+    /// The error is the refusal only when no target failed otherwise (one that failed, e.g.
+    /// was unreachable, might qualify later: its temporary error is returned).
+    pub async fn open_qualifying(
+        hop: &NextHop,
+        targets: &[NextHopHost],
+        helo: &str,
+        t: &Timeouts,
+        qualifies: &(dyn Fn(&HopConnection) -> Option<Reply> + Sync),
+    ) -> Result<HopConnection, OpenError> {
+        let mut failed = None;
+        let mut refused = None;
         for target in targets {
             match Self::open_host(hop, target, helo, t).await {
-                Ok(c) => return Ok(c),
+                Ok(c) => match qualifies(&c) {
+                    None => return Ok(c),
+                    Some(reply) => {
+                        tracing::warn!(next_hop = %hop.label, host = %target.host, addr = ?target.addr, port = target.port, reply = %reply, "next hop does not qualify; trying the next one");
+                        c.quit().await;
+                        refused = Some(reply);
+                    }
+                },
                 Err(reply) => {
                     tracing::warn!(next_hop = %hop.label, host = %target.host, addr = ?target.addr, port = target.port, reply = %reply, "next hop attempt failed");
-                    last = Some(reply);
+                    failed = Some(reply);
                 }
             }
         }
-        Err(last.unwrap_or_else(|| unreachable(&hop.label, "no usable host")))
+        Err(match (failed, refused) {
+            (Some(reply), _) => OpenError {
+                reply,
+                refused: false,
+            },
+            (None, Some(reply)) => OpenError {
+                reply,
+                refused: true,
+            },
+            (None, None) => OpenError {
+                reply: unreachable(&hop.label, "no usable host"),
+                refused: false,
+            },
+        })
     }
 
     async fn open_host(
@@ -244,10 +313,27 @@ impl HopConnection {
         }
         c.ehlo(helo).await.map_err(lost)?;
         if hop.level == TlsLevel::None && !require_tls {
+            if let Some(p) = prepared.as_ref().filter(|p| p.testing) {
+                record_policy_outcome(
+                    &hop.label,
+                    &target.host,
+                    p,
+                    Some("the connector's tls level is None: no STARTTLS".into()),
+                );
+            }
             return Ok(c);
         }
         if !c.caps.starttls {
             if hop.level == TlsLevel::Opportunistic && !require_tls {
+                // RFC 8461 testing: plaintext is a failure the policy would not allow.
+                if let Some(p) = prepared.as_ref().filter(|p| p.testing) {
+                    record_policy_outcome(
+                        &hop.label,
+                        &target.host,
+                        p,
+                        Some(format!("{where_} does not offer STARTTLS")),
+                    );
+                }
                 return Ok(c);
             }
             if require_tls {
@@ -276,7 +362,14 @@ impl HopConnection {
         // Anything the server sent after its 220 is not trusted (the client-side twin of
         // CVE-2011-0411).
         c.rbuf.clear();
-        let name = ServerName::try_from(target.server_name.clone())
+        // Under a DANE or MTA-STS policy the SNI is the MX host (RFC 7672 2.2.3, RFC 8461
+        // 4.2); otherwise the name configured for the host, as before the policies.
+        let sni = if prepared.as_ref().is_some_and(|p| p.tls.is_some()) {
+            target.host.clone()
+        } else {
+            target.server_name.clone()
+        };
+        let name = ServerName::try_from(sni)
             .map_err(|_| tls_failure(&hop.label, "invalid TLS server name"))?;
         let config = prepared
             .as_ref()
@@ -327,21 +420,14 @@ impl HopConnection {
             .and_then(|certs| certs.first())
             .map(|cert| cert.clone().into_owned());
         c.conn = Conn::ClientTls(Box::new(tls));
+        // RFC 8689 4.2.1: only a checked name authenticates; CertificateValidation checks the
+        // chain alone.
         c.authenticated = match &prepared {
             Some(p) => p.authenticated,
-            None => matches!(
-                hop.level,
-                TlsLevel::CertificateValidation | TlsLevel::DomainValidation
-            ),
+            None => hop.level == TlsLevel::DomainValidation,
         };
         if let Some(p) = &prepared {
-            if p.policy != "none" {
-                crate::tls_policy::engine::count(&hop.label, policy, "success");
-            }
-            if let Some(why) = p.verifier.as_ref().and_then(|v| v.testing_failure()) {
-                crate::tls_policy::engine::count(&hop.label, policy, "testing_failure");
-                tracing::warn!(next_hop = %hop.label, host = %target.host, reason = %why, "MTA-STS testing: the certificate would fail the policy; delivering anyway");
-            }
+            record_policy_outcome(&hop.label, &target.host, p, None);
             tracing::info!(next_hop = %hop.label, host = %target.host, policy, detail = %p.detail, "TLS policy applied");
         }
         c.ehlo(helo).await.map_err(lost)?;

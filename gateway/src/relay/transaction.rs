@@ -19,13 +19,16 @@
 //!    error, never acceptance: `451 4.5.0` and the connection is dropped.
 //! 6. A next hop's `421` (closing the connection) is a lost connection, passed on as `451`
 //!    with its enhanced code: as `421` it would make the client drop its whole session.
+//! 7. A REQUIRETLS message goes only over a connection authenticated by chain and name to a
+//!    host offering REQUIRETLS; a host that does not qualify is skipped for the next one, and
+//!    `550 5.7.30` is the answer only when every host reached was refused so (RFC 8689 4.2.1).
 
 use crate::live_config::LiveConfig;
 use crate::policy::Route;
 use crate::reply::next_hop::{protocol_error, recipients_lost, requiretls_not_met, unreachable};
 use crate::reply::{Reply, fixed};
 
-use super::client::{HopConnection, HopReply, mx_hosts};
+use super::client::{HopConnection, HopReply, OpenError, mx_hosts};
 
 /// What every next hop of the transaction gets in MAIL FROM.
 #[derive(Debug, Clone)]
@@ -149,7 +152,8 @@ fn mail_command(env: &Envelope, hop: &HopConnection) -> String {
     cmd
 }
 
-/// RFC 8689 4.2: why `hop` may not carry a REQUIRETLS message, if it may not.
+/// RFC 8689 4.2.1: why `hop` may not carry a REQUIRETLS message, if it may not. Authenticated
+/// means chain and name checked (DomainValidation, DANE, MTA-STS enforce).
 fn requiretls_refusal(env: &Envelope, hop: &HopConnection) -> Option<&'static str> {
     if !env.requiretls {
         None
@@ -157,7 +161,7 @@ fn requiretls_refusal(env: &Envelope, hop: &HopConnection) -> Option<&'static st
         Some("the connection is not encrypted")
     } else if !hop.authenticated {
         Some(
-            "its certificate is not validated (the connector's TLS level authenticates nothing and no DANE or MTA-STS enforce policy applied)",
+            "its certificate is not validated (the connector's TLS level is not DomainValidation and no DANE or MTA-STS enforce policy applied)",
         )
     } else if !hop.caps.requiretls {
         Some("it does not offer REQUIRETLS")
@@ -200,23 +204,44 @@ pub fn wire_address(addr: &str) -> std::borrow::Cow<'_, str> {
     Cow::Owned(q)
 }
 
-/// A fresh connection for `route` (never from the pool).
-async fn open_route(rt: &LiveConfig, route: &Route) -> Result<HopConnection, Reply> {
+/// A fresh connection for `route` (never from the pool) to the first host that qualifies for
+/// `env` (RFC 8689 4.2.1: a REQUIRETLS message skips hosts that cannot carry it). The error
+/// says whether every host reached was refused for REQUIRETLS (then it is `550 5.7.30`).
+async fn open_route(
+    rt: &LiveConfig,
+    route: &Route,
+    env: &Envelope,
+) -> Result<HopConnection, OpenError> {
+    let label = route_label(rt, route);
+    let failed = |reply| OpenError {
+        reply,
+        refused: false,
+    };
     let hop = match route {
         Route::Upstream => Some(&rt.upstream),
         Route::Outbound(i) | Route::OutboundMx(i, _) => rt.outbound.get(*i),
     };
     let Some(hop) = hop else {
-        return Err(unreachable(&route_label(rt, route), "route not configured"));
+        return Err(failed(unreachable(&label, "route not configured")));
     };
     let (helo, timeouts) = (&rt.fleet.hostname, &rt.fleet.timeouts);
-    match route {
+    let qualifies =
+        |c: &HopConnection| requiretls_refusal(env, c).map(|why| requiretls_not_met(&label, why));
+    let mx_targets;
+    let targets: &[_] = match route {
         Route::OutboundMx(_, domain) => {
-            let targets = mx_hosts(hop, domain, &rt.resolver).await?;
-            HopConnection::open_hosts(hop, &targets, helo, timeouts).await
+            mx_targets = mx_hosts(hop, domain, &rt.resolver).await.map_err(failed)?;
+            &mx_targets
         }
-        _ => HopConnection::open(hop, helo, timeouts).await,
-    }
+        _ if hop.hosts.is_empty() => {
+            // HopConnection::open says why.
+            return HopConnection::open(hop, helo, timeouts)
+                .await
+                .map_err(failed);
+        }
+        _ => &hop.hosts,
+    };
+    HopConnection::open_qualifying(hop, targets, helo, timeouts, &qualifies).await
 }
 
 /// Ends the next hop's transaction on `hop` and parks it; a hop that does not answer RSET with
@@ -361,12 +386,16 @@ impl RelayTransaction {
         route: &Route,
         label: &str,
     ) -> Result<HopConnection, Reply> {
-        if let Some(mut hop) = pooled {
-            if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
-                crate::tls_policy::engine::count(label, "requiretls", "refused");
+        // A pooled connection that cannot carry a REQUIRETLS message is closed; a fresh one
+        // may reach another host that can.
+        let pooled = match pooled {
+            Some(hop) if requiretls_refusal(&self.envelope, &hop).is_some() => {
                 hop.quit().await;
-                return Err(requiretls_not_met(label, why));
+                None
             }
+            other => other,
+        };
+        if let Some(mut hop) = pooled {
             let mail = mail_command(&self.envelope, &hop);
             match exchange(&mut hop, label, &mail, "MAIL").await {
                 Answer::Accepted(_) => return Ok(hop),
@@ -385,13 +414,16 @@ impl RelayTransaction {
                 }
             }
         }
-        let mut hop = open_route(rt, route).await?;
-        if let Some(why) = requiretls_refusal(&self.envelope, &hop) {
-            tracing::warn!(next_hop = %label, peer = %hop.peer, reason = why, "REQUIRETLS message refused");
-            crate::tls_policy::engine::count(label, "requiretls", "refused");
-            hop.quit().await;
-            return Err(requiretls_not_met(label, why));
-        }
+        let mut hop = match open_route(rt, route, &self.envelope).await {
+            Ok(hop) => hop,
+            Err(e) => {
+                if e.refused {
+                    tracing::warn!(next_hop = %label, reply = %e.reply, "REQUIRETLS message refused: no next hop host qualifies");
+                    crate::tls_policy::engine::count(label, "requiretls", "refused");
+                }
+                return Err(e.reply);
+            }
+        };
         let mail = mail_command(&self.envelope, &hop);
         match exchange(&mut hop, label, &mail, "MAIL").await {
             Answer::Accepted(_) => {
@@ -420,11 +452,7 @@ impl RelayTransaction {
         label: &str,
     ) -> Option<HopConnection> {
         let result = async {
-            let mut hop = open_route(rt, route).await.ok()?;
-            if requiretls_refusal(&self.envelope, &hop).is_some() {
-                hop.quit().await;
-                return None;
-            }
+            let mut hop = open_route(rt, route, &self.envelope).await.ok()?;
             let mail = mail_command(&self.envelope, &hop);
             if !matches!(
                 exchange(&mut hop, label, &mail, "MAIL").await,

@@ -1,6 +1,7 @@
 //! Per connection attempt: runs the DANE and MTA-STS lookups an Outbound connector's modes ask
 //! for, applies [`super::decide`], and builds the TLS client config of the chosen plan. Counts
-//! every outcome in `partnergate_outbound_tls_policy_total{connector,policy,result}`.
+//! every outcome in `partnergate_outbound_tls_policy_total{connector,policy,result}`. The
+//! lookups are bounded by [`HopPolicy::deadline`]; past it the host is deferred (`451 4.7.5`).
 //!
 //! The counter family is process-wide ([`counters`]) because the next-hop code runs below the
 //! session and has no handle on the session's metrics; [`crate::metrics::Metrics`] registers
@@ -84,8 +85,14 @@ pub struct Prepared {
     pub verifier: Option<Arc<PolicyVerifier>>,
     /// STARTTLS is required whatever the level.
     pub require_tls: bool,
-    /// The certificate is authenticated (DANE or MTA-STS enforce) when the handshake passes.
+    /// The certificate is authenticated (DANE, MTA-STS enforce, or a DomainValidation level)
+    /// when the handshake passes.
     pub authenticated: bool,
+    /// MTA-STS testing applies: a delivery the policy would have refused is counted as
+    /// `testing_failure` (once per connection) instead of `success`.
+    pub testing: bool,
+    /// Why the testing policy would refuse this host already before connecting.
+    pub testing_failure: Option<String>,
     /// What was found, for the log line and the probe.
     pub detail: String,
 }
@@ -134,16 +141,50 @@ impl HopPolicy {
         }
     }
 
-    /// Decides how `target` is authenticated; the error is the recipient's `451 4.7.5`.
+    /// How long the lookups of [`HopPolicy::prepare`] may take together: a TLSA lookup and an
+    /// `_mta-sts` TXT lookup ([`MxResolver::deadline`] each) and one policy fetch
+    /// (`tlsPolicy.mtaStsFetchTimeoutSecs`).
+    pub fn deadline(&self) -> std::time::Duration {
+        self.resolver.deadline() * 2 + self.sts.timeout
+    }
+
+    /// Decides how `target` is authenticated; the error is the recipient's `451 4.7.5`, also
+    /// when the lookups do not finish within [`HopPolicy::deadline`].
     pub async fn prepare(&self, label: &str, target: &NextHopHost) -> Result<Prepared, Reply> {
+        let deadline = self.deadline();
+        match tokio::time::timeout(deadline, self.lookups(target)).await {
+            Ok((d, s)) => self.plan(label, target, d, s),
+            Err(_) => {
+                let why = format!(
+                    "{}: TLS policy lookups did not finish within {} s",
+                    target.host,
+                    deadline.as_secs()
+                );
+                count(label, "none", "deferred");
+                tracing::warn!(next_hop = label, host = %target.host, reason = %why, "TLS policy: deferred");
+                Err(tls_policy_not_met(label, &why))
+            }
+        }
+    }
+
+    async fn lookups(&self, target: &NextHopHost) -> (DaneState, StsState) {
         let d = self.dane_state(target).await;
         let s = self.sts_state(target).await;
+        (d, s)
+    }
+
+    fn plan(
+        &self,
+        label: &str,
+        target: &NextHopHost,
+        d: DaneState,
+        s: StsState,
+    ) -> Result<Prepared, Reply> {
         let detail = format!("DANE: {}; MTA-STS: {}", describe_dane(&d), describe_sts(&s));
         let plan = decide(self.dane, self.mta_sts, d, s);
-        let level_authenticates = matches!(
-            self.level,
-            TlsLevel::CertificateValidation | TlsLevel::DomainValidation
-        );
+        // RFC 8689 4.2.1: a chain check alone (CertificateValidation) does not authenticate
+        // the next hop; its name must be checked too.
+        let level_authenticates = self.level == TlsLevel::DomainValidation;
         let cert = || {
             self.client_cert
                 .as_ref()
@@ -176,6 +217,21 @@ impl HopPolicy {
                     verifier: None,
                     require_tls: false,
                     authenticated: level_authenticates,
+                    testing: false,
+                    testing_failure: None,
+                    detail,
+                })
+            }
+            Plan::DaneUnusable => {
+                tracing::info!(next_hop = label, host = %target.host, detail, "DANE: secure TLSA records, none usable; STARTTLS required, the level's checks apply");
+                Ok(Prepared {
+                    policy,
+                    tls: None,
+                    verifier: None,
+                    require_tls: true,
+                    authenticated: level_authenticates,
+                    testing: false,
+                    testing_failure: None,
                     detail,
                 })
             }
@@ -190,21 +246,26 @@ impl HopPolicy {
                     verifier: Some(v),
                     require_tls: true,
                     authenticated: true,
+                    testing: false,
+                    testing_failure: None,
                     detail,
                 })
             }
             Plan::MtaStsEnforce | Plan::MtaStsTesting { .. } => {
                 let enforce = plan == Plan::MtaStsEnforce;
-                if let Plan::MtaStsTesting { mx_listed: false } = plan {
-                    count(label, policy, "testing_failure");
-                    tracing::warn!(next_hop = label, host = %target.host, "MTA-STS testing: MX host not listed in the policy; delivering anyway");
-                }
+                let testing_failure = matches!(plan, Plan::MtaStsTesting { mx_listed: false })
+                    .then(|| "MX host not listed in the policy".to_string());
+                // Under enforce the policy names the hosts that may receive the domain's mail
+                // (RFC 8461 4.1), so the level's name check is made against the MX host, not
+                // the recipient domain or tlsDomain: a hosted MX in another domain passes.
+                // The level's chain check stays.
+                let rule = if enforce {
+                    NameRule::Pattern(target.host.clone())
+                } else {
+                    self.name_rule(target)
+                };
                 let (v, tls) = build(Check::MtaSts {
-                    level: NextHopVerifier::new(
-                        self.level,
-                        self.anchors.clone(),
-                        self.name_rule(target),
-                    ),
+                    level: NextHopVerifier::new(self.level, self.anchors.clone(), rule),
                     roots: self.sts.roots.clone(),
                     mx_host: target.host.clone(),
                     enforce,
@@ -215,6 +276,8 @@ impl HopPolicy {
                     verifier: Some(v),
                     require_tls: enforce,
                     authenticated: enforce || level_authenticates,
+                    testing: !enforce,
+                    testing_failure,
                     detail,
                 })
             }
@@ -232,7 +295,8 @@ fn describe_dane(d: &DaneState) -> String {
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-        DaneState::NoRecords => "no usable TLSA records".into(),
+        DaneState::Unusable => "secure TLSA records, none usable".into(),
+        DaneState::NoRecords => "no TLSA records".into(),
         DaneState::Insecure => "insecure (unsigned)".into(),
         DaneState::Bogus(e) => format!("bogus ({e})"),
         DaneState::Failed(e) => format!("lookup failed ({e})"),

@@ -2,7 +2,8 @@
 //! session of the gateway process (it outlives config reloads: a policy is the partner's, not
 //! ours).
 //!
-//! Invariants: the policy host is `mta-sts.<domain>` on port 443, its certificate verified
+//! Invariants: the policy host is `mta-sts.<domain>` on port 443 (`tlsPolicy.mtaStsPort`, for
+//! tests), its certificate verified
 //! against the fleet's `tlsPolicy.mtaStsRootsFile` (or the public roots) and its name; only a
 //! `200` with a `text/plain` body of at most `mtaStsMaxPolicyBytes` counts, redirects are not
 //! followed (RFC 8461 3.3), and the whole fetch is bounded by `mtaStsFetchTimeoutSecs`. The
@@ -84,7 +85,19 @@ pub struct StsFetcher {
     pub roots: Anchors,
     pub max_bytes: usize,
     pub timeout: Duration,
+    /// The fleet's `tlsPolicy.mtaStsPort` (443).
+    pub port: u16,
     pub resolver: Arc<MxResolver>,
+}
+
+/// Aborts the HTTP connection task when the fetch ends in any way, also when the fetch future
+/// is dropped by its timeout, so no task outlives its fetch.
+struct AbortOnDrop(tokio::task::JoinHandle<Result<(), hyper::Error>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl std::fmt::Debug for StsFetcher {
@@ -133,7 +146,11 @@ impl StsFetcher {
     /// The policy of `domain` (lower-case A-label form).
     pub async fn policy(&self, domain: &str) -> StsLookup {
         let domain = domain.trim_end_matches('.').to_ascii_lowercase();
-        let txts = match self.resolver.txt(&format!("_mta-sts.{domain}")).await {
+        let deadline = self.resolver.deadline();
+        let txt = tokio::time::timeout(deadline, self.resolver.txt(&format!("_mta-sts.{domain}")))
+            .await
+            .unwrap_or(Err(crate::mx::MxError::Timeout(deadline.as_secs())));
+        let txts = match txt {
             Ok(t) => t,
             Err(e) => {
                 // RFC 8461 5.1: a failed TXT lookup keeps a cached policy in force.
@@ -191,9 +208,10 @@ impl StsFetcher {
         let Some(ip) = addrs.first() else {
             return Err(format!("{host} has no usable address"));
         };
-        let tcp = tokio::net::TcpStream::connect((*ip, 443))
+        let port = self.port;
+        let tcp = tokio::net::TcpStream::connect((*ip, port))
             .await
-            .map_err(|e| format!("connect to {host}[{ip}]:443: {e}"))?;
+            .map_err(|e| format!("connect to {host}[{ip}]:{port}: {e}"))?;
         let mut roots = rustls::RootCertStore::empty();
         roots.roots.extend(self.roots.iter().cloned());
         let mut cfg = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
@@ -210,12 +228,13 @@ impl StsFetcher {
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
             .await
             .map_err(|e| format!("{host}: HTTP: {e}"))?;
-        let driver = tokio::spawn(conn);
+        let _driver = AbortOnDrop(tokio::spawn(conn));
         let req = http::Request::get("/.well-known/mta-sts.txt")
             .header(http::header::HOST, &host)
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let result = async {
+        // `_driver` lives until this block is done (or dropped by the fetch timeout).
+        async {
             let resp = sender
                 .send_request(req)
                 .await
@@ -246,8 +265,6 @@ impl StsFetcher {
                 std::str::from_utf8(&body).map_err(|_| format!("{host}: policy is not UTF-8"))?;
             parse_policy(text).map_err(|e| format!("{host}: bad policy: {e}"))
         }
-        .await;
-        driver.abort();
-        result
+        .await
     }
 }

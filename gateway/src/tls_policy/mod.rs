@@ -13,8 +13,10 @@
 //!
 //! Invariants: a policy never weakens the connector's level (DANE replaces the certificate
 //! checks of the level by the TLSA match but always requires STARTTLS; MTA-STS enforce adds its
-//! checks to the level's); a bogus DNSSEC answer defers whatever the mode; nothing here ever
-//! turns a failure into plaintext.
+//! checks to the level's, whose name check is then made against the policy-listed MX host); a
+//! bogus DNSSEC answer defers whatever the mode, an indeterminate one is a failed lookup; a
+//! secure TLSA RRset, usable or not, makes STARTTLS mandatory; nothing here ever turns a
+//! failure into plaintext.
 
 pub mod dane;
 pub mod dns;
@@ -33,7 +35,10 @@ pub enum DaneState {
     NotLooked,
     /// DNSSEC-secure TLSA records, at least one usable for SMTP.
     Secure(Vec<Tlsa>),
-    /// No usable TLSA records (none published, a secure denial, or only unusable ones).
+    /// A DNSSEC-secure TLSA RRset none of whose records is usable for SMTP (RFC 7672 2.2:
+    /// STARTTLS is still mandatory, the certificate is not authenticated by DANE).
+    Unusable,
+    /// No TLSA records (none published, or a secure denial).
     NoRecords,
     /// The MX or TLSA answer is not signed (no chain of trust): DANE cannot apply.
     Insecure,
@@ -65,6 +70,9 @@ pub enum Plan {
     /// The TLSA records authenticate the certificate (STARTTLS required); the level's
     /// certificate checks are replaced.
     Dane(Vec<Tlsa>),
+    /// Secure TLSA records, none usable (RFC 7672 2.2): STARTTLS required, the level's
+    /// certificate checks decide; no fallback to plaintext and no MTA-STS (RFC 8461 2).
+    DaneUnusable,
     /// MTA-STS enforce: STARTTLS required, the chain must verify against the MTA-STS roots and
     /// name the MX host, on top of the level's checks.
     MtaStsEnforce,
@@ -82,7 +90,7 @@ impl Plan {
     /// The policy label for logs and metrics.
     pub fn policy(&self) -> &'static str {
         match self {
-            Plan::Dane(_) => "dane",
+            Plan::Dane(_) | Plan::DaneUnusable => "dane",
             Plan::MtaStsEnforce | Plan::MtaStsTesting { .. } => "mta-sts",
             Plan::Defer { policy, .. } => policy,
             Plan::Level => "none",
@@ -110,6 +118,12 @@ pub fn decide(dane: PolicyMode, sts: PolicyMode, d: DaneState, s: StsState) -> P
                 return dane_defer(format!("TLSA lookup failed: {why}"));
             }
             DaneState::Secure(records) => return Plan::Dane(records),
+            DaneState::Unusable if dane == PolicyMode::Mandatory => {
+                return dane_defer(
+                    "DANE is Mandatory and no TLSA record is usable for SMTP".into(),
+                );
+            }
+            DaneState::Unusable => return Plan::DaneUnusable,
             DaneState::NoRecords | DaneState::Insecure | DaneState::NotLooked
                 if dane == PolicyMode::Mandatory =>
             {
@@ -193,6 +207,16 @@ mod tests {
                 S::Enforce { mx_listed: false },
                 "dane",
             ),
+            // Secure but unusable TLSA records: TLS required (Opportunistic), Mandatory defers;
+            // MTA-STS is not consulted (RFC 8461 2).
+            (
+                O,
+                O,
+                D::Unusable,
+                S::Enforce { mx_listed: true },
+                "dane-unusable",
+            ),
+            (M, N, D::Unusable, S::NotLooked, "defer"),
             // Insecure / none: Opportunistic falls back, Mandatory defers.
             (O, N, D::Insecure, S::NotLooked, "level"),
             (O, N, D::NoRecords, S::NotLooked, "level"),
@@ -235,6 +259,7 @@ mod tests {
             let p = decide(dm, sm, d, s);
             let got = match &p {
                 Plan::Dane(_) => "dane",
+                Plan::DaneUnusable => "dane-unusable",
                 Plan::MtaStsEnforce => "sts-enforce",
                 Plan::MtaStsTesting { .. } => "sts-testing",
                 Plan::Level => "level",

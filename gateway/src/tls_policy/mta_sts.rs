@@ -34,11 +34,21 @@ pub fn parse_record(txt: &str) -> Option<StsRecord> {
     id.map(|id| StsRecord { id })
 }
 
-/// The record among a name's TXT strings: exactly one STSv1 record, else none (RFC 8461 3.1:
-/// several records mean no policy).
+/// Whether a TXT string is an STSv1 record at all (RFC 8461 3.1: records not beginning with
+/// `v=STSv1;` are discarded), valid or not.
+fn is_sts_record(txt: &str) -> bool {
+    txt.split(';').next().map(str::trim) == Some("v=STSv1")
+}
+
+/// The record among a name's TXT strings: exactly one STSv1 record, and it valid, else none
+/// (RFC 8461 3.1: several records, or one that does not parse, mean no policy; an invalid
+/// record is not skipped in favour of a valid one).
 pub fn pick_record<'a>(txts: impl IntoIterator<Item = &'a str>) -> Option<StsRecord> {
-    let mut found: Vec<StsRecord> = txts.into_iter().filter_map(parse_record).collect();
-    if found.len() == 1 { found.pop() } else { None }
+    let found: Vec<&str> = txts.into_iter().filter(|t| is_sts_record(t)).collect();
+    match found[..] {
+        [one] => parse_record(one),
+        _ => None,
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -166,6 +176,12 @@ mod tests {
             Some(StsRecord { id: "1".into() })
         );
         assert_eq!(pick_record(["v=STSv1; id=1;", "v=STSv1; id=2;"]), None);
+        // An STSv1 record that does not parse still counts: two records, no policy.
+        assert_eq!(
+            pick_record(["v=STSv1; id=1;", "v=STSv1; id=has-dash;"]),
+            None
+        );
+        assert_eq!(pick_record(["v=STSv1; id=;"]), None);
     }
 
     #[test]

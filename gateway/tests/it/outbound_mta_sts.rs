@@ -10,7 +10,9 @@ use serde_json::json;
 use crate::outbound_support::PartnerPki;
 use crate::outbound_support::tls_policy::{PolicyServer, fleet, partner_mx, policy_count};
 use crate::support::dns::{DnsServer, Zone};
-use crate::support::{Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SmtpConn, message};
+use crate::support::{
+    Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SinkOptions, SmtpConn, message,
+};
 
 fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
     let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
@@ -253,5 +255,119 @@ fn mta_sts_enforce_testing_cache_and_modes() {
         );
     }
     assert_eq!(web.requests("enf.sts.test"), 1, "one fetch per policy id");
+    assert!(org.messages().is_empty(), "nothing went upstream");
+}
+
+/// MTA-STS enforce authenticates an MX host the policy lists even when it is in another domain
+/// than the recipient's, under the default `tls: DomainValidation` (the policy names the host
+/// to check); MTA-STS testing records a host without STARTTLS and a certificate that fails the
+/// policy as testing failures, never as successes.
+#[test]
+fn mta_sts_hosted_mx_and_testing_failures() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip_hosted, ip_plain, ip_badtest, ip_https) =
+        (net.ip(30), net.ip(31), net.ip(32), net.ip(40));
+    let mut records = vec![
+        "cust IN MX 10 mx.provider".to_string(),
+        format!("mx.provider IN A {ip_hosted}"),
+        "plain IN MX 10 mx.plain".to_string(),
+        format!("mx.plain IN A {ip_plain}"),
+        "badtest IN MX 10 mx.badtest".to_string(),
+        format!("mx.badtest IN A {ip_badtest}"),
+    ];
+    for d in ["cust", "plain", "badtest"] {
+        records.push(format!("_mta-sts.{d} IN TXT \"v=STSv1; id=1;\""));
+        records.push(format!("mta-sts.{d} IN A {ip_https}"));
+    }
+    let refs: Vec<&str> = records.iter().map(String::as_str).collect();
+    let dns = DnsServer::start(net.ip(53), vec![Zone::unsigned("hosted.test", &refs)]);
+    let web = PolicyServer::start(
+        ip_https,
+        &partner.server(
+            "mta-sts",
+            &[
+                "mta-sts.cust.hosted.test",
+                "mta-sts.plain.hosted.test",
+                "mta-sts.badtest.hosted.test",
+            ],
+        ),
+    );
+    web.set_policy(
+        "cust.hosted.test",
+        &policy("enforce", &["mx.provider.hosted.test"]),
+    );
+    web.set_policy(
+        "plain.hosted.test",
+        &policy("testing", &["mx.plain.hosted.test"]),
+    );
+    web.set_policy(
+        "badtest.hosted.test",
+        &policy("testing", &["mx.badtest.hosted.test"]),
+    );
+    let tls_sink = |ip, names: &[&str]| {
+        Sink::start_at(
+            std::net::SocketAddr::from((ip, 25)),
+            SinkOptions {
+                starttls: Some(partner.server(names[0], names)),
+                ..SinkOptions::default()
+            },
+        )
+    };
+    let hosted = tls_sink(ip_hosted, &["mx.provider.hosted.test"]);
+    let plain = Sink::start_at(
+        std::net::SocketAddr::from((ip_plain, 25)),
+        SinkOptions::default(),
+    );
+    // Listed in the policy, but the certificate names another host.
+    let badtest = tls_sink(ip_badtest, &["elsewhere.hosted.test"]);
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/hosted", "generation": 1, "domains": ["cust.hosted.test"],
+                 "useMX": true, "tls": "DomainValidation", "trustBundleFile": partner.ca,
+                 "mtaSts": "Opportunistic"},
+                {"name": "partners/testing", "generation": 1,
+                 "domains": ["plain.hosted.test", "badtest.hosted.test"],
+                 "useMX": true, "tls": "Opportunistic", "mtaSts": "Opportunistic"},
+            ]}),
+        )
+        .fleet(fleet(
+            &net.cidr(),
+            &dns,
+            pki.ca.parent().expect("pki dir"),
+            Some(&partner.ca),
+        )),
+    );
+
+    send(&gw, &net, "cust@example.org", "a@cust.hosted.test")
+        .assert_delivered("MTA-STS enforce, MX host in another domain");
+    assert!(hosted.wait_messages(1)[0].tls);
+    assert_eq!(
+        policy_count(&gw, "partners/hosted", "mta-sts", "success"),
+        1
+    );
+    assert_eq!(
+        policy_count(&gw, "partners/hosted", "mta-sts", "failure"),
+        0
+    );
+
+    send(&gw, &net, "plain@example.org", "b@plain.hosted.test")
+        .assert_delivered("MTA-STS testing, no STARTTLS");
+    assert!(!plain.wait_messages(1)[0].tls);
+    let t = |result| policy_count(&gw, "partners/testing", "mta-sts", result);
+    assert_eq!(t("testing_failure"), 1);
+    gw.wait_log(&["MTA-STS testing", "STARTTLS"]);
+
+    send(&gw, &net, "badtest@example.org", "c@badtest.hosted.test")
+        .assert_delivered("MTA-STS testing, certificate name mismatch");
+    assert!(badtest.wait_messages(1)[0].tls);
+    assert_eq!(t("testing_failure"), 2);
+    assert_eq!(t("success"), 0, "a testing failure is no success");
     assert!(org.messages().is_empty(), "nothing went upstream");
 }

@@ -9,7 +9,8 @@ use std::time::Duration;
 use serde_json::json;
 
 use crate::outbound_support::PartnerPki;
-use crate::outbound_support::tls_policy::{partner_mx, policy_count};
+use crate::outbound_support::tls_policy::{fleet, partner_mx, policy_count};
+use crate::support::dns::{DnsServer, Zone};
 use crate::support::{
     ClientTls, Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions, SmtpConn, assert_reply, message,
     wait_for,
@@ -80,6 +81,10 @@ fn requiretls_relayed_only_to_validated_next_hops_that_offer_it() {
                 {"name": "partners/rt-unverified", "generation": 1,
                  "domains": ["unverified.partner.test"],
                  "smartHosts": [hop(capable.addr)], "tls": "EncryptionOnly"},
+                // The chain is validated, the name is not (RFC 8689 4.2.1: not enough).
+                {"name": "partners/rt-chain", "generation": 1, "domains": ["chain.partner.test"],
+                 "smartHosts": [hop(capable.addr)], "tls": "CertificateValidation",
+                 "trustBundleFile": partner.ca},
                 {"name": "partners/pf", "generation": 1, "domains": ["pf.partner.test"],
                  "smartHosts": [hop(SocketAddr::from((ip_pf, 25)))], "tls": "DomainValidation",
                  "tlsDomain": "pf.partner.test", "trustBundleFile": partner.ca},
@@ -136,6 +141,19 @@ fn requiretls_relayed_only_to_validated_next_hops_that_offer_it() {
         1
     );
 
+    // Offered, the chain validated, but the certificate's name is checked by nothing.
+    let r = send_requiretls(&gw, &pki, &net, "chain@example.org", "d@chain.partner.test");
+    assert_reply(
+        &r,
+        "550 5.7.30",
+        "REQUIRETLS over CertificateValidation (chain only)",
+    );
+    assert!(r.text().contains("not validated"), "{r}");
+    assert_eq!(
+        policy_count(&gw, "partners/rt-chain", "requiretls", "refused"),
+        1
+    );
+
     // Validated, but the next hop (Postfix) does not offer REQUIRETLS.
     let r = send_requiretls(&gw, &pki, &net, "pf@example.org", "c@pf.partner.test");
     assert_reply(&r, "550 5.7.30", "next hop without REQUIRETLS");
@@ -148,5 +166,82 @@ fn requiretls_relayed_only_to_validated_next_hops_that_offer_it() {
         1,
         "only the first message reached the sink"
     );
+    assert!(org.messages().is_empty(), "nothing went upstream");
+}
+
+/// RFC 8689 4.2.1: an MX host that does not qualify (here: no REQUIRETLS offered) is skipped
+/// for the next one; `550 5.7.30` only when none qualifies.
+#[test]
+fn requiretls_tries_the_next_mx_host() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip1, ip2) = (net.ip(30), net.ip(31));
+    let dns = DnsServer::start(
+        net.ip(53),
+        vec![Zone::unsigned(
+            "rt.test",
+            &[
+                "two IN MX 10 mx1.two",
+                "two IN MX 20 mx2.two",
+                &format!("mx1.two IN A {ip1}"),
+                &format!("mx2.two IN A {ip2}"),
+                "none IN MX 10 mx.none",
+                &format!("mx.none IN A {ip1}"),
+            ],
+        )],
+    );
+    let sink = |ip, names: &[&str], requiretls| {
+        Sink::start_at(
+            SocketAddr::from((ip, 25)),
+            SinkOptions {
+                starttls: Some(partner.server(names[0], names)),
+                requiretls,
+                ..SinkOptions::default()
+            },
+        )
+    };
+    // DomainValidation checks the recipient domain: mx1 is valid for both.
+    let mx1 = sink(ip1, &["mx1.two.rt.test", "mx.none.rt.test"], false);
+    let mx2 = sink(ip2, &["mx2.two.rt.test"], true);
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/two", "generation": 1,
+                 "domains": ["two.rt.test", "none.rt.test"],
+                 "useMX": true, "tls": "DomainValidation", "trustBundleFile": partner.ca},
+            ]}),
+        )
+        .fleet(fleet(
+            &net.cidr(),
+            &dns,
+            pki.ca.parent().expect("pki dir"),
+            None,
+        )),
+    );
+
+    let end = send_requiretls(&gw, &pki, &net, "two@example.org", "a@two.rt.test");
+    assert_reply(&end, "250", "relayed through the second MX host");
+    let got = mx2.wait_messages(1);
+    assert_eq!(got[0].mail_from, "two@example.org");
+    assert!(mx1.messages().is_empty(), "the first MX host got nothing");
+    assert_eq!(
+        policy_count(&gw, "partners/two", "requiretls", "relayed"),
+        1
+    );
+
+    // The only MX host does not qualify: 550 5.7.30.
+    let r = send_requiretls(&gw, &pki, &net, "none@example.org", "b@none.rt.test");
+    assert_reply(&r, "550 5.7.30", "no MX host offers REQUIRETLS");
+    assert!(r.text().contains("does not offer REQUIRETLS"), "{r}");
+    assert_eq!(
+        policy_count(&gw, "partners/two", "requiretls", "refused"),
+        1
+    );
+    assert!(mx1.messages().is_empty() && mx2.messages().len() == 1);
     assert!(org.messages().is_empty(), "nothing went upstream");
 }
