@@ -284,8 +284,10 @@ fn mta_sts_hosted_mx_and_testing_failures() {
     }
     let refs: Vec<&str> = records.iter().map(String::as_str).collect();
     let dns = DnsServer::start(net.ip(53), vec![Zone::unsigned("hosted.test", &refs)]);
-    let web = PolicyServer::start(
+    // Not on 443: the fleet's tlsPolicy.mtaStsPort is what the fetch uses.
+    let web = PolicyServer::start_on(
         ip_https,
+        8443,
         &partner.server(
             "mta-sts",
             &[
@@ -337,12 +339,16 @@ fn mta_sts_hosted_mx_and_testing_failures() {
                  "useMX": true, "tls": "Opportunistic", "mtaSts": "Opportunistic"},
             ]}),
         )
-        .fleet(fleet(
-            &net.cidr(),
-            &dns,
-            pki.ca.parent().expect("pki dir"),
-            Some(&partner.ca),
-        )),
+        .fleet({
+            let mut f = fleet(
+                &net.cidr(),
+                &dns,
+                pki.ca.parent().expect("pki dir"),
+                Some(&partner.ca),
+            );
+            f["tlsPolicy"]["mtaStsPort"] = json!(8443);
+            f
+        }),
     );
 
     send(&gw, &net, "cust@example.org", "a@cust.hosted.test")
@@ -369,5 +375,12 @@ fn mta_sts_hosted_mx_and_testing_failures() {
     assert!(badtest.wait_messages(1)[0].tls);
     assert_eq!(t("testing_failure"), 2);
     assert_eq!(t("success"), 0, "a testing failure is no success");
+    for d in ["cust", "plain", "badtest"] {
+        assert_eq!(
+            web.requests(&format!("{d}.hosted.test")),
+            1,
+            "{d}: fetched on 8443"
+        );
+    }
     assert!(org.messages().is_empty(), "nothing went upstream");
 }

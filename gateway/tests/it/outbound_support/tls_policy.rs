@@ -110,7 +110,7 @@ pub fn with_chain(pair: &CertPair, ca: &Path, dir: &Path) -> CertPair {
     }
 }
 
-/// Python's `http.server` over TLS on `ip`:443 serving one policy per `Host` (from
+/// Python's `http.server` over TLS on `ip`:443 (or another port) serving one policy per `Host` (from
 /// `root/<host>/.well-known/mta-sts.txt`); each request is logged to stderr, which is kept.
 pub struct PolicyServer {
     child: Child,
@@ -120,7 +120,7 @@ pub struct PolicyServer {
 
 const SERVER: &str = r#"
 import http.server, ssl, sys, functools, os
-ip, cert, key, root = sys.argv[1:5]
+ip, port, cert, key, root = sys.argv[1:6]
 class H(http.server.SimpleHTTPRequestHandler):
     def translate_path(self, path):
         host = (self.headers.get("Host") or "").split(":")[0].lower()
@@ -129,7 +129,7 @@ class H(http.server.SimpleHTTPRequestHandler):
         sys.stderr.write("REQUEST %s %s\n" % (self.headers.get("Host"), fmt % args))
         sys.stderr.flush()
 handler = functools.partial(H, directory=root)
-httpd = http.server.ThreadingHTTPServer((ip, 443), handler)
+httpd = http.server.ThreadingHTTPServer((ip, int(port)), handler)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 ctx.load_cert_chain(cert, key)
 httpd.socket = ctx.wrap_socket(httpd.socket, server_side=True)
@@ -140,13 +140,18 @@ httpd.serve_forever()
 
 impl PolicyServer {
     pub fn start(ip: Ipv4Addr, cert: &CertPair) -> PolicyServer {
+        PolicyServer::start_on(ip, 443, cert)
+    }
+
+    /// On `port` (the fleet's `tlsPolicy.mtaStsPort`).
+    pub fn start_on(ip: Ipv4Addr, port: u16, cert: &CertPair) -> PolicyServer {
         let root = tempfile::Builder::new()
             .prefix("pg-mta-sts-")
             .tempdir()
             .expect("tempdir");
         let log = root.path().join("server.log");
         let child = Command::new(require_tool("python3"))
-            .args(["-c", SERVER, &ip.to_string()])
+            .args(["-c", SERVER, &ip.to_string(), &port.to_string()])
             .arg(&cert.cert)
             .arg(&cert.key)
             .arg(root.path())
