@@ -11,7 +11,9 @@ use crate::outbound_support::tls_policy::{
     fleet, partner_mx, policy_count, tlsa_ee_spki, tlsa_ta_cert, with_chain,
 };
 use crate::support::dns::{DnsServer, Zone};
-use crate::support::{Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SmtpConn, message};
+use crate::support::{
+    Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SinkOptions, SmtpConn, message,
+};
 
 fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
     let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
@@ -269,4 +271,74 @@ fn net_dir(pair: &crate::support::CertPair) -> &std::path::Path {
 
 fn pki_dir(pki: &Pki) -> &std::path::Path {
     pki.ca.parent().expect("pki dir")
+}
+
+/// RFC 7672 2.2: a secure TLSA RRset none of whose records is usable for SMTP (here PKIX-EE,
+/// usage 1) still makes STARTTLS mandatory: a host without STARTTLS is deferred, never sent
+/// plaintext, under `dane: Opportunistic` and `tls: Opportunistic`; one with STARTTLS gets the
+/// message over TLS.
+#[test]
+fn dane_unusable_tlsa_records_still_require_starttls() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip_plain, ip_tls) = (net.ip(30), net.ip(31));
+    let cert = partner.server("tls", &["mx-tls.unusable.test"]);
+    let pkix_ee = tlsa_ee_spki(&cert.cert).replacen('3', "1", 1);
+    let dns = DnsServer::start(
+        net.ip(53),
+        vec![Zone::signed(
+            "unusable.test",
+            &[
+                "plain IN MX 10 mx-plain",
+                &format!("mx-plain IN A {ip_plain}"),
+                &format!("_25._tcp.mx-plain IN TLSA {pkix_ee}"),
+                "tls IN MX 10 mx-tls",
+                &format!("mx-tls IN A {ip_tls}"),
+                &format!("_25._tcp.mx-tls IN TLSA {pkix_ee}"),
+            ],
+        )],
+    );
+    let plain = Sink::start_at(
+        std::net::SocketAddr::from((ip_plain, 25)),
+        SinkOptions::default(),
+    );
+    let tls = Sink::start_at(
+        std::net::SocketAddr::from((ip_tls, 25)),
+        SinkOptions {
+            starttls: Some(cert),
+            ..SinkOptions::default()
+        },
+    );
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/unusable", "generation": 1,
+                 "domains": ["plain.unusable.test", "tls.unusable.test"],
+                 "useMX": true, "tls": "Opportunistic", "dane": "Opportunistic"},
+            ]}),
+        )
+        .fleet(fleet(
+            &net.cidr(),
+            &dns,
+            pki.ca.parent().expect("pki dir"),
+            None,
+        )),
+    );
+
+    let t = send(&gw, &net, "plain@example.org", "a@plain.unusable.test");
+    t.assert_refused("451 4.7.5", "unusable TLSA records, no STARTTLS");
+    let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
+    assert!(text.contains("does not offer STARTTLS"), "{text}");
+    assert!(plain.messages().is_empty(), "nothing sent in plaintext");
+    assert_eq!(policy_count(&gw, "partners/unusable", "dane", "failure"), 1);
+
+    send(&gw, &net, "tls@example.org", "b@tls.unusable.test")
+        .assert_delivered("unusable TLSA records, STARTTLS offered");
+    assert!(tls.wait_messages(1)[0].tls);
+    assert!(org.messages().is_empty(), "nothing went upstream");
 }
