@@ -261,7 +261,8 @@ fn mta_sts_enforce_testing_cache_and_modes() {
 /// MTA-STS enforce authenticates an MX host the policy lists even when it is in another domain
 /// than the recipient's, under the default `tls: DomainValidation` (the policy names the host
 /// to check); MTA-STS testing records a host without STARTTLS and a certificate that fails the
-/// policy as testing failures, never as successes.
+/// policy as testing failures, never as successes. The SNI is the MX host under a policy and
+/// a non-wildcard `tlsDomain` without one (as before issue 15).
 #[test]
 fn mta_sts_hosted_mx_and_testing_failures() {
     let net = Net::new();
@@ -272,6 +273,7 @@ fn mta_sts_hosted_mx_and_testing_failures() {
         (net.ip(30), net.ip(31), net.ip(32), net.ip(40));
     let mut records = vec![
         "cust IN MX 10 mx.provider".to_string(),
+        "sni IN MX 10 mx.provider".to_string(),
         format!("mx.provider IN A {ip_hosted}"),
         "plain IN MX 10 mx.plain".to_string(),
         format!("mx.plain IN A {ip_plain}"),
@@ -318,7 +320,7 @@ fn mta_sts_hosted_mx_and_testing_failures() {
             },
         )
     };
-    let hosted = tls_sink(ip_hosted, &["mx.provider.hosted.test"]);
+    let hosted = tls_sink(ip_hosted, &["mx.provider.hosted.test", "mail.sni.example"]);
     let plain = Sink::start_at(
         std::net::SocketAddr::from((ip_plain, 25)),
         SinkOptions::default(),
@@ -334,6 +336,10 @@ fn mta_sts_hosted_mx_and_testing_failures() {
                 {"name": "partners/hosted", "generation": 1, "domains": ["cust.hosted.test"],
                  "useMX": true, "tls": "DomainValidation", "trustBundleFile": partner.ca,
                  "mtaSts": "Opportunistic"},
+                // No policy mode: the SNI is the tlsDomain, as before issue 15.
+                {"name": "partners/sni", "generation": 1, "domains": ["sni.hosted.test"],
+                 "useMX": true, "tls": "DomainValidation", "tlsDomain": "mail.sni.example",
+                 "trustBundleFile": partner.ca},
                 {"name": "partners/testing", "generation": 1,
                  "domains": ["plain.hosted.test", "badtest.hosted.test"],
                  "useMX": true, "tls": "Opportunistic", "mtaSts": "Opportunistic"},
@@ -361,6 +367,34 @@ fn mta_sts_hosted_mx_and_testing_failures() {
     assert_eq!(
         policy_count(&gw, "partners/hosted", "mta-sts", "failure"),
         0
+    );
+
+    send(&gw, &net, "sni@example.org", "s@sni.hosted.test").assert_delivered("tlsDomain");
+    hosted.wait_messages(2);
+    // Transcripts are filed when the connections end (after each client session).
+    let snis = crate::support::wait_for(
+        std::time::Duration::from_secs(30),
+        "the hosted MX's two transcripts",
+        || {
+            let t = hosted.transcripts();
+            (t.len() == 2).then_some(t)
+        },
+    );
+    let sni_of = |from: &str| {
+        snis.iter()
+            .find(|t| t.contains(&format!("MAIL FROM:<{from}>")))
+            .and_then(|t| t.lines().find_map(|l| l.strip_prefix("<TLS, SNI ")))
+            .map(|l| l.trim_end_matches('>').to_string())
+    };
+    assert_eq!(
+        sni_of("cust@example.org").as_deref(),
+        Some("mx.provider.hosted.test"),
+        "under MTA-STS the SNI is the MX host"
+    );
+    assert_eq!(
+        sni_of("sni@example.org").as_deref(),
+        Some("mail.sni.example"),
+        "without a policy the SNI is a non-wildcard tlsDomain"
     );
 
     send(&gw, &net, "plain@example.org", "b@plain.hosted.test")

@@ -239,6 +239,9 @@ async fn serve(mut sock: tokio::net::TcpStream, ctx: Arc<Ctx>) -> std::io::Resul
         && let Some(acceptor) = &ctx.tls
     {
         let mut tls = acceptor.accept(sock).await?;
+        // The name the client asked for, for tests of the SNI a next hop gets.
+        let sni = tls.get_ref().1.server_name().unwrap_or("-").to_string();
+        log.push_str(&format!("<TLS, SNI {sni}>\n"));
         let _ = phase(&mut tls, true, &ctx, &mut log).await;
     }
     ctx.shared.lock().expect("lock").transcripts.push(log);
