@@ -138,7 +138,8 @@ pub struct CertStatus {
 /// One successful load of both files, everything a session needs to decide and relay.
 pub struct LiveConfig {
     pub fleet: FleetSettings,
-    pub connectors: ConnectorsFile,
+    /// The connectors file with its claiming index (derefs to the [`ConnectorsFile`]).
+    pub connectors: crate::policy::IndexedConnectors,
     /// Hex sha256 of the connectors file bytes.
     pub hash: String,
     pub loaded_at: OffsetDateTime,
@@ -560,7 +561,9 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
     match (server_tls, upstream) {
         (Some(server_tls), Some(upstream)) if errors.is_empty() => Ok(LiveConfig {
             fleet,
-            connectors,
+            // Built after the trust-bundle paths were rewritten: the index keeps only
+            // positions, claiming reads the connectors themselves.
+            connectors: connectors.into(),
             hash: hex::encode(Sha256::digest(&bytes)),
             loaded_at: OffsetDateTime::now_utc(),
             server_tls,
