@@ -1,19 +1,25 @@
 #!/usr/bin/env bash
-# make bench: partnergate gateway vs Postfix vs the sink and the TLS limit, one run, one machine,
-# one load generator (pg-loadgen). Prints one markdown table; details and raw JSON lines go to
-# $BENCH_WORK (default target/bench). Not part of `make test`.
+# make bench: partnergate gateway vs its peers (Postfix as a before-queue proxy, Postfix with its
+# queue, Haraka, maddy) vs the limit (starttls-forwarder: STARTTLS then a byte copy) vs the sink,
+# one run, one machine, one load generator (pg-loadgen). Prints one markdown table; details and
+# raw JSON lines go to $BENCH_WORK (default target/bench). Not part of `make test`.
 #
 # Environment:
 #   BENCH_RUNS=5            runs per noisy row (the median is quoted)
 #   BENCH_SECS=8            seconds per throughput / latency / session-rate run
 #   BENCH_IDLE_SESSIONS=10000
 #   BENCH_CONNECTORS=1000   connectors in the gateway config (throughput rows and reload)
-#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway postfix latency sessions idle reload operator)
+#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway limit postfix-proxy postfix
+#                           haraka maddy latency sessions idle reload scale operator)
+#   BENCH_SCALE="10 1000 10000"  connector counts of the scale rows (gateway CPU and reload)
+#   BENCH_GW_BEFORE=FILE    another gateway binary: the scale rows run it interleaved with this
+#                           one (before/after a change, same run window)
 #   BENCH_BUILD=0           use the release binaries already in target/release
 #   BENCH_OPERATOR=0        skip the operator rows (they start a private control plane)
 #
 # Loopback only, never port 25: load generator 127.0.0.10, sink 127.0.0.11, gateway 127.0.0.12,
-# Postfix 127.0.0.13, tls-baseline 127.0.0.14.
+# Postfix 127.0.0.13 (queue) and 127.0.0.15 (proxy), tls-baseline 127.0.0.14, starttls-forwarder
+# 127.0.0.16, Haraka 127.0.0.17, maddy 127.0.0.18 (peer configs: tests/bench/peers/).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -34,6 +40,12 @@ SINK_IP=127.0.0.11 SINK_PORT=2711
 GW_IP=127.0.0.12 GW_PORT=2712 GW_ADMIN=8712
 PF_IP=127.0.0.13 PF_PORT=2713
 TB_IP=127.0.0.14 TB_PORT=2714
+PFP_IP=127.0.0.15 PFP_PORT=2715
+FW_IP=127.0.0.16 FW_PORT=2716
+HK_IP=127.0.0.17 HK_PORT=2717
+MD_IP=127.0.0.18 MD_PORT=2718
+SCALE=${BENCH_SCALE:-10 1000 10000}
+GW_BEFORE=${BENCH_GW_BEFORE:-}
 
 say() { printf '\033[1m== %s\033[0m\n' "$*" >&2; }
 skip() { [[ "$SKIP" == *" $1 "* ]]; }
@@ -53,6 +65,7 @@ fi
 GW=$TARGET/release/partnergate-gateway
 LG=$TARGET/release/pg-loadgen
 TB=$TARGET/release/tls-baseline
+FW=$TARGET/release/starttls-forwarder
 
 # The idle row holds IDLE_N sessions: two fds per session across generator and gateway.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
@@ -91,7 +104,8 @@ port_free() {
     exit 1
   fi
 }
-for a in $SINK_IP:$SINK_PORT $GW_IP:$GW_PORT $GW_IP:$GW_ADMIN $PF_IP:$PF_PORT $TB_IP:$TB_PORT; do
+for a in $SINK_IP:$SINK_PORT $GW_IP:$GW_PORT $GW_IP:$GW_ADMIN $PF_IP:$PF_PORT $TB_IP:$TB_PORT \
+  $PFP_IP:$PFP_PORT $FW_IP:$FW_PORT $HK_IP:$HK_PORT $MD_IP:$MD_PORT; do
   port_free "${a%:*}" "${a#*:}"
 done
 
@@ -104,7 +118,8 @@ say "certificates"
     -subj "/CN=Bench CA" -keyout ca.key -out ca.crt 2>/dev/null
   openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes \
     -subj "/CN=gateway.bench.test" -keyout server.key -out server.csr 2>/dev/null
-  printf 'subjectAltName=DNS:gateway.bench.test,IP:%s,IP:%s,IP:%s\n' $GW_IP $PF_IP $TB_IP >server.ext
+  printf 'subjectAltName=DNS:gateway.bench.test,IP:%s,IP:%s,IP:%s,IP:%s,IP:%s,IP:%s,IP:%s\n' \
+    $GW_IP $PF_IP $TB_IP $PFP_IP $FW_IP $HK_IP $MD_IP >server.ext
   openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 30 \
     -extfile server.ext -out server.crt 2>/dev/null
   chmod 644 server.key
@@ -148,8 +163,8 @@ connectors 1 "$NCONN" >"$W/gw/connectors.json"
 "$GW" check --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors.json" >>"$LOG"
 
 GW_PID=
-start_gateway() {
-  "$GW" --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors.json" 2>>"$W/gw/gateway.log" &
+start_gateway() { # [binary]
+  "${1:-$GW}" --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors.json" 2>>"$W/gw/gateway.log" &
   GW_PID=$!
   PIDS+=("$GW_PID")
   local i
@@ -167,8 +182,48 @@ stop_gateway() {
   GW_PID=
 }
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# CPU ticks (user + system, own and reaped children's) and PSS (KiB) of a process and all its
+# live descendants: a peer's every process (Postfix's master and its daemons, Haraka's workers).
+# An exiting child's ticks move into its parent's reaped-children fields, so the sum holds.
+tree() { # pid ticks|rss
+  python3 - "$1" "$2" <<'PY'
+import os, sys
+root, what = int(sys.argv[1]), sys.argv[2]
+kids, ticks = {}, {}
+for p in os.listdir("/proc"):
+    if not p.isdigit():
+        continue
+    try:
+        st = open(f"/proc/{p}/stat").read()
+    except OSError:
+        continue
+    f = st[st.rindex(")") + 2:].split()
+    kids.setdefault(int(f[1]), []).append(int(p))
+    ticks[int(p)] = sum(int(x) for x in f[11:15])
+todo, seen = [root], []
+while todo:
+    p = todo.pop()
+    seen.append(p)
+    todo.extend(kids.get(p, []))
+if what == "ticks":
+    print(sum(ticks.get(p, 0) for p in seen))
+else:
+    # Proportional set size: Postfix's 200 smtpd processes share their text and libraries,
+    # which a sum of RSS would count 200 times.
+    pss = 0
+    for p in seen:
+        try:
+            for line in open(f"/proc/{p}/smaps_rollup"):
+                if line.startswith("Pss:"):
+                    pss += int(line.split()[1])
+        except OSError:
+            pass
+    print(pss)
+PY
+}
+cpu_ticks() { tree "$1" ticks; }
 TCK=$(getconf CLK_TCK)
+load() { cut -d' ' -f1-3 /proc/loadavg; }
 
 # ------------------------------------------------------------------------------------------
 # Postfix 3.7 private instance: TLS required on its listener, relays example.test to the sink.
@@ -179,6 +234,10 @@ pf_up() {
   chown postfix "$d/data"
   cp /etc/postfix/master.cf "$d/conf/master.cf"
   sed -i -E "s/^smtp +inet .*/$PF_IP:$PF_PORT inet n - n - - smtpd/" "$d/conf/master.cf"
+  # The before-queue proxy (Postfix's own inline relay): this listener hands every transaction
+  # straight to the sink and answers the client with the sink's reply; nothing is queued.
+  printf '%s inet n - n - - smtpd\n  -o smtpd_proxy_filter=%s\n' \
+    "$PFP_IP:$PFP_PORT" "$SINK_IP:$SINK_PORT" >>"$d/conf/master.cf"
   cat >"$d/conf/main.cf" <<CF
 compatibility_level = 3.6
 queue_directory = $d/queue
@@ -208,7 +267,9 @@ CF
     return 1
   }
   wait_port $PF_IP $PF_PORT 30
+  wait_port $PFP_IP $PFP_PORT 30
 }
+pf_master() { head -n 1 "$W/pf/queue/pid/master.pid" | tr -d ' '; }
 pf_queued() { find "$W/pf/queue/incoming" "$W/pf/queue/active" "$W/pf/queue/deferred" \
   "$W/pf/queue/maildrop" -type f 2>/dev/null | wc -l; }
 pf_drain() { # waits until the queue is empty; prints seconds waited
@@ -250,6 +311,38 @@ cmdline() { # the last generator command, with long paths shortened
 
 ROWS=()
 row() { ROWS+=("| $1 | $2 | $3 | $4 | \`$5\` |"); }
+
+# One throughput row of a server (the gateway, a peer or the limit): RUNS closed-loop runs of
+# the same STARTTLS load; CPU of the whole process tree per message (ticks over the run plus the
+# optional drain, e.g. Postfix's queue), PSS of the tree after the runs, load average per run.
+declare -A P_RATE P_P50 P_P99 P_CPU P_RSS P_LOAD P_ERR P_CMD
+peer_bench() { # name root-pid ip:port [command run after each load, before the CPU sample]
+  local name=$1 pid=$2 server=$3 after=${4:-} i c0 c1
+  : >"$W/runs/$name-cpu.txt"
+  : >"$W/runs/$name-load.txt"
+  for i in $(seq "$RUNS"); do
+    c0=$(cpu_ticks "$pid")
+    lg "$name" --server "$server" "${TLS[@]}" "${COMMON[@]}" >/dev/null
+    [ -z "$after" ] || $after
+    c1=$(cpu_ticks "$pid")
+    load | cut -d' ' -f1 >>"$W/runs/$name-load.txt"
+    tail -n 1 "$W/runs/$name.jsonl" |
+      jq -r "($c1 - $c0) * 1000000 / $TCK / ([.ok, 1] | max) | round" >>"$W/runs/$name-cpu.txt"
+  done
+  P_RSS[$name]=$(calc "round($(tree "$pid" rss) / 1024, 1)")
+  P_CPU[$name]=$(median <"$W/runs/$name-cpu.txt")
+  P_LOAD[$name]=$(median <"$W/runs/$name-load.txt")
+  P_RATE[$name]=$(jget "$W/runs/$name.jsonl" 'r["msg_per_s"]' | median)
+  P_P50[$name]=$(jget "$W/runs/$name.jsonl" 'r["latency_ms"]["p50"]' | median)
+  P_P99[$name]=$(jget "$W/runs/$name.jsonl" 'r["latency_ms"]["p99"]' | median)
+  P_ERR[$name]=$(jget "$W/runs/$name.jsonl" 'r["failed"]' | sumv)
+  P_CMD[$name]=$(cmdline)
+}
+peer_measured() { # name -> the measured cell
+  local n=$1
+  printf '%s msg/s (p50 %s ms, p99 %s ms, %s failed; CPU %s µs/message, all processes; PSS %s MiB; load %s)' \
+    "${P_RATE[$n]}" "${P_P50[$n]}" "${P_P99[$n]}" "${P_ERR[$n]}" "${P_CPU[$n]}" "${P_RSS[$n]}" "${P_LOAD[$n]}"
+}
 verdict() { python3 -c "print('met' if $1 else 'missed')"; }
 
 COMMON=(--sessions $SESSIONS --size $SIZE --messages $PER_SESSION --duration "$SECS")
@@ -303,21 +396,11 @@ start_gateway
 GW_RATE=
 if ! skip gateway; then
   say "gateway -> sink (STARTTLS TLS 1.3, $RUNS x ${SECS}s)"
-  : >"$W/runs/gateway-cpu.txt"
-  for i in $(seq "$RUNS"); do
-    c0=$(cpu_ticks "$GW_PID")
-    lg gateway --server $GW_IP:$GW_PORT "${TLS[@]}" "${COMMON[@]}" >/dev/null
-    c1=$(cpu_ticks "$GW_PID")
-    tail -n 1 "$W/runs/gateway.jsonl" | jq -r "($c1 - $c0) * 1000000 / $TCK / .ok | round" \
-      >>"$W/runs/gateway-cpu.txt"
-  done
-  GW_CPU=$(median <"$W/runs/gateway-cpu.txt")
-  GW_RATE=$(jget "$W/runs/gateway.jsonl" 'r["msg_per_s"]' | median)
-  P50=$(jget "$W/runs/gateway.jsonl" 'r["latency_ms"]["p50"]' | median)
-  P99=$(jget "$W/runs/gateway.jsonl" 'r["latency_ms"]["p99"]' | median)
-  ERR=$(jget "$W/runs/gateway.jsonl" 'r["failed"]' | sumv)
+  peer_bench gateway "$GW_PID" $GW_IP:$GW_PORT
+  GW_RATE=${P_RATE[gateway]}
+  GW_CPU=${P_CPU[gateway]}
   row "partnergate gateway (release) → sink, STARTTLS TLS 1.3, 50 sessions, 10 KiB, $NCONN connectors" \
-    "$GW_RATE msg/s (p50 $P50 ms, p99 $P99 ms, $ERR failed; gateway CPU $GW_CPU µs/message)" "—" "—" "$(cmdline)"
+    "$(peer_measured gateway)" "CPU ≤ 100 µs/message" "$(verdict "$GW_CPU <= 100")" "${P_CMD[gateway]}"
 fi
 
 # ---- 3. latency added by the gateway at 50 % of its max rate ---------------------------------
@@ -415,36 +498,186 @@ if ! skip reload; then
 fi
 stop_gateway
 
-# ---- 7. Postfix -> sink ----------------------------------------------------------------------
-PF_RATE=
-if ! skip postfix; then
-  say "Postfix $(postconf -d -h mail_version) -> sink (STARTTLS TLS 1.3, $RUNS x ${SECS}s)"
+# ---- 7. the limit: starttls-forwarder (greeting, EHLO, STARTTLS, handshake, then a byte copy) ---
+if ! skip limit; then
+  say "limit: starttls-forwarder -> sink ($RUNS x ${SECS}s)"
+  "$FW" --listen $FW_IP:$FW_PORT --next-hop $SINK_IP:$SINK_PORT --cert "$W/pki/server.crt" \
+    --key "$W/pki/server.key" 2>>"$LOG" &
+  FW_PID=$!
+  PIDS+=("$FW_PID")
+  wait_port $FW_IP $FW_PORT
+  peer_bench limit "$FW_PID" $FW_IP:$FW_PORT
+  row "the limit: starttls-forwarder (tests/bench: STARTTLS, handshake, then copies bytes to the sink), same load" \
+    "$(peer_measured limit)" "—" "—" "${P_CMD[limit]}"
+  kill "$FW_PID" 2>/dev/null || true
+fi
+
+# ---- 8. Postfix: before-queue proxy (inline, no queue) and with its queue -------------------
+PF_VERSION=$(postconf -d -h mail_version)
+if ! skip postfix-proxy || ! skip postfix; then
   pf_up
+fi
+if ! skip postfix-proxy; then
+  say "Postfix $PF_VERSION smtpd_proxy_filter -> sink ($RUNS x ${SECS}s)"
+  peer_bench postfix-proxy "$(pf_master)" $PFP_IP:$PFP_PORT
+  row "Postfix $PF_VERSION as a before-queue proxy (smtpd_proxy_filter straight at the sink, no queue, smtpd_tls_security_level=encrypt), same load" \
+    "$(peer_measured postfix-proxy)" "—" "—" "${P_CMD[postfix-proxy]}"
+fi
+if ! skip postfix; then
+  say "Postfix $PF_VERSION with its queue -> sink ($RUNS x ${SECS}s)"
   : >"$W/runs/postfix-e2e.txt"
-  for i in $(seq "$RUNS"); do
-    lg postfix --server $PF_IP:$PF_PORT "${TLS[@]}" "${COMMON[@]}" >/dev/null
-    DR=$(pf_drain)
-    tail -n 1 "$W/runs/postfix.jsonl" | jq -r "(.ok / (.elapsed_s + $DR)) * 10 | round / 10" \
+  pf_after() { # CPU includes delivering the queue; e2e = messages / (run + drain)
+    local dr
+    dr=$(pf_drain)
+    tail -n 1 "$W/runs/postfix.jsonl" | jq -r "(.ok / (.elapsed_s + $dr)) * 10 | round / 10" \
       >>"$W/runs/postfix-e2e.txt"
-  done
-  PF_RATE=$(jget "$W/runs/postfix.jsonl" 'r["msg_per_s"]' | median)
-  P50=$(jget "$W/runs/postfix.jsonl" 'r["latency_ms"]["p50"]' | median)
-  P99=$(jget "$W/runs/postfix.jsonl" 'r["latency_ms"]["p99"]' | median)
-  ERR=$(jget "$W/runs/postfix.jsonl" 'r["failed"]' | sumv)
+  }
+  peer_bench postfix "$(pf_master)" $PF_IP:$PF_PORT pf_after
   E2E=$(median <"$W/runs/postfix-e2e.txt")
-  row "Postfix $(postconf -d -h mail_version) (smtpd_tls_security_level=encrypt, queue) → sink, STARTTLS TLS 1.3, 50 sessions, 10 KiB" \
-    "$PF_RATE msg/s accepted (p50 $P50 ms, p99 $P99 ms, $ERR failed); $E2E msg/s until the queue drained" \
-    "—" "—" "$(cmdline)"
-  postfix -c "$W/pf/conf" stop >/dev/null 2>&1 || true
+  row "Postfix $PF_VERSION with its queue (smtpd_tls_security_level=encrypt) → sink, counted at acceptance; CPU includes draining the queue" \
+    "$(peer_measured postfix); $E2E msg/s until the queue drained" "—" "—" "${P_CMD[postfix]}"
+fi
+[ -d "$W/pf/conf" ] && postfix -c "$W/pf/conf" stop >/dev/null 2>&1 || true
+
+# ---- 9. Haraka and maddy (installed and cached by tests/bench/peers.sh) ----------------------
+peer_bin() { tests/bench/peers.sh "$1" 2>>"$LOG" | tail -n 1; }
+if ! skip haraka; then
+  read -r _ HK_BIN HK_WHY <<<"$(peer_bin haraka)"
+  if [ "$HK_BIN" = skip ]; then
+    row "Haraka" "not measured: $HK_WHY" "—" "—" "tests/bench/peers.sh haraka"
+  else
+    HK_VERSION=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["version"])' \
+      "$(dirname "$(dirname "$HK_BIN")")/package.json")
+    say "Haraka $HK_VERSION -> sink ($RUNS x ${SECS}s)"
+    mkdir -p "$W/haraka/config"
+    cp -r "$(dirname "$(dirname "$HK_BIN")")/config/." "$W/haraka/config/"
+    cp -r tests/bench/peers/haraka/config/. "$W/haraka/config/"
+    cp "$W/pki/server.crt" "$W/haraka/config/tls_cert.pem"
+    cp "$W/pki/server.key" "$W/haraka/config/tls_key.pem"
+    "$HK_BIN" -c "$W/haraka" >"$W/haraka/haraka.log" 2>&1 &
+    HK_PID=$!
+    PIDS+=("$HK_PID")
+    wait_port $HK_IP $HK_PORT 30
+    sleep 2 # every worker listening
+    peer_bench haraka "$HK_PID" $HK_IP:$HK_PORT
+    row "Haraka $HK_VERSION (tls, rcpt_to.in_host_list, queue/smtp_forward to the sink: answers after the sink accepted; cluster, $(nproc) workers), same load" \
+      "$(peer_measured haraka)" "—" "—" "${P_CMD[haraka]}"
+    kill "$HK_PID" 2>/dev/null || true
+  fi
+fi
+if ! skip maddy; then
+  read -r _ MD_BIN MD_WHY <<<"$(peer_bin maddy)"
+  if [ "$MD_BIN" = skip ]; then
+    row "maddy" "not measured: $MD_WHY" "—" "—" "tests/bench/peers.sh maddy"
+  else
+    say "maddy -> sink ($RUNS x ${SECS}s)"
+    mkdir -p "$W/maddy/state" "$W/maddy/run" "$W/maddy/queue"
+    sed "s|\$W|$W|g" tests/bench/peers/maddy/maddy.conf >"$W/maddy/maddy.conf"
+    # This box's DNS server leaves PTR queries for loopback addresses unanswered, which cost
+    # maddy (its own resolver, no nsswitch) a 5 s timeout on the first message of every session
+    # (rDNS for its Received header). A private /etc/hosts naming the generator's address
+    # stands for the PTR record a real client has.
+    { cat /etc/hosts; echo "$LG_IP loadgen.bench.test"; } >"$W/maddy/hosts"
+    unshare --mount sh -c 'mount --bind "$1" /etc/hosts && shift && exec "$@"' - "$W/maddy/hosts" \
+      "$MD_BIN" --config "$W/maddy/maddy.conf" run >"$W/maddy/maddy.log" 2>&1 &
+    MD_PID=$!
+    PIDS+=("$MD_PID")
+    if wait_port $MD_IP $MD_PORT 30; then
+      peer_bench maddy "$MD_PID" $MD_IP:$MD_PORT
+      row "maddy $(basename "$(dirname "$(dirname "$MD_BIN")")" | sed 's/^maddy-//') (queue → target.smtp to the sink, counted at acceptance), same load" \
+        "$(peer_measured maddy)" "—" "—" "${P_CMD[maddy]}"
+    else
+      row "maddy" "not measured: did not start (see \$W/maddy/maddy.log)" "—" "—" "tests/bench/peers.sh maddy"
+    fi
+    kill "$MD_PID" 2>/dev/null || true
+  fi
 fi
 
-if [ -n "$GW_RATE" ] && [ -n "$PF_RATE" ]; then
-  RATIO=$(calc "round($GW_RATE / $PF_RATE, 2)")
-  row "ratio gateway / Postfix (msg/s, Postfix counted at acceptance into its queue)" \
-    "${RATIO}×" "≥ 3×" "$(verdict "$RATIO >= 3")" "rows above"
+# ---- 10. ratios: the gateway against each peer and the limit ---------------------------------
+if [ -n "$GW_RATE" ]; then
+  for n in postfix-proxy haraka postfix maddy; do
+    [ -n "${P_RATE[$n]:-}" ] || continue
+    row "ratio gateway / $n (msg/s; CPU per message)" \
+      "$(calc "round($GW_RATE / ${P_RATE[$n]}, 2)")× msg/s; $(calc "round(${P_CPU[$n]} / max($GW_CPU, 1), 2)")× less CPU per message" \
+      "—" "—" "rows above"
+  done
+  BEST=
+  for n in postfix-proxy haraka; do
+    [ -n "${P_RATE[$n]:-}" ] || continue
+    if [ -z "$BEST" ] || python3 -c "import sys; sys.exit(0 if ${P_RATE[$n]} > ${P_RATE[$BEST]} else 1)"; then
+      BEST=$n
+    fi
+  done
+  if [ -n "$BEST" ]; then
+    R=$(calc "round($GW_RATE / ${P_RATE[$BEST]}, 2)")
+    row "gateway vs the best inline peer ($BEST), $NCONN connectors on the gateway, none on the peer" \
+      "${R}×" "≥ 4×" "$(verdict "$R >= 4")" "rows above"
+  fi
+  if [ -n "${P_RATE[limit]:-}" ]; then
+    PCT=$(calc "round(100 * $GW_RATE / ${P_RATE[limit]}, 1)")
+    row "gateway / the limit (starttls-forwarder), msg/s; CPU per message gateway vs limit" \
+      "$PCT % ($GW_CPU vs ${P_CPU[limit]} µs/message)" "≥ 80 %" "$(verdict "$PCT >= 80")" "rows above"
+  fi
 fi
 
-# ---- 8. operator rows (private local control plane; tests/bench/operator.sh) ---------------
+# ---- 11. cost as connectors grow: the gateway row and the reload row at each count in SCALE ----
+if ! skip scale; then
+  BINS=("$GW")
+  [ -n "$GW_BEFORE" ] && BINS=("$GW_BEFORE" "$GW")
+  declare -A SC_CPU SC_RATE SC_RELOAD
+  for n in $SCALE; do
+    connectors 1 "$n" >"$W/gw/connectors.json"
+    say "scale: $n connectors ($RUNS rounds, ${#BINS[@]} build(s) interleaved)"
+    for i in $(seq "$RUNS"); do
+      for b in "${BINS[@]}"; do
+        tag=$([ "$b" = "$GW" ] && echo after || echo before)
+        start_gateway "$b"
+        c0=$(cpu_ticks "$GW_PID")
+        lg "scale-$n-$tag" --server $GW_IP:$GW_PORT "${TLS[@]}" "${COMMON[@]}" >/dev/null
+        c1=$(cpu_ticks "$GW_PID")
+        tail -n 1 "$W/runs/scale-$n-$tag.jsonl" |
+          jq -r "($c1 - $c0) * 1000000 / $TCK / ([.ok, 1] | max) | round" >>"$W/runs/scale-$n-$tag-cpu.txt"
+        load | cut -d' ' -f1 >>"$W/runs/scale-$n-$tag-load.txt"
+        if [ "$tag" = after ] && ! skip reload; then
+          connectors $((i + 1)) "$n" >"$W/gw/connectors.next.json"
+          HASH=$(sha256sum "$W/gw/connectors.next.json" | cut -d' ' -f1)
+          lg "scale-reload-$n" --server $GW_IP:$GW_PORT "${TLS[@]}" --sessions $SESSIONS --size $SIZE \
+            --messages $PER_SESSION --duration 4 --swap-from "$W/gw/connectors.next.json" \
+            --swap-to "$W/gw/connectors.json" --swap-at 1 --admin $GW_IP:$GW_ADMIN \
+            --expect-hash "$HASH" >/dev/null
+        fi
+        stop_gateway
+      done
+    done
+    for tag in before after; do
+      [ -f "$W/runs/scale-$n-$tag-cpu.txt" ] || continue
+      SC_CPU[$n-$tag]=$(median <"$W/runs/scale-$n-$tag-cpu.txt")
+      SC_RATE[$n-$tag]=$(jget "$W/runs/scale-$n-$tag.jsonl" 'r["msg_per_s"]' | median)
+      L=$(median <"$W/runs/scale-$n-$tag-load.txt")
+      row "scale: gateway ($tag) → sink with $n connectors" \
+        "${SC_RATE[$n-$tag]} msg/s; CPU ${SC_CPU[$n-$tag]} µs/message (runs: $(paste -sd/ "$W/runs/scale-$n-$tag-cpu.txt")); load $L" \
+        "—" "—" "$(cmdline) (gateway restarted with $n connectors)"
+    done
+    if [ -f "$W/runs/scale-reload-$n.jsonl" ]; then
+      RMED=$(jget "$W/runs/scale-reload-$n.jsonl" 'r["reload"].get("swap_to_status_ms", "nan")' | median)
+      DROPPED=$(jget "$W/runs/scale-reload-$n.jsonl" 'r["failed"]' | sumv)
+      row "scale: reload of $n connectors under load: swap → /status shows the new hash" \
+        "median $RMED ms; $DROPPED failed messages" "≤ 50 ms, 0 dropped" \
+        "$(verdict "$RMED <= 50 and $DROPPED == 0")" "as the reload row, with $n connectors"
+    fi
+  done
+  first=${SCALE%% *}
+  last=${SCALE##* }
+  if [ -n "${SC_CPU[$first-after]:-}" ] && [ -n "${SC_CPU[$last-after]:-}" ] && [ "$first" != "$last" ]; then
+    G=$(calc "round(100 * (${SC_CPU[$last-after]} - ${SC_CPU[$first-after]}) / ${SC_CPU[$first-after]}, 1)")
+    row "gateway CPU per message at $last vs $first connectors" \
+      "${SC_CPU[$last-after]} vs ${SC_CPU[$first-after]} µs (${G} %)" "within 10 %" \
+      "$(verdict "$G <= 10")" "scale rows above"
+  fi
+  connectors 1 "$NCONN" >"$W/gw/connectors.json"
+fi
+
+# ---- 12. operator rows (private local control plane; tests/bench/operator.sh) ---------------
 KBIN=
 if tests/cluster/build.sh --check >/dev/null 2>&1; then
   KBIN=$(tests/cluster/build.sh --print-bin-dir 2>/dev/null || true)
