@@ -96,16 +96,26 @@ chart-cluster-test:
 	tests/chart/cluster.sh
 
 # --- benchmarks ---
-# `make bench`: gateway vs Postfix vs smtp-sink and the TLS limit, one table (tests/bench/run.sh,
-# docs/benchmarks.md; BENCH_RUNS, BENCH_SECS, BENCH_SKIP). Not part of `make test`; the
-# generator's smoke run is tests/bench/smoke.sh.
-.PHONY: bench bench-smoke
+# `make bench`: the gateway vs its peers (Postfix as a before-queue proxy and with its queue,
+# Haraka, maddy) vs the limit (tests/bench starttls-forwarder) vs smtp-sink, plus the scale rows
+# at 10 / 1,000 / 10,000 connectors; one table (tests/bench/run.sh, docs/benchmarks.md;
+# BENCH_RUNS, BENCH_SECS, BENCH_SKIP, BENCH_SCALE, BENCH_GW_BEFORE). Haraka and maddy are
+# installed and cached by tests/bench/peers.sh on first use (`make bench-peers` does it ahead).
+# `make bench-profile`: perf profile of the gateway under the throughput load. Not part of
+# `make test`; the generator's smoke run (tests/bench/smoke.sh) is.
+.PHONY: bench bench-smoke bench-peers bench-profile
 
 bench:
 	tests/bench/run.sh
 
 bench-smoke:
 	tests/bench/smoke.sh
+
+bench-peers:
+	tests/bench/peers.sh haraka maddy
+
+bench-profile:
+	tests/bench/profile.sh
 
 # --- relay model ---
 ## relay-model: the relay-transaction model test (gateway/tests/it/relay_model.rs) on 100,000

@@ -65,7 +65,10 @@ async fn plaintext(tcp: &mut TcpStream) -> Result<bool> {
             "HELO" => b"250 forwarder.bench.test\r\n",
             "STAR" => {
                 // Whatever was pipelined behind STARTTLS is dropped with the reader.
-                lines.get_mut().write_all(b"220 2.0.0 Ready to start TLS\r\n").await?;
+                lines
+                    .get_mut()
+                    .write_all(b"220 2.0.0 Ready to start TLS\r\n")
+                    .await?;
                 return Ok(true);
             }
             "QUIT" => {
@@ -111,9 +114,7 @@ async fn session(mut tcp: TcpStream, acceptor: TlsAcceptor, hop: SocketAddr) -> 
     let mut upstream = match next_hop(hop).await {
         Ok(u) => u,
         Err(e) => {
-            let _ = tls
-                .write_all(b"421 4.4.2 next hop unavailable\r\n")
-                .await;
+            let _ = tls.write_all(b"421 4.4.2 next hop unavailable\r\n").await;
             return Err(e);
         }
     };
