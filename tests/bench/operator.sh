@@ -5,7 +5,7 @@
 #  2. BENCH_OP_CONNECTORS (1,000) PartnerConnectors created -> all Programmed=True.
 #
 # The operator runs outside the cluster with the admin kubeconfig. For (2) one gateway runs on
-# 127.0.0.16 and a Pod object stands for it (status patched Ready with podIP 127.0.0.16; no
+# 127.0.0.20 and a Pod object stands for it (status patched Ready with podIP 127.0.0.20; no
 # kubelet). A sync loop copies the operator's ConfigMap and Secret into the gateway's files every
 # 0.25 s, standing in for the kubelet's volume updates (a real kubelet takes up to its sync
 # period plus the ConfigMap cache TTL, about a minute by default).
@@ -16,8 +16,8 @@ ROOT=$PWD
 N=${BENCH_SECRETS:-5000}
 NC=${BENCH_OP_CONNECTORS:-1000}
 W=${BENCH_WORK:-$ROOT/target/bench}/operator
-OP_IP=127.0.0.15 OP_PORT=8715
-GW_IP=127.0.0.16 GW_PORT=2716 GW_ADMIN=8716
+OP_IP=127.0.0.19 OP_PORT=8719
+GW_IP=127.0.0.20 GW_PORT=2720 GW_ADMIN=8720
 export PARTNERGATE_CLUSTER_STATE=${BENCH_CLUSTER_STATE:-/tmp/partnergate-bench-cluster}
 export PARTNERGATE_ETCD_PORT=23795 PARTNERGATE_ETCD_PEER_PORT=23805
 export PARTNERGATE_APISERVER_PORT=16453 PARTNERGATE_KCM_PORT=10567

@@ -19,6 +19,7 @@
 #                           one (before/after a change, same run window)
 #   BENCH_BUILD=0           use the release binaries already in target/release
 #   BENCH_OPERATOR=0        skip the operator rows (they start a private control plane)
+#   BENCH_OP_CONNECTORS=10000  PartnerConnectors of the operator row (about 20 minutes)
 #
 # Loopback only, never port 25: load generator 127.0.0.10, sink 127.0.0.11, gateway 127.0.0.12,
 # Postfix 127.0.0.13 (queue) and 127.0.0.15 (proxy), tls-baseline 127.0.0.14, starttls-forwarder
@@ -699,36 +700,41 @@ if ! skip scale; then
 fi
 
 # ---- 12. operator rows (private local control plane; tests/bench/operator.sh) ---------------
+# Issue 17: 10,000 PartnerConnectors (BENCH_OP_CONNECTORS); the API server creates them at
+# about 10 per second on a 2-core box, so this row alone takes about 20 minutes.
+OPC=${BENCH_OP_CONNECTORS:-10000}
 KBIN=
 if tests/cluster/build.sh --check >/dev/null 2>&1; then
   KBIN=$(tests/cluster/build.sh --print-bin-dir 2>/dev/null || true)
 fi
 if [ "${BENCH_OPERATOR:-1}" = 1 ] && ! skip operator && [ -x "$KBIN/kube-apiserver" ]; then
-  say "operator: 5,000 unrelated Secrets, $NCONN connectors -> Programmed (private control plane)"
-  if BENCH_WORK=$W BENCH_OP_CONNECTORS=$NCONN tests/bench/operator.sh >"$W/runs/operator.jsonl" 2>>"$LOG"; then
+  say "operator: 5,000 unrelated Secrets, $OPC connectors -> Programmed (private control plane)"
+  if BENCH_WORK=$W BENCH_OP_CONNECTORS=$OPC tests/bench/operator.sh >"$W/runs/operator.jsonl" 2>>"$LOG"; then
     O=$W/runs/operator.jsonl
     OC=$(jget "$O" 'r["create_s"]')
     OP_S=$(jget "$O" 'r["all_programmed_s"]')
     OPN=$(jget "$O" 'r["programmed"]')
     AFTER_APPLY=$(calc "round($OP_S - $OC, 1)")
-    row "operator: $NCONN PartnerConnectors created (kubectl create, lists of 500) → all Programmed (1 gateway, ConfigMap/Secret copied to its files every 0.25 s)" \
+    row "operator: $OPC PartnerConnectors created (kubectl create, lists of 500) → all Programmed (1 gateway, ConfigMap/Secret copied to its files every 0.25 s)" \
       "$OPN Programmed $AFTER_APPLY s after the last create returned ($OP_S s from the first create; the API server took $OC s to create them)" \
-      "≤ 30 s" "$(verdict "$OPN >= $NCONN and $AFTER_APPLY <= 30")" "tests/bench/operator.sh"
+      "≤ 60 s" "$(verdict "$OPN >= $OPC and $AFTER_APPLY <= 60")" "tests/bench/operator.sh"
     RB=$(jget "$O" 'round(r["rss_kib_before"] / 1024, 1)')
     RA=$(jget "$O" 'round(r["rss_kib_after"] / 1024, 1)')
     RC=$(jget "$O" 'round(r["rss_kib_with_connectors"] / 1024, 1)')
     NS=$(jget "$O" 'r["secrets"]')
-    row "operator RSS with $NS unrelated Secrets (release binary)" \
-      "$RA MiB ($RB MiB before the Secrets; $RC MiB after $NCONN connectors)" "≤ 100 MiB" \
-      "$(verdict "$RA <= 100")" "tests/bench/operator.sh"
+    row "operator RSS at $OPC connectors (release binary; with $NS unrelated Secrets)" \
+      "$RC MiB ($RB MiB at start, $RA MiB with the Secrets)" "≤ 200 MiB" \
+      "$(verdict "$RC <= 200")" "tests/bench/operator.sh"
   else
-    row "operator rows" "failed (see $LOG)" "≤ 30 s; ≤ 100 MiB" "—" "tests/bench/operator.sh"
+    row "operator rows" "failed (see $LOG)" "≤ 60 s; ≤ 200 MiB" "—" "tests/bench/operator.sh"
   fi
 else
-  row "operator: $NCONN connectors applied → all Programmed" "not measured" "≤ 30 s" "—" \
-    "needs the control-plane binaries (tests/cluster/build.sh, not built: skipped); BENCH_OPERATOR=0 skips it"
-  row "operator RSS with 5,000 unrelated Secrets" "not measured" "≤ 100 MiB" "—" \
-    "needs the control-plane binaries (tests/cluster/build.sh)"
+  why="control-plane binaries missing (tests/cluster/build.sh)"
+  { [ "${BENCH_OPERATOR:-1}" != 1 ] || skip operator; } && why="skipped (BENCH_OPERATOR=0 or BENCH_SKIP)"
+  row "operator: $OPC connectors applied → all Programmed" "not measured: $why" "≤ 60 s" "—" \
+    "tests/bench/operator.sh"
+  row "operator RSS at $OPC connectors" "not measured: $why" "≤ 200 MiB" "—" \
+    "tests/bench/operator.sh"
 fi
 
 # ------------------------------------------------------------------------------------------
