@@ -106,6 +106,8 @@ for f in "$W"/connectors/*.json; do k create -f "$f" >/dev/null; done
 CREATED_S=$(since "$t0")
 PROG=0
 for _ in $(seq 600); do
+  # An operator that died (or was killed) programs nothing more: do not wait out the loop.
+  kill -0 "$OP_PID" 2>/dev/null || break
   PROG=$(k get partnerconnectors -n partners -o json | python3 tests/bench/gen-objects.py programmed)
   [ "$PROG" -ge "$NC" ] && break
   sleep 0.5
