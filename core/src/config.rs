@@ -94,6 +94,12 @@ pub enum SenderAuthentication {
     Dmarc,
 }
 
+impl SenderAuthentication {
+    pub fn is_none(&self) -> bool {
+        *self == SenderAuthentication::None
+    }
+}
+
 /// The fleet-level default for unclaimed mail.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, JsonSchema)]
 pub enum UnclaimedSenderAuthentication {
@@ -297,7 +303,11 @@ impl Default for Limits {
             reserved_connections_percent: 10,
             stress_percent: 80,
             ipv6_prefix_length: 64,
-            max_header_size: 256 * 1024,
+            // Postfix's header_size_limit: a header section past it is truncated by the
+            // organisation's own MTA anyway. Held once per session in DATA, so the worst case
+            // is this × maxConnections (100 MiB at the defaults, within the chart's pod limit;
+            // 256 KiB before, held twice, could pass it).
+            max_header_size: 100 * 1024,
         }
     }
 }
@@ -374,8 +384,10 @@ pub struct InboundConnector {
     pub restrict_to_ip_ranges: bool,
     #[serde(default)]
     pub restrict_to_certificate: bool,
-    /// How the partner's identity must be authenticated beyond these rules.
-    #[serde(default)]
+    /// How the partner's identity must be authenticated beyond these rules. Left out of the
+    /// file when `None`, so a gateway older than the setting (which refuses unknown fields)
+    /// still loads a connectors file that does not use it.
+    #[serde(default, skip_serializing_if = "SenderAuthentication::is_none")]
     pub sender_authentication: SenderAuthentication,
 }
 
@@ -837,6 +849,23 @@ fn check_policy_modes(errors: &mut Vec<FieldError>, p: &str, c: &OutboundConnect
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A gateway older than `senderAuthentication` refuses unknown fields: a connector that
+    /// does not use it must not carry it.
+    #[test]
+    fn sender_authentication_none_is_left_out_of_the_file() {
+        let mut c: InboundConnector = serde_json::from_value(serde_json::json!({
+            "name": "mail/contoso",
+            "domains": ["contoso.example"]
+        }))
+        .unwrap();
+        let v = serde_json::to_value(&c).unwrap();
+        assert!(v.get("senderAuthentication").is_none(), "{v}");
+        c.sender_authentication = SenderAuthentication::Dmarc;
+        let v = serde_json::to_value(&c).unwrap();
+        assert_eq!(v["senderAuthentication"], "DMARC");
+        assert_eq!(serde_json::from_value::<InboundConnector>(v).unwrap(), c);
+    }
 
     #[test]
     fn bind_ip_replaces_only_unspecified_addresses() {

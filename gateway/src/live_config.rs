@@ -153,10 +153,12 @@ pub struct LiveConfig {
     pub resolver: Arc<crate::mx::MxResolver>,
     /// SPF/DKIM/DMARC on the same `dnsResolver` (built on first use).
     pub auth: Arc<crate::auth::resolver::AuthResolver>,
-    /// `senderAuthentication` of the Inbound connectors that set one other than None, by
-    /// name: looked up once per claimed transaction, so the cost does not grow with the
-    /// number of connectors.
-    pub sender_auth: std::collections::HashMap<String, crate::config::SenderAuthentication>,
+    /// `senderAuthentication` of the Inbound connectors that set one other than None, and
+    /// their index in `connectors.inbound` (whose `domains` bound the signers and From:
+    /// domains that count), by name: looked up once per claimed transaction, so the cost
+    /// does not grow with the number of connectors.
+    pub sender_auth:
+        std::collections::HashMap<String, (crate::config::SenderAuthentication, usize)>,
 }
 
 impl std::fmt::Debug for LiveConfig {
@@ -554,8 +556,9 @@ pub fn load(paths: &ConfigPaths) -> Result<LiveConfig, Vec<FieldError>> {
     let sender_auth = connectors
         .inbound
         .iter()
-        .filter(|c| c.sender_authentication != crate::config::SenderAuthentication::None)
-        .map(|c| (c.name.clone(), c.sender_authentication))
+        .enumerate()
+        .filter(|(_, c)| c.sender_authentication != crate::config::SenderAuthentication::None)
+        .map(|(i, c)| (c.name.clone(), (c.sender_authentication, i)))
         .collect();
 
     match (server_tls, upstream) {

@@ -276,6 +276,16 @@ pub mod auth {
         )
     }
 
+    /// Unclaimed mail under `EnforceDmarcReject` whose header section is over
+    /// `limits.maxHeaderSize`: DMARC cannot be decided, and a `p=reject` From: could hide in it.
+    pub fn header_too_large() -> Reply {
+        Reply::owned(
+            552,
+            [5, 3, 4],
+            "Header section too large to authenticate (limits.maxHeaderSize)".to_string(),
+        )
+    }
+
     /// Required DMARC did not pass, or the From: domain's `p=reject` was enforced.
     pub fn dmarc_failed(domain: &str, why: &str) -> Reply {
         Reply::owned(

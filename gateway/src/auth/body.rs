@@ -7,9 +7,12 @@
 //! parses only the held header section, verifies each signature's header hash and key with
 //! `verify_dkim` as if the body hash it claims (`bh=`) were right, stamps that result, and
 //! then feeds the body to `mail-auth`'s own incremental canonicalizer (`BodyHasher`) here.
-//! At the end of DATA a claimed `bh=` that does not match what was computed breaks the stamped
-//! `pass`: the session then aborts the next hop's transaction without its final dot (as for
-//! a bare LF) and refuses the message, so a stamp the body contradicts is never delivered.
+//! The hash of a slot does not depend on any claim, so one hasher serves every signature of
+//! the slot, each judged against its own `bh=` ([`super::verdict::body_verdict`]). A claim
+//! that does not match breaks that signature: if it was stamped `pass` (the decision rested
+//! on it), the session aborts the next hop's transaction without its final dot (as for a bare
+//! LF) and refuses the message, so a stamp the body contradicts is never delivered; any other
+//! pre-body pass was stamped `neutral` and just becomes `fail` in the logs and metrics.
 //! Memory: a few hash states, whatever the message size.
 
 use mail_auth::common::crypto::{HashAlgorithm, HashContext, HashImpl, Sha1, Sha256};

@@ -1,24 +1,32 @@
-//! The DNS-backed checks, with `mail-auth`: SPF at MAIL FROM, DKIM and DMARC once the header
-//! section is complete, and the Authentication-Results header (RFC 8601) that stamps them.
+//! The DNS-backed checks, with `mail-auth`: SPF (at MAIL FROM, or at DATA when not enforced),
+//! DKIM and DMARC once the header section is complete, and the Authentication-Results header
+//! (RFC 8601) that stamps them. Each step runs within [`AuthResolver::deadline`]; past it the
+//! result is `temperror`.
 //!
 //! DKIM is verified from the held header section alone: `mail-auth` is given each
 //! signature's claimed body hash in place of the body's (its `AuthenticatedMessage` fields are
-//! public in 0.13), so it checks the header hash, the key record and `i=`; the body is then
-//! hashed incrementally ([`super::body`]) and a claimed hash it contradicts refuses the
-//! message. Why: see [`super::body`].
+//! public in 0.13), one signature at a time, so it checks the header hash, the key record and
+//! `i=`; the body is then hashed incrementally ([`super::body`]) and each claim judged at the
+//! end of DATA. Invariant: the stamp says `dkim=pass` (and `dmarc=pass` resting on it) only
+//! for signatures whose broken body hash refuses the message; others are stamped `neutral`.
+//! Why: see [`super::body`].
 
 use std::net::IpAddr;
+use std::time::Instant;
 
 use mail_auth::common::crypto::HashAlgorithm;
 use mail_auth::dmarc::Policy;
 use mail_auth::dmarc::verify::DmarcParameters;
 use mail_auth::spf::verify::SpfParameters;
-use mail_auth::{AuthenticatedMessage, AuthenticationResults, SpfOutput, SpfResult};
+use mail_auth::{
+    AuthenticatedMessage, AuthenticationResults, DkimOutput, DmarcResult, SpfOutput, SpfResult,
+};
 
 use super::body::Slot;
+use super::headers::{self, HeaderProblem};
 use super::plan::Plan;
 use super::resolver::AuthResolver;
-use super::verdict::{DmarcSummary, Outcome, SignatureResult};
+use super::verdict::{self, DmarcSummary, Outcome, SignatureResult};
 
 /// At most this many DKIM-Signature headers are verified (each costs DNS lookups); the rest
 /// are ignored (RFC 6376 6.1 lets a verifier limit them), so a header section full of
@@ -50,13 +58,18 @@ impl Envelope<'_> {
     }
 }
 
-/// SPF for the MAIL FROM identity (the HELO identity for `<>`), RFC 7208.
+/// SPF for the MAIL FROM identity (the HELO identity for `<>`), RFC 7208, within the
+/// resolver's deadline ([`AuthResolver::deadline`]): past it the result is `temperror` (451),
+/// never a `permerror` (550) — `mail-auth` turns a slow lookup chain (20 s) into a permerror
+/// of its lookup limit, which would refuse mail for good because a DNS server was slow.
 pub async fn spf(resolver: &AuthResolver, env: &Envelope<'_>) -> SpfOutput {
+    let temperror =
+        || SpfOutput::new(env.spf_domain().to_string()).with_result(SpfResult::TempError);
     let auth = match resolver.get() {
         Ok(a) => a,
         Err(e) => {
             tracing::warn!(error = %e, "SPF: no DNS resolver");
-            return SpfOutput::new(env.spf_domain().to_string()).with_result(SpfResult::TempError);
+            return temperror();
         }
     };
     let params = if env.sender.is_empty() {
@@ -64,18 +77,34 @@ pub async fn spf(resolver: &AuthResolver, env: &Envelope<'_>) -> SpfOutput {
     } else {
         SpfParameters::verify_mail_from(env.ip, env.helo, env.host, env.sender)
     };
-    auth.verify_spf(params).await
+    let deadline = resolver.deadline();
+    let started = Instant::now();
+    match tokio::time::timeout(deadline, auth.verify_spf(params)).await {
+        Ok(out) if out.result() == SpfResult::PermError && started.elapsed() >= deadline => {
+            temperror()
+        }
+        Ok(out) => out,
+        Err(_) => {
+            tracing::warn!(domain = env.spf_domain(), "SPF: deadline passed");
+            temperror()
+        }
+    }
 }
 
 /// What the end of the header section decided.
 #[derive(Debug, Clone)]
 pub struct MessageResults {
+    /// Each DKIM signature's result before the body (`pass`: header hash and key verified, the
+    /// body hash it claims still to be checked).
     pub signatures: Vec<SignatureResult>,
     /// The body hashes to compute while the body streams.
     pub slots: Vec<Slot>,
     pub dmarc: Option<DmarcSummary>,
-    /// The DKIM result stamped for the `auth=` token (for the envelope sender's domain).
-    pub dkim: Option<Outcome>,
+    /// The DKIM result when it was decided without signatures (no resolver, deadline passed,
+    /// header section not evaluated); else `None` and it is derived from `signatures`.
+    pub dkim_decided: Option<Outcome>,
+    /// Why the header section was not evaluated as it stands.
+    pub problem: Option<HeaderProblem>,
     /// `Authentication-Results: …\r\n`.
     pub header: String,
 }
@@ -87,73 +116,150 @@ pub fn spf_header(env: &Envelope<'_>, spf: &SpfOutput) -> String {
     format!("Authentication-Results: {ar}\r\n")
 }
 
+/// The comment our stamp carries for a result that rests on a body not yet seen.
+const NOT_VERIFIED: &str = "(body hash not verified at stamping time)";
+
 /// DKIM and DMARC over the held header section (`logical`: un-stuffed, ending with the empty
-/// line). `None` header section (over `limits.maxHeaderSize`): both are `permerror`.
+/// line; `None`: over `limits.maxHeaderSize`). `partner`: the claiming connector's `domains`
+/// (`None` for unclaimed mail), which bound the signers that count for `senderAuthentication:
+/// DKIM`.
 pub async fn message(
     resolver: &AuthResolver,
     plan: &Plan,
     env: &Envelope<'_>,
     spf: Option<&SpfOutput>,
     logical: Option<&[u8]>,
+    partner: Option<&[String]>,
+) -> MessageResults {
+    let deadline = resolver.deadline();
+    let decided = tokio::time::timeout(
+        deadline,
+        message_inner(resolver, plan, env, spf, logical, partner),
+    )
+    .await;
+    match decided {
+        Ok(r) => r,
+        Err(_) => {
+            tracing::warn!(domain = env.spf_domain(), "DKIM/DMARC: deadline passed");
+            undecided(
+                plan,
+                env,
+                spf,
+                Outcome::TempError,
+                "DNS deadline passed",
+                None,
+            )
+        }
+    }
+}
+
+/// Results when the message checks could not run: every one of them is `outcome`.
+fn undecided(
+    plan: &Plan,
+    env: &Envelope<'_>,
+    spf: Option<&SpfOutput>,
+    outcome: Outcome,
+    why: &str,
+    problem: Option<HeaderProblem>,
 ) -> MessageResults {
     let mut ar = AuthenticationResults::new(env.host);
     if let Some(spf) = spf {
         ar = ar.with_spf_mailfrom_result(spf, env.ip, env.sender, env.helo);
     }
     let mut extra = String::new();
-    let auth = resolver.get();
-    let parsed = logical.and_then(AuthenticatedMessage::parse);
-    let (Some(mut msg), Ok(auth)) = (parsed, auth) else {
-        // Over the limit, no parsable header, or no resolver: nothing can pass.
-        let (outcome, why) = match (logical, resolver.get()) {
-            (None, _) => (
-                Outcome::PermError,
-                "header section over limits.maxHeaderSize",
-            ),
-            (_, Err(_)) => (Outcome::TempError, "no DNS resolver"),
-            _ => (Outcome::PermError, "no parsable header section"),
-        };
-        if plan.dkim {
-            extra.push_str(&format!(";\r\n\tdkim={} ({why})", outcome.as_str()));
-        }
-        if plan.dmarc {
-            extra.push_str(&format!(";\r\n\tdmarc={} ({why})", outcome.as_str()));
-        }
-        return MessageResults {
-            signatures: Vec::new(),
-            slots: Vec::new(),
-            dmarc: plan.dmarc.then(|| DmarcSummary {
-                outcome,
-                domain: String::new(),
-                policy_reject: false,
-            }),
-            dkim: plan.dkim.then_some(outcome),
-            header: format!("Authentication-Results: {ar}{extra}\r\n"),
-        };
-    };
-    limit_signatures(&mut msg);
-    // Each body-hash slot gets the hash its first signature claims: verify_dkim then judges
-    // the header hash and key; the body is judged against the same claim at the end of DATA.
-    let claims: Vec<(Slot, Vec<u8>)> = msg
-        .dkim_headers
-        .iter()
-        .map(|h| {
-            let s = &h.header;
-            ((s.cb, HashAlgorithm::from(s.a), s.l), s.bh.clone())
-        })
-        .collect();
-    for (c, h, l, bh) in &mut msg.body_hashes {
-        if let Some((_, claim)) = claims.iter().find(|(slot, _)| *slot == (*c, *h, *l)) {
-            bh.clone_from(claim);
-        }
+    if plan.dkim {
+        extra.push_str(&format!(";\r\n\tdkim={} ({why})", outcome.as_str()));
     }
+    if plan.dmarc {
+        extra.push_str(&format!(";\r\n\tdmarc={} ({why})", outcome.as_str()));
+    }
+    MessageResults {
+        signatures: Vec::new(),
+        slots: Vec::new(),
+        dmarc: plan.dmarc.then(|| DmarcSummary {
+            outcome,
+            domain: String::new(),
+            policy_reject: false,
+            spf_aligned: false,
+        }),
+        dkim_decided: plan.dkim.then_some(outcome),
+        problem,
+        header: format!("Authentication-Results: {ar}{extra}\r\n"),
+    }
+}
+
+async fn message_inner(
+    resolver: &AuthResolver,
+    plan: &Plan,
+    env: &Envelope<'_>,
+    spf: Option<&SpfOutput>,
+    logical: Option<&[u8]>,
+    partner: Option<&[String]>,
+) -> MessageResults {
+    let auth = match resolver.get() {
+        Ok(a) => a,
+        Err(_) => return undecided(plan, env, spf, Outcome::TempError, "no DNS resolver", None),
+    };
+    let Some(logical) = logical else {
+        let p = HeaderProblem::OverLimit;
+        return undecided(plan, env, spf, Outcome::PermError, p.reason(), Some(p));
+    };
+    // Our own reading first, then mail-auth's must end the section exactly where ours does:
+    // a section the two read differently is not evaluated (see HeaderProblem::Malformed).
+    let parsed = match headers::check_section(logical) {
+        Some(HeaderProblem::Malformed) => None,
+        _ => AuthenticatedMessage::parse(logical).filter(|m| m.body_offset() == logical.len()),
+    };
+    let Some(mut msg) = parsed else {
+        let p = HeaderProblem::Malformed;
+        return undecided(plan, env, spf, Outcome::PermError, p.reason(), Some(p));
+    };
+    let mut problem = headers::check_section(logical);
+    let mut from_domains: Vec<&str> = msg
+        .from
+        .iter()
+        .filter_map(|f| f.rsplit_once('@').map(|(_, d)| d))
+        .collect();
+    from_domains.dedup();
+    if from_domains.len() > 1 {
+        problem = Some(HeaderProblem::MultipleFrom);
+    }
+    limit_signatures(&mut msg);
     let from = msg.from.first().cloned().unwrap_or_default();
-    let dkim_outputs = if plan.dkim {
-        auth.verify_dkim(&msg).await
+
+    // Each signature is verified on its own against the body hash it claims (`verify_dkim`
+    // compares a signature's `bh=` with the message's hash for its (c, a, l) slot, and two
+    // signatures of one slot may claim different hashes: a stale one and a current one).
+    // The body is then hashed once per slot and each claim judged at the end of DATA.
+    let singles: Vec<AuthenticatedMessage<'_>> = if plan.dkim {
+        let mut v = Vec::with_capacity(msg.dkim_headers.len().max(1));
+        if msg.errors.is_empty() && msg.dkim_headers.is_empty() {
+            // No signature: nothing to verify.
+        } else if msg.dkim_headers.is_empty() {
+            let mut one = msg.clone();
+            one.body_hashes.clear();
+            v.push(one);
+        }
+        for (i, h) in msg.dkim_headers.iter().enumerate() {
+            let mut one = msg.clone();
+            if i > 0 {
+                // Malformed signatures are reported once.
+                one.errors.clear();
+            }
+            let s = &h.header;
+            one.body_hashes = vec![(s.cb, HashAlgorithm::from(s.a), s.l, s.bh.clone())];
+            one.dkim_headers = vec![h.clone()];
+            v.push(one);
+        }
+        v
     } else {
         Vec::new()
     };
-    let signatures: Vec<SignatureResult> = dkim_outputs
+    let mut dkim_outputs: Vec<DkimOutput<'_>> = Vec::new();
+    for one in &singles {
+        dkim_outputs.extend(auth.verify_dkim(one).await);
+    }
+    let mut signatures: Vec<SignatureResult> = dkim_outputs
         .iter()
         .map(|o| {
             let (domain, slot, body_hash) = o.signature().map_or_else(
@@ -166,7 +272,7 @@ pub async fn message(
                 },
                 |s| {
                     (
-                        s.d.clone(),
+                        s.d.to_ascii_lowercase(),
                         (s.cb, HashAlgorithm::from(s.a), s.l),
                         s.bh.clone(),
                     )
@@ -177,44 +283,99 @@ pub async fn message(
                 outcome: Outcome::dkim(o.result()),
                 slot,
                 body_hash,
+                aligned: false,
+                stamped_pass: false,
             }
         })
         .collect();
-    if plan.dkim {
-        if dkim_outputs.is_empty() {
-            extra.push_str(";\r\n\tdkim=none");
-        } else {
-            ar = ar.with_dkim_results(&dkim_outputs, &from);
-        }
-    }
+
     let dmarc = if plan.dmarc {
         let default_spf = SpfOutput::new(env.spf_domain().to_string());
-        let spf = spf.unwrap_or(&default_spf);
+        let spf_out = spf.unwrap_or(&default_spf);
         let out = auth
             .verify_dmarc(DmarcParameters::new(
                 &msg,
                 &dkim_outputs,
                 env.spf_domain(),
-                spf,
+                spf_out,
             ))
             .await;
-        // After the DKIM part, which `extra` may hold (`dkim=none`).
-        extra.push_str(
-            &AuthenticationResults::new("")
-                .with_dmarc_result(&out)
-                .to_string(),
-        );
-        Some(DmarcSummary {
-            outcome: Outcome::dmarc(&out.result()),
-            domain: out.domain().to_string(),
-            policy_reject: out.policy() == Policy::Reject,
-        })
+        let spf_aligned = *out.spf_result() == DmarcResult::Pass;
+        if *out.dkim_result() == DmarcResult::Pass && !spf_aligned {
+            // Which signatures the DKIM half of the pass rests on: each alone (the DMARC
+            // record is in the resolver's cache by now).
+            for (i, o) in dkim_outputs.iter().enumerate() {
+                if signatures[i].outcome != Outcome::Pass {
+                    continue;
+                }
+                let alone = auth
+                    .verify_dmarc(DmarcParameters::new(
+                        &msg,
+                        std::slice::from_ref(o),
+                        env.spf_domain(),
+                        spf_out,
+                    ))
+                    .await;
+                signatures[i].aligned = *alone.dkim_result() == DmarcResult::Pass;
+            }
+        }
+        Some((out, spf_aligned))
     } else {
         None
     };
-    let dkim = plan
-        .dkim
-        .then(|| super::verdict::dkim_for_sender(&signatures, env.spf_domain()));
+    let summary = dmarc.as_ref().map(|(out, spf_aligned)| DmarcSummary {
+        outcome: Outcome::dmarc(&out.result()),
+        domain: out.domain().to_ascii_lowercase(),
+        policy_reject: out.policy() == Policy::Reject,
+        spf_aligned: *spf_aligned,
+    });
+    // Which pre-body passes the decision rests on: only those are stamped `pass` (and a body
+    // that breaks one refuses the message); the others are stamped `neutral`.
+    verdict::mark_stamped_passes(
+        plan,
+        &mut signatures,
+        summary.as_ref(),
+        env.spf_domain(),
+        partner,
+    );
+
+    let mut ar = AuthenticationResults::new(env.host);
+    if let Some(spf) = spf {
+        ar = ar.with_spf_mailfrom_result(spf, env.ip, env.sender, env.helo);
+    }
+    let mut extra = String::new();
+    if plan.dkim {
+        if dkim_outputs.is_empty() {
+            extra.push_str(";\r\n\tdkim=none");
+        }
+        for (o, s) in dkim_outputs.iter().zip(&signatures) {
+            let part = AuthenticationResults::new("")
+                .with_dkim_result(o, &from)
+                .to_string();
+            if s.outcome == Outcome::Pass && !s.stamped_pass {
+                extra.push_str(&part.replacen(
+                    "dkim=pass",
+                    &format!("dkim=neutral {NOT_VERIFIED}"),
+                    1,
+                ));
+            } else {
+                extra.push_str(&part);
+            }
+        }
+    }
+    if let (Some((out, _)), Some(sum)) = (&dmarc, &summary) {
+        let part = AuthenticationResults::new("")
+            .with_dmarc_result(out)
+            .to_string();
+        if verdict::dmarc_pass_rests_on_unstamped(sum, &signatures) {
+            // A pass only an unverified body could confirm, which no refusal backs: not
+            // claimed (RFC 7489 results have no neutral; `none` makes a reader apply no
+            // policy, where `fail` could make it reject good mail).
+            extra.push_str(&part.replacen("dmarc=pass", &format!("dmarc=none {NOT_VERIFIED}"), 1));
+        } else {
+            extra.push_str(&part);
+        }
+    }
     let mut slots: Vec<Slot> = Vec::new();
     for s in signatures.iter().filter(|s| s.outcome == Outcome::Pass) {
         if !slots.contains(&s.slot) {
@@ -224,8 +385,9 @@ pub async fn message(
     MessageResults {
         signatures,
         slots,
-        dmarc,
-        dkim,
+        dmarc: summary,
+        dkim_decided: None,
+        problem,
         header: format!("Authentication-Results: {ar}{extra}\r\n"),
     }
 }

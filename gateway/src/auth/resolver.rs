@@ -1,6 +1,7 @@
 //! The `mail-auth` authenticator of one loaded config, on the fleet's `dnsResolver` (or the
 //! system resolver), built on first use inside the tokio runtime. A resolver that cannot be
-//! built makes every check `temperror` (never a pass).
+//! built makes every check `temperror` (never a pass), and so does a step that outlives
+//! [`AuthResolver::deadline`].
 
 use std::net::SocketAddr;
 use std::sync::OnceLock;
@@ -11,9 +12,17 @@ use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts,
 use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use mail_auth::MessageAuthenticator;
 
+/// Tries per DNS query.
+const ATTEMPTS: u32 = 2;
+
+/// Below the 20 s after which `mail-auth`'s SPF lookup limit reports `permerror` (a refusal
+/// for good), so a slow DNS server gives `temperror` first.
+pub const MAX_DEADLINE: Duration = Duration::from_secs(15);
+
 pub struct AuthResolver {
     server: Option<SocketAddr>,
     timeout: Duration,
+    deadline: Duration,
     inner: OnceLock<Result<MessageAuthenticator, String>>,
 }
 
@@ -31,8 +40,15 @@ impl AuthResolver {
         AuthResolver {
             server,
             timeout,
+            deadline: (timeout * ATTEMPTS).min(MAX_DEADLINE),
             inner: OnceLock::new(),
         }
+    }
+
+    /// How long one step (SPF; DKIM and DMARC of one message) may take: one lookup's timeout
+    /// times its attempts, at most [`MAX_DEADLINE`]. Past it the step is `temperror` (451).
+    pub fn deadline(&self) -> Duration {
+        self.deadline
     }
 
     pub fn get(&self) -> Result<&MessageAuthenticator, String> {
@@ -65,7 +81,7 @@ fn build(server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver,
     };
     let opts = builder.options_mut();
     opts.timeout = timeout;
-    opts.attempts = 2;
+    opts.attempts = ATTEMPTS as usize;
     builder
         .build()
         .map_err(|e| format!("cannot build the DNS resolver: {e}"))

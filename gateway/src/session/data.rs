@@ -9,7 +9,9 @@
 //! DMARC are decided on it, and only then are our trace headers (with Authentication-Results)
 //! and the held headers forwarded; the body streams through incremental body hashes. A
 //! required check that fails, or a stamped DKIM pass the body contradicts, is refused the same
-//! way as a bare LF: no final dot at the next hop.
+//! way as a bare LF: no final dot at the next hop. SPF that is evaluated but not required is
+//! looked up here, before 354 (see `session::mail`). DATA lines are borrowed from the read
+//! buffer, never copied; the header section is held once ([`HeaderBlock`]).
 
 use std::time::Instant;
 
@@ -40,12 +42,54 @@ fn header_safe(s: &str) -> String {
         .collect()
 }
 
-/// The `auth=` token once DKIM/DMARC are decided (`broken`: a stamped DKIM pass the body
-/// contradicted).
-fn auth_token(auth: &TxAuth, r: &MessageResults, broken: bool) -> Option<String> {
-    let spf = auth.spf.as_ref().map(|s| Outcome::spf(s.result()));
-    let dkim = if broken { Some(Outcome::Fail) } else { r.dkim };
-    verdict::auth_token(&auth.plan, spf, dkim, r.dmarc.as_ref().map(|d| d.outcome))
+/// The partner's `domains` of the claiming connector, when it sets `senderAuthentication`.
+fn partner_domains(rt: &crate::live_config::LiveConfig, auth: &TxAuth) -> Option<Vec<String>> {
+    auth.partner
+        .and_then(|i| rt.connectors.inbound.get(i))
+        .map(|c| c.domains.clone())
+}
+
+/// The DKIM and DMARC results: as stamped before the body (`after_body: None`: a pass no
+/// refusal backs is not claimed), or final once the body is hashed.
+fn outcomes(
+    auth: &TxAuth,
+    r: &MessageResults,
+    sender_domain: &str,
+    partner: Option<&[String]>,
+    stamped: bool,
+) -> (Option<Outcome>, Option<Outcome>) {
+    let sigs: Vec<verdict::SignatureResult>;
+    let view = if stamped {
+        sigs = r
+            .signatures
+            .iter()
+            .cloned()
+            .map(|mut s| {
+                if s.outcome == Outcome::Pass && !s.stamped_pass {
+                    s.outcome = Outcome::Neutral;
+                }
+                s
+            })
+            .collect();
+        &sigs
+    } else {
+        &r.signatures
+    };
+    let dkim = r.dkim_decided.or_else(|| {
+        auth.plan
+            .dkim
+            .then(|| verdict::dkim_for_sender(view, sender_domain, partner))
+    });
+    let dmarc = r.dmarc.as_ref().map(|d| {
+        if stamped && verdict::dmarc_pass_rests_on_unstamped(d, &r.signatures) {
+            Outcome::None
+        } else if stamped {
+            d.outcome
+        } else {
+            verdict::dmarc_after_body(d, &r.signatures)
+        }
+    });
+    (dkim, dmarc)
 }
 
 /// What sender authentication stamps: the Authentication-Results header and the `auth=` token
@@ -124,38 +168,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         auth: &TxAuth,
         sender: &str,
         logical: Option<&[u8]>,
+        partner: Option<&[String]>,
+        connector: &str,
     ) -> (Stamp, MessageResults, Option<Refusal>) {
         let plan = auth.plan;
         let helo = self.helo.clone().unwrap_or_default();
         let env = self.auth_envelope(sender, &helo);
-        let results =
-            evaluate::message(&self.rt.auth, &plan, &env, auth.spf.as_ref(), logical).await;
+        let results = evaluate::message(
+            &self.rt.auth,
+            &plan,
+            &env,
+            auth.spf.as_ref(),
+            logical,
+            partner,
+        )
+        .await;
         let refusal = verdict::message_refusal(
             &plan,
             &results.signatures,
-            results.dkim,
+            results.dkim_decided,
             results.dmarc.as_ref(),
+            results.problem,
             env.spf_domain(),
+            partner,
+            connector,
         );
+        let (dkim, dmarc) = outcomes(auth, &results, env.spf_domain(), partner, true);
+        let spf = auth.spf.as_ref().map(|s| Outcome::spf(s.result()));
         let stamp = Stamp {
             header: results.header.clone(),
-            token: auth_token(auth, &results, false),
+            token: verdict::auth_token(&plan, spf, dkim, dmarc),
         };
         (stamp, results, refusal)
     }
 
-    /// Counts the final DKIM and DMARC results (SPF was counted at MAIL FROM).
-    fn count_message_auth(&self, connector: &str, r: &MessageResults, broken: bool) {
-        if let Some(dkim) = r.dkim {
-            let dkim = if broken { Outcome::Fail } else { dkim };
+    /// Counts the final DKIM and DMARC results (SPF was counted when evaluated).
+    fn count_message_auth(&self, connector: &str, dkim: Option<Outcome>, dmarc: Option<Outcome>) {
+        if let Some(dkim) = dkim {
             self.ctx
                 .metrics
                 .sender_auth(connector, "dkim", dkim.as_str());
         }
-        if let Some(d) = &r.dmarc {
-            self.ctx
-                .metrics
-                .sender_auth(connector, "dmarc", d.outcome.as_str());
+        if let Some(d) = dmarc {
+            self.ctx.metrics.sender_auth(connector, "dmarc", d.as_str());
         }
     }
 
@@ -179,7 +234,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let Transaction {
             decision,
             relay,
-            auth,
+            mut auth,
         } = tx;
         let plan = auth.plan;
         // Only sender authentication needs it after the relay takes the envelope.
@@ -188,6 +243,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         } else {
             relay.envelope().sender.clone()
         };
+        // SPF that is evaluated but not required waits for DATA (see session::mail).
+        if plan.spf && auth.spf.is_none() {
+            auth.spf = Some(self.spf_for(&connector, &sender).await);
+        }
+        let partner = partner_domains(&self.rt, &auth);
+        let partner = partner.as_deref();
         // With DKIM/DMARC our headers wait for the end of the header section.
         let mut held = plan
             .needs_message()
@@ -236,31 +297,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         loop {
             let pending = &self.rbuf[self.rpos..];
             if let Some(i) = pending.iter().position(|b| *b == b'\n') {
-                let line = pending[..=i].to_vec();
+                // Borrowed, not copied: only `&self` is used until the next read.
+                let start = self.rpos;
                 self.rpos += i + 1;
+                let line = &self.rbuf[start..self.rpos];
                 let was_headers = filter.in_headers();
-                match filter.push_line(&line) {
+                match filter.push_line(line) {
                     Action::End => break,
                     Action::Drop => continue,
                     Action::Forward => {}
                 }
                 if let Some(mut block) = held.take() {
                     let ends = was_headers && !filter.in_headers();
-                    if !ends && block.push(&line) {
+                    if !ends && block.push(line) {
                         held = Some(block);
                         continue;
                     }
                     // The header section is complete, or too large to hold: decide now.
                     let logical = ends.then(|| block.logical());
                     let (stamp, r, refusal) = self
-                        .decide_message(&auth, &sender, logical.as_deref())
+                        .decide_message(&auth, &sender, logical, partner, &connector)
                         .await;
                     if refusal.is_none() {
                         transfer
                             .write(&self.trace_headers(&decision, &route, Some(&stamp)))
                             .await;
-                        transfer.write(block.wire()).await;
-                        transfer.write(&line).await;
+                        for piece in block.wire_pieces() {
+                            transfer.write(piece).await;
+                        }
+                        transfer.write(line).await;
                     }
                     if ends {
                         hashes = Some(BodyHashes::new(r.slots.iter().copied()));
@@ -274,9 +339,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 if let Some(h) = hashes.as_mut() {
                     // The body as the next hop stores it: one leading dot removed.
-                    h.write(line.strip_prefix(b".").unwrap_or(&line));
+                    h.write(line.strip_prefix(b".").unwrap_or(line));
                 }
-                transfer.write(&line).await;
+                transfer.write(line).await;
                 continue;
             }
             if pending.len() > max_line {
@@ -325,35 +390,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.reply(&reply);
             return Flow::Continue;
         }
-        if let Some(block) = held.take() {
+        if let Some(mut block) = held.take() {
             // DATA ended inside the header section: a message without a body.
-            let logical = block.logical();
-            let (stamp, r, refusal) = self.decide_message(&auth, &sender, Some(&logical)).await;
+            let (stamp, r, refusal) = self
+                .decide_message(&auth, &sender, Some(block.logical()), partner, &connector)
+                .await;
             if refusal.is_none() {
                 transfer
                     .write(&self.trace_headers(&decision, &route, Some(&stamp)))
                     .await;
-                transfer.write(block.wire()).await;
+                for piece in block.wire_pieces() {
+                    transfer.write(piece).await;
+                }
             }
             hashes = Some(BodyHashes::new(r.slots.iter().copied()));
             auth_refusal = refusal;
             results = Some(r);
         }
-        let mut broken = false;
         if auth_refusal.is_none()
-            && let (Some(h), Some(r)) = (hashes.take(), results.as_ref())
+            && let (Some(h), Some(r)) = (hashes.take(), results.as_mut())
         {
-            let computed = h.finish();
-            let domains = verdict::broken_passes(&r.signatures, &computed);
-            if !domains.is_empty() {
-                broken = true;
-                auth_refusal = Some(verdict::body_changed_refusal(&plan, &domains));
+            let v = verdict::body_verdict(&r.signatures, &h.finish());
+            if !v.broken_stamped.is_empty() {
+                auth_refusal = Some(verdict::body_changed_refusal(&plan, &v.broken_stamped));
             }
+            r.signatures = v.signatures;
         }
-        let token = results.as_ref().and_then(|r| auth_token(&auth, r, broken));
-        if let Some(r) = &results {
-            self.count_message_auth(&connector, r, broken);
-        }
+        // Logged and counted: the final results, the body's verdict included.
+        let token = results.as_ref().and_then(|r| {
+            let helo = self.helo.clone().unwrap_or_default();
+            let env = self.auth_envelope(&sender, &helo);
+            let (dkim, dmarc) = outcomes(&auth, r, env.spf_domain(), partner, false);
+            self.count_message_auth(&connector, dkim, dmarc);
+            let spf = auth.spf.as_ref().map(|s| Outcome::spf(s.result()));
+            verdict::auth_token(&plan, spf, dkim, dmarc)
+        });
         if let Some(refusal) = auth_refusal {
             // As for a bare LF: no final dot, so the next hop discards what it got.
             transfer.abort();

@@ -1,6 +1,8 @@
 //! MAIL FROM: syntax and parameter checks, then the sender decision (which connector claims
 //! the transaction and whether its rules are met) from the pure policy, then SPF when the
-//! sender-authentication plan evaluates it (`550 5.7.23` when required and not passed). Nothing
+//! sender-authentication plan requires it (`550 5.7.23` when not passed). SPF that is only
+//! evaluated (DMARC, `Stamp`) waits for DATA, so a client looping MAIL/RSET cannot make the
+//! gateway query DNS per command; a session evaluates one (sender, HELO) pair once. Nothing
 //! is sent to a next hop yet: that happens at the first RCPT the policy allows.
 
 use std::borrow::Cow;
@@ -8,10 +10,10 @@ use std::borrow::Cow;
 use smtp_proto::MailFrom;
 use tokio::io::{AsyncRead, AsyncWrite};
 
-use super::{Decision, Flow, Session, Transaction, TxAuth};
-use crate::auth::Plan;
+use super::{Decision, Flow, Session, SpfCache, Transaction, TxAuth};
 use crate::auth::evaluate::{self, Envelope as AuthEnvelope};
 use crate::auth::verdict::{self, Outcome};
+use crate::auth::{Enforce, Plan};
 use crate::policy::{self, SenderDecision};
 use crate::relay::{Envelope, RelayTransaction};
 use crate::reply::fixed;
@@ -33,42 +35,71 @@ fn mail_params_unsupported(m: &MailFrom<Cow<'_, str>>) -> bool {
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
-    /// The sender-authentication plan of an accepted sender decision.
-    fn auth_plan(&self, decision: &SenderDecision) -> Plan {
-        let claimed = decision
-            .connector
-            .as_ref()
-            .map(|name| self.rt.sender_auth.get(name).copied().unwrap_or_default());
-        Plan::for_transaction(
-            claimed,
+    /// The sender-authentication plan of an accepted sender decision, and the index of the
+    /// claiming connector when it sets `senderAuthentication`.
+    fn auth_plan(&self, decision: &SenderDecision) -> (Plan, Option<usize>) {
+        let claimed = decision.connector.as_ref().map(|name| {
+            self.rt
+                .sender_auth
+                .get(name)
+                .map_or((Default::default(), None), |(s, i)| (*s, Some(*i)))
+        });
+        let plan = Plan::for_transaction(
+            claimed.map(|c| c.0),
             decision.internal,
             self.rt.fleet.unclaimed_sender_authentication,
-        )
+        );
+        (plan, claimed.and_then(|c| c.1))
     }
 
-    /// SPF for the plan: `Err` when required and not passed (refused, logged, counted).
+    /// SPF for `sender` from this session's HELO, evaluated once per (sender, HELO) pair per
+    /// session and counted under `connector` each time it is used.
+    pub(super) async fn spf_for(&mut self, connector: &str, sender: &str) -> mail_auth::SpfOutput {
+        let helo = self.helo.clone().unwrap_or_default();
+        let out = match &self.spf_cache {
+            Some(c) if c.sender == sender && c.helo == helo => c.out.clone(),
+            _ => {
+                let rt = self.rt.clone();
+                let env = AuthEnvelope {
+                    ip: self.ctx.client_ip,
+                    helo: &helo,
+                    sender,
+                    host: &rt.fleet.hostname,
+                };
+                let out = evaluate::spf(&rt.auth, &env).await;
+                self.spf_cache = Some(SpfCache {
+                    sender: sender.to_string(),
+                    helo: helo.clone(),
+                    out: out.clone(),
+                });
+                out
+            }
+        };
+        self.ctx
+            .metrics
+            .sender_auth(connector, "spf", Outcome::spf(out.result()).as_str());
+        out
+    }
+
+    /// Required SPF: `Err` when not passed (refused, logged, counted).
     async fn check_spf(
         &mut self,
         plan: &Plan,
         connector: &str,
         sender: &str,
     ) -> Result<Option<mail_auth::SpfOutput>, ()> {
-        if !plan.spf {
+        if plan.enforce != Enforce::Spf {
             return Ok(None);
         }
-        let rt = self.rt.clone();
+        let out = self.spf_for(connector, sender).await;
+        let outcome = Outcome::spf(out.result());
         let helo = self.helo.clone().unwrap_or_default();
         let env = AuthEnvelope {
             ip: self.ctx.client_ip,
             helo: &helo,
             sender,
-            host: &rt.fleet.hostname,
+            host: "",
         };
-        let out = evaluate::spf(&rt.auth, &env).await;
-        let outcome = Outcome::spf(out.result());
-        self.ctx
-            .metrics
-            .sender_auth(connector, "spf", outcome.as_str());
         let token = format!("spf:{}", outcome.as_str());
         match verdict::spf_refusal(plan, outcome, env.spf_domain()) {
             None => Ok(Some(out)),
@@ -125,7 +156,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.ctx.metrics.message(connector, "inbound", "rejected");
             }
             Ok(()) => {
-                let plan = self.auth_plan(&decision);
+                let (plan, partner) = self.auth_plan(&decision);
                 let Ok(spf) = self.check_spf(&plan, connector, &from.address).await else {
                     return Flow::Continue;
                 };
@@ -152,7 +183,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 self.tx = Some(Transaction {
                     decision,
                     relay: RelayTransaction::new(envelope),
-                    auth: TxAuth { plan, spf },
+                    auth: TxAuth { plan, spf, partner },
                 });
                 self.reply(&fixed::SENDER_OK);
             }

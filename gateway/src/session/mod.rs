@@ -59,8 +59,20 @@ struct Transaction {
 /// What sender authentication decided at MAIL FROM ([`crate::auth`]).
 struct TxAuth {
     plan: crate::auth::Plan,
-    /// The SPF result, when the plan evaluates SPF.
+    /// The SPF result: decided at MAIL FROM when required, else at DATA (when the plan
+    /// evaluates SPF).
     spf: Option<mail_auth::SpfOutput>,
+    /// Index in `connectors.inbound` of the claiming connector that sets
+    /// `senderAuthentication` (its `domains` bound what counts).
+    partner: Option<usize>,
+}
+
+/// The last SPF result of this session, by (MAIL FROM address, HELO name): a client looping
+/// MAIL/RSET with the same identity costs one evaluation, not one per command.
+struct SpfCache {
+    sender: String,
+    helo: String,
+    out: mail_auth::SpfOutput,
 }
 
 pub struct Session<S> {
@@ -81,6 +93,7 @@ pub struct Session<S> {
     pool: IdlePool,
     /// Discarding the rest of an over-long command line.
     skipping_line: bool,
+    spf_cache: Option<SpfCache>,
 }
 
 /// One SMTP decision for the `decision` log target: the fields every decision line carries
@@ -120,6 +133,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             tx: None,
             pool: IdlePool::default(),
             skipping_line: false,
+            spf_cache: None,
         }
     }
 

@@ -150,6 +150,12 @@ fn world(fleet: Value, inbound_connectors: Vec<Value>) -> World {
                     ),
                     Zone::unsigned("other.test", &[&c_spf, &other.record]),
                     Zone::unsigned("soft.test", &[&s_spf]),
+                    // A domain anyone could register: SPF, a DKIM key and a DMARC record of
+                    // its own, so its mail passes DMARC for itself.
+                    Zone::unsigned(
+                        "attacker.test",
+                        &[&c_spf, &other.record, "_dmarc TXT \"v=DMARC1; p=none\""],
+                    ),
                     Zone::servfail("temp.test"),
                 ],
             );
@@ -357,7 +363,8 @@ fn dkim_pass_and_a_message_altered_after_signing_is_not_relayed() {
     );
     assert_code(&w.send(w.bad, "a@temp.test", &temp).end, "451 4.7.5");
     assert_eq!(w.metric("mail/contoso", "dkim", "temperror"), 1);
-    std::thread::sleep(Duration::from_millis(300));
+    // Each refusal was decided (and the next hop's transaction dropped without its final
+    // dot) before the client got its reply, so nothing more can reach the sink.
     assert_eq!(
         w.f.sink.messages().len(),
         1,
@@ -452,7 +459,9 @@ fn dmarc_aligned_via_spf_via_dkim_and_unaligned() {
     assert_code(&o.end, "550 5.7.26");
     assert_eq!(w.metric("mail/partner", "dmarc", "pass"), 2);
     assert_eq!(w.metric("mail/partner", "dmarc", "fail"), 1);
-    std::thread::sleep(Duration::from_millis(300));
+    w.f.gw
+        .wait_log(&["\"rule\":\"dmarc\"", "\"outcome\":\"rejected\""]);
+    // Refused before the reply, without a final dot at the next hop: nothing more arrives.
     assert_eq!(w.f.sink.messages().len(), 2);
 }
 
@@ -571,4 +580,211 @@ fn header_section_over_the_hold_limit_is_streamed_as_permerror() {
     );
     assert_code(&w.send(w.good, "a@contoso.test", &signed).end, "550 5.7.1");
     assert_eq!(w.metric("none", "dkim", "permerror"), 1);
+}
+
+/// The DKIM-Signature field(s) a signed message starts with.
+fn signature_fields(signed: &[u8]) -> Vec<u8> {
+    let text = String::from_utf8(signed.to_vec()).expect("utf-8");
+    let at = text.find("\r\nFrom:").expect("From: after the signature") + 2;
+    signed[..at].to_vec()
+}
+
+/// Inserts `line` just before the empty line that ends the header section.
+fn before_empty_line(msg: &[u8], line: &str) -> Vec<u8> {
+    let text = String::from_utf8(msg.to_vec()).expect("utf-8");
+    let at = text.find("\r\n\r\n").expect("empty line") + 2;
+    format!("{}{line}{}", &text[..at], &text[at..]).into_bytes()
+}
+
+/// Regression (review finding 1): a line without a colon before the empty line ends
+/// mail-auth's header section but not ours, so a replayed signed message with text injected
+/// there kept `dkim=pass` while the next hop read the text as body (or as more headers).
+/// Such a section is not evaluated: permerror, refused where DKIM is required.
+#[test]
+fn a_line_without_a_colon_in_the_header_section_is_not_stamped_pass() {
+    let w = world(
+        json!({"unclaimedSenderAuthentication": "Stamp"}),
+        vec![partner("mail/contoso", &["contoso.test"], "DKIM")],
+    );
+    let signed = sign(
+        &message("a@contoso.test", "replay", "original body\r\n"),
+        "contoso.test",
+        &w.contoso,
+    );
+    let injected = before_empty_line(&signed, "Pay invoice 42 to account 666 today\r\n");
+    let o = w.send(w.bad, "a@contoso.test", &injected);
+    assert_code(&o.end, "550 5.7.1");
+    let log =
+        w.f.gw
+            .wait_log(&["\"rule\":\"dkim\"", "\"auth\":\"dkim:permerror\""]);
+    assert!(log.contains("malformed header section"), "{log}");
+    assert!(w.f.sink.messages().is_empty(), "nothing relayed");
+    // Unclaimed (Stamp): delivered, stamped permerror, never pass.
+    let other = sign(
+        &message("a@other.test", "replay2", "original body\r\n"),
+        "other.test",
+        &w.other,
+    );
+    let injected = before_empty_line(&other, "injected text\r\n");
+    assert_code(&w.send(w.good, "a@other.test", &injected).end, "250");
+    let ar = our_auth_results(&w.delivered());
+    assert!(
+        ar.contains("dkim=permerror") && !ar.contains("dkim=pass"),
+        "{ar}"
+    );
+}
+
+/// Regression (review finding 2): `senderAuthentication: DMARC` was met by a DMARC pass of
+/// any From: domain — an attacker's own domain, signed with its own key.
+#[test]
+fn dmarc_connector_refuses_a_pass_for_a_from_domain_outside_the_partners() {
+    let w = world(
+        json!({}),
+        vec![partner("mail/contoso", &["contoso.test"], "DMARC")],
+    );
+    // MAIL FROM contoso.test (claims the connector, SPF passes but is not aligned with
+    // From:), From: attacker.test signed by attacker.test: DMARC passes for attacker.test.
+    let signed = sign(
+        &message("ceo@attacker.test", "spoof", "x\r\n"),
+        "attacker.test",
+        &w.other,
+    );
+    let o = w.send(w.good, "a@contoso.test", &signed);
+    assert_code(&o.end, "550 5.7.26");
+    let log = w.f.gw.wait_log(&["\"rule\":\"dmarcFromDomain\""]);
+    assert!(log.contains("attacker.test"), "{log}");
+    assert!(w.f.sink.messages().is_empty(), "nothing relayed");
+    // The partner's own From: domain still passes.
+    let signed = sign(
+        &message("a@contoso.test", "own", "x\r\n"),
+        "contoso.test",
+        &w.contoso,
+    );
+    assert_code(&w.send(w.bad, "a@contoso.test", &signed).end, "250");
+}
+
+/// Regression (review finding 3): under `EnforceDmarcReject` a p=reject From: domain could be
+/// dodged with a second From: field, a line parsers disagree on, or a header section over
+/// `limits.maxHeaderSize`.
+#[test]
+fn unclaimed_p_reject_is_not_dodged_by_the_header_section_shape() {
+    let w = world(
+        json!({"unclaimedSenderAuthentication": "EnforceDmarcReject", "limits": {"maxHeaderSize": 1024}}),
+        vec![],
+    );
+    let two_from = b"From: <ceo@contoso.test>\r\nFrom: <a@other.test>\r\nSubject: two\r\n\r\nx\r\n";
+    assert_code(
+        &w.send(w.good, "bounce@other.test", two_from).end,
+        "550 5.7.26",
+    );
+    let hidden = b"Subject: hidden\r\nnot a header\r\nFrom: <ceo@contoso.test>\r\n\r\nx\r\n";
+    assert_code(
+        &w.send(w.good, "bounce@other.test", hidden).end,
+        "550 5.7.26",
+    );
+    let padding: String = (0..20)
+        .map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(60)))
+        .collect();
+    let big = format!("{padding}From: <ceo@contoso.test>\r\nSubject: big\r\n\r\nx\r\n");
+    assert_code(
+        &w.send(w.good, "bounce@other.test", big.as_bytes()).end,
+        "552 5.3.4",
+    );
+    w.f.gw.wait_log(&["\"rule\":\"dmarcReject\"", "552"]);
+    assert!(w.f.sink.messages().is_empty(), "nothing relayed");
+    // A well-formed message of a domain without p=reject still passes through.
+    let ok = message("a@other.test", "fine", "x\r\n");
+    assert_code(&w.send(w.good, "a@other.test", &ok).end, "250");
+}
+
+/// Regression (review finding 4): a stale signature (over an earlier body) above a current
+/// one took the body-hash slot's claim: the current signature failed before the body and the
+/// stale one, stamped pass, refused the message at the end — whatever the plan, Stamp too.
+#[test]
+fn a_stale_signature_neither_hides_a_current_one_nor_refuses_good_mail() {
+    let w = world(
+        json!({"unclaimedSenderAuthentication": "Stamp"}),
+        vec![partner(
+            "mail/partner",
+            &["contoso.test", "soft.test"],
+            "DMARC",
+        )],
+    );
+    let stale = sign(
+        &message("a@contoso.test", "stale", "first version\r\n"),
+        "other.test",
+        &w.other,
+    );
+    let stale_sig = signature_fields(&stale);
+    let current = sign(
+        &message("a@contoso.test", "stale", "edited version\r\n"),
+        "contoso.test",
+        &w.contoso,
+    );
+    let mut msg = stale_sig;
+    msg.extend_from_slice(&current);
+    // Required DMARC, SPF not aligned (soft.test): the current contoso signature decides.
+    let o = w.send(w.good, "bounce@soft.test", &msg);
+    assert_code(&o.end, "250");
+    let m = w.delivered();
+    let ar = our_auth_results(&m);
+    let parts: Vec<&str> = ar.split(';').map(str::trim).collect();
+    assert!(
+        parts
+            .iter()
+            .any(|p| p.starts_with("dkim=pass") && p.contains("contoso.test header.s=sel")),
+        "{ar}"
+    );
+    assert!(
+        parts
+            .iter()
+            .any(|p| p.starts_with("dkim=neutral") && p.contains("other.test header.s=sel")),
+        "the stale signature: {ar}"
+    );
+    assert!(ar.contains("dmarc=pass"), "{ar}");
+    assert!(connector_header(&m).contains("auth=dmarc:pass"));
+    // Unclaimed (Stamp): never refused; nothing before the body is stamped pass.
+    let o = w.send(w.good, "bounce@other.test", &msg);
+    assert_code(&o.end, "250");
+    let msgs = w.f.sink.wait_messages(2);
+    let ar = our_auth_results(&msgs[1]);
+    assert!(
+        !ar.contains("dkim=pass") && !ar.contains("dmarc=pass") && ar.contains("dkim=neutral"),
+        "{ar}"
+    );
+    // Logged and counted: the final results, the body's verdict included.
+    assert_eq!(w.metric("none", "dmarc", "pass"), 1);
+    assert_eq!(
+        w.metric("none", "dkim", "pass"),
+        0,
+        "other.test's signature broke"
+    );
+}
+
+/// Regression (review finding 8): SPF that is only evaluated ran at every MAIL FROM, so a
+/// client looping MAIL/RSET made the gateway query DNS per command. It now runs at DATA.
+#[test]
+fn spf_not_required_is_not_evaluated_per_mail_from() {
+    let w = world(json!({"unclaimedSenderAuthentication": "Stamp"}), vec![]);
+    let (mut c, g) = Wire::connect(w.f.gw.smtp, Some(w.good));
+    assert_eq!(g.map(|g| g.code), Some(220));
+    c.send(b"EHLO partner.test\r\n");
+    assert_eq!(c.read_reply(WAIT).map(|r| r.code), Some(250));
+    for _ in 0..5 {
+        c.send(b"MAIL FROM:<a@other.test>\r\n");
+        assert_eq!(c.read_reply(WAIT).map(|r| r.code), Some(250));
+        c.send(b"RSET\r\n");
+        assert_eq!(c.read_reply(WAIT).map(|r| r.code), Some(250));
+    }
+    c.send(b"QUIT\r\n");
+    assert_eq!(c.read_reply(WAIT).map(|r| r.code), Some(221));
+    // A transaction that reaches DATA is evaluated (once).
+    let o = w.send(
+        w.good,
+        "a@other.test",
+        &message("a@other.test", "s", "x\r\n"),
+    );
+    assert_code(&o.end, "250");
+    assert!(our_auth_results(&w.delivered()).contains("spf=pass"));
+    assert_eq!(w.metric("none", "spf", "pass"), 1);
 }
