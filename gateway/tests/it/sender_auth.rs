@@ -788,3 +788,96 @@ fn spf_not_required_is_not_evaluated_per_mail_from() {
     assert!(our_auth_results(&w.delivered()).contains("spf=pass"));
     assert_eq!(w.metric("none", "spf", "pass"), 1);
 }
+
+/// An authoritative DNS server for `slow.test` that answers every query correctly but only
+/// after `delay_ms` (python3, one thread per query): a slow server, not a dead one.
+struct SlowDns {
+    child: std::process::Child,
+}
+
+impl Drop for SlowDns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const SLOW_DNS: &str = r#"
+import socket, struct, sys, threading, time
+ip, delay, includes = sys.argv[1], float(sys.argv[2]) / 1000, int(sys.argv[3])
+records = {"slow.test": "v=spf1 " + " ".join(f"include:i{n}.slow.test" for n in range(includes)) + " -all"}
+for n in range(includes):
+    records[f"i{n}.slow.test"] = "v=spf1 -all"
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((ip, 53))
+print("ready", flush=True)
+def answer(q, peer):
+    time.sleep(delay)
+    i, labels = 12, []
+    while q[i]:
+        labels.append(q[i + 1:i + 1 + q[i]].decode().lower()); i += 1 + q[i]
+    qtype = struct.unpack(">H", q[i + 1:i + 3])[0]
+    question = q[12:i + 5]
+    txt = records.get(".".join(labels))
+    if txt is not None and qtype == 16:
+        data = txt.encode()
+        rdata = b"".join(bytes([len(data[k:k + 255])]) + data[k:k + 255] for k in range(0, len(data), 255))
+        ans = b"\xc0\x0c" + struct.pack(">HHIH", 16, 1, 60, len(rdata)) + rdata
+        head = struct.pack(">HHHHHH", struct.unpack(">H", q[:2])[0], 0x8580, 1, 1, 0, 0)
+    else:
+        rcode = 0 if txt is not None else 3
+        ans = b""
+        head = struct.pack(">HHHHHH", struct.unpack(">H", q[:2])[0], 0x8580 | rcode, 1, 0, 0, 0)
+    s.sendto(head + question + ans, peer)
+while True:
+    q, peer = s.recvfrom(4096)
+    threading.Thread(target=answer, args=(q, peer), daemon=True).start()
+"#;
+
+fn slow_dns(ip: Ipv4Addr, delay_ms: u64, includes: usize) -> SlowDns {
+    use std::io::BufRead;
+    let mut child = Command::new(require_tool("python3"))
+        .args(["-c", SLOW_DNS])
+        .arg(ip.to_string())
+        .arg(delay_ms.to_string())
+        .arg(includes.to_string())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut line)
+        .expect("ready line");
+    assert_eq!(line.trim(), "ready");
+    SlowDns { child }
+}
+
+/// Regression (review finding 6): SPF had no deadline of its own, and `mail-auth` turns an
+/// evaluation that takes 20 s into a `permerror` of its lookup limit — a slow DNS server
+/// made required SPF refuse mail for good (`550 5.7.24`). Now the step ends at the deadline
+/// (2 × the 3 s query timeout here) as `temperror`: `451 4.7.24`, the sender retries.
+#[test]
+fn slow_dns_gives_spf_temperror_not_permerror() {
+    let mut dns = None;
+    let f = Fixture::build(
+        SinkOptions::default(),
+        |net, s| {
+            // 2.5 s per answer, 9 includes: every query answers within its 3 s timeout, the
+            // whole evaluation takes 25 s.
+            dns = Some(slow_dns(net.ip(53), 2500, 9));
+            s.fleet(json!({
+                "dnsResolver": net.ip(53).to_string(),
+                "timeouts": {"nextHopSecs": 3}
+            }))
+        },
+        |_, _| connectors(vec![partner("mail/slow", &["slow.test"], "SPF")]),
+    );
+    let _dns = dns.expect("dns started");
+    let (mut w, g) = Wire::connect(f.gw.smtp, Some(f.net.client(0)));
+    assert_eq!(g.map(|g| g.code), Some(220));
+    w.send(b"EHLO partner.test\r\n");
+    assert_eq!(w.read_reply(WAIT).map(|r| r.code), Some(250));
+    w.send(b"MAIL FROM:<a@slow.test>\r\n");
+    assert_code(&w.read_reply(Duration::from_secs(60)), "451 4.7.24");
+    f.gw.wait_log(&["\"auth\":\"spf:temperror\""]);
+}
