@@ -206,7 +206,8 @@ async fn message_inner(
     };
     // Our own reading first, then mail-auth's must end the section exactly where ours does:
     // a section the two read differently is not evaluated (see HeaderProblem::Malformed).
-    let parsed = match headers::check_section(logical) {
+    let mut problem = headers::check_section(logical);
+    let parsed = match problem {
         Some(HeaderProblem::Malformed) => None,
         _ => AuthenticatedMessage::parse(logical).filter(|m| m.body_offset() == logical.len()),
     };
@@ -214,7 +215,6 @@ async fn message_inner(
         let p = HeaderProblem::Malformed;
         return undecided(plan, env, spf, Outcome::PermError, p.reason(), Some(p));
     };
-    let mut problem = headers::check_section(logical);
     let mut from_domains: Vec<&str> = msg
         .from
         .iter()
