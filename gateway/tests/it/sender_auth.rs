@@ -881,3 +881,27 @@ fn slow_dns_gives_spf_temperror_not_permerror() {
     assert_code(&w.read_reply(Duration::from_secs(60)), "451 4.7.24");
     f.gw.wait_log(&["\"auth\":\"spf:temperror\""]);
 }
+
+/// Regression (review finding 10): a message refused because the body broke the DKIM pass
+/// its DMARC pass rested on was logged and counted as `dmarc:pass`.
+#[test]
+fn dmarc_refused_for_a_broken_body_is_logged_and_counted_as_fail() {
+    let w = world(
+        json!({}),
+        vec![partner("mail/contoso", &["contoso.test"], "DMARC")],
+    );
+    let signed = sign(
+        &message("a@contoso.test", "broken", "signed body\r\n"),
+        "contoso.test",
+        &w.contoso,
+    );
+    let text = String::from_utf8(signed).expect("utf-8");
+    let altered = text.replace("signed body", "SIGNED BODY").into_bytes();
+    // SPF fails (client not authorized): the DMARC pass rests on the DKIM signature alone.
+    assert_code(&w.send(w.bad, "a@contoso.test", &altered).end, "550 5.7.26");
+    let log = w.f.gw.wait_log(&["\"rule\":\"dkimBodyHash\""]);
+    assert!(log.contains("\"auth\":\"dmarc:fail\""), "{log}");
+    assert_eq!(w.metric("mail/contoso", "dmarc", "fail"), 1);
+    assert_eq!(w.metric("mail/contoso", "dmarc", "pass"), 0);
+    assert!(w.f.sink.messages().is_empty(), "nothing relayed");
+}
