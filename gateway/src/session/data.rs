@@ -43,14 +43,18 @@ fn header_safe(s: &str) -> String {
 }
 
 /// The partner's `domains` of the claiming connector, when it sets `senderAuthentication`.
-fn partner_domains(rt: &crate::live_config::LiveConfig, auth: &TxAuth) -> Option<Vec<String>> {
+fn partner_domains<'a>(
+    rt: &'a crate::live_config::LiveConfig,
+    auth: &TxAuth,
+) -> Option<&'a [String]> {
     auth.partner
         .and_then(|i| rt.connectors.inbound.get(i))
-        .map(|c| c.domains.clone())
+        .map(|c| c.domains.as_slice())
 }
 
-/// The DKIM and DMARC results: as stamped before the body (`after_body: None`: a pass no
-/// refusal backs is not claimed), or final once the body is hashed.
+/// The DKIM and DMARC results: as stamped before the body (`stamped`: a pass no refusal
+/// backs is not claimed, see [`verdict::mark_stamped_passes`]), or final once the body is
+/// hashed.
 fn outcomes(
     auth: &TxAuth,
     r: &MessageResults,
@@ -247,8 +251,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if plan.spf && auth.spf.is_none() {
             auth.spf = Some(self.spf_for(&connector, &sender).await);
         }
-        let partner = partner_domains(&self.rt, &auth);
-        let partner = partner.as_deref();
+        // Borrowed from this session's config, which outlives the transaction.
+        let config = self.rt.clone();
+        let partner = partner_domains(&config, &auth);
         // With DKIM/DMARC our headers wait for the end of the header section.
         let mut held = plan
             .needs_message()
