@@ -215,6 +215,16 @@ async fn message_inner(
         let p = HeaderProblem::Malformed;
         return undecided(plan, env, spf, Outcome::PermError, p.reason(), Some(p));
     };
+    // The From: fields mail-auth read must be the ones a reader sees (it skips `From :`).
+    let theirs = msg
+        .headers
+        .iter()
+        .filter(|(name, _)| name.eq_ignore_ascii_case(b"from"))
+        .count();
+    if theirs != headers::from_fields(logical) {
+        let p = HeaderProblem::Malformed;
+        return undecided(plan, env, spf, Outcome::PermError, p.reason(), Some(p));
+    }
     let mut from_domains: Vec<&str> = msg
         .from
         .iter()
@@ -223,6 +233,8 @@ async fn message_inner(
     from_domains.dedup();
     if from_domains.len() > 1 {
         problem = Some(HeaderProblem::MultipleFrom);
+    } else if from_domains.is_empty() && theirs > 0 && problem.is_none() {
+        problem = Some(HeaderProblem::FromNotParsable);
     }
     limit_signatures(&mut msg);
     let from = msg.from.first().cloned().unwrap_or_default();

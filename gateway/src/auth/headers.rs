@@ -174,6 +174,9 @@ pub enum HeaderProblem {
     /// allows one field; RFC 7489 6.6.1: DMARC cannot judge such a message, and a reader may
     /// show the author it was not applied to).
     MultipleFrom,
+    /// A From: field without an address DMARC can read (RFC 7489 6.6.1: no single properly
+    /// formed From:), though a reader may still show one.
+    FromNotParsable,
 }
 
 impl HeaderProblem {
@@ -182,6 +185,7 @@ impl HeaderProblem {
             HeaderProblem::OverLimit => "header section over limits.maxHeaderSize",
             HeaderProblem::Malformed => "malformed header section",
             HeaderProblem::MultipleFrom => "more than one From: field or domain",
+            HeaderProblem::FromNotParsable => "no address in the From: field",
         }
     }
 }
@@ -222,6 +226,17 @@ pub fn check_section(logical: &[u8]) -> Option<HeaderProblem> {
         return Some(HeaderProblem::Malformed);
     }
     (from_fields > 1).then_some(HeaderProblem::MultipleFrom)
+}
+
+/// How many From: fields the section has as readers count them (obsolete white space before
+/// the colon included). `mail-auth` does not count `From :`, so the caller compares: a From:
+/// the DMARC library does not see must not pass unjudged.
+pub fn from_fields(logical: &[u8]) -> usize {
+    logical
+        .split_inclusive(|b| *b == b'\n')
+        .filter_map(|l| l.iter().position(|b| *b == b':').map(|c| &l[..c]))
+        .filter(|name| name.trim_ascii_end().eq_ignore_ascii_case(b"from"))
+        .count()
 }
 
 #[cfg(test)]

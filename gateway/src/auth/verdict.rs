@@ -712,6 +712,10 @@ mod tests {
             Some("550 5.7.26")
         );
         assert_eq!(r(HeaderProblem::Malformed).as_deref(), Some("550 5.7.26"));
+        assert_eq!(
+            r(HeaderProblem::FromNotParsable).as_deref(),
+            Some("550 5.7.26")
+        );
         assert_eq!(r(HeaderProblem::OverLimit).as_deref(), Some("552 5.3.4"));
         // Required DMARC refuses several From: fields too.
         assert_eq!(

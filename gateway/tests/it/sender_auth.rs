@@ -682,6 +682,15 @@ fn unclaimed_p_reject_is_not_dodged_by_the_header_section_shape() {
         &w.send(w.good, "bounce@other.test", hidden).end,
         "550 5.7.26",
     );
+    // Obsolete syntax (white space before the colon): a From: to readers, another field to
+    // the DKIM/DMARC library.
+    let obs = b"From : <ceo@contoso.test>\r\nSubject: obs\r\n\r\nx\r\n";
+    assert_code(&w.send(w.good, "bounce@other.test", obs).end, "550 5.7.26");
+    let no_address = b"From: ceo at contoso.test\r\nSubject: none\r\n\r\nx\r\n";
+    assert_code(
+        &w.send(w.good, "bounce@other.test", no_address).end,
+        "550 5.7.26",
+    );
     let padding: String = (0..20)
         .map(|i| format!("X-Pad-{i}: {}\r\n", "p".repeat(60)))
         .collect();
