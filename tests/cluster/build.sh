@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Build (once) and cache the test control plane binaries from published Go modules:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm,
-#   cert-manager-controller and cmctl (plus cert-manager's CRDs, from the same module).
+#   kube-proxy, cert-manager-controller and cmctl (plus cert-manager's CRDs, from the same
+#   module), and coredns (only the plugins the cluster DNS uses).
 # Versions come from versions.env. Binaries are cached outside the repo under
-#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{k8s,etcd,helm,cert-manager}-<version>/bin/
+#   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{k8s,etcd,helm,cert-manager,coredns}-<version>/bin/
 # and a directory of symlinks to all of them (and to cert-manager.crds.yaml) is kept at
 #   ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/bin/k8s-<v>_etcd-<v>_helm-<v>_cert-manager-<v>/
 #
@@ -33,18 +34,19 @@ K8S_DIR=$CACHE/k8s-$K8S_VERSION
 ETCD_DIR=$CACHE/etcd-$ETCD_VERSION
 HELM_DIR=$CACHE/helm-$HELM_VERSION
 CM_DIR=$CACHE/cert-manager-$CERT_MANAGER_VERSION
+DNS_DIR=$CACHE/coredns-$COREDNS_VERSION
 BIN_DIR=$CACHE/bin/k8s-${K8S_VERSION}_etcd-${ETCD_VERSION}_helm-${HELM_VERSION}_cert-manager-${CERT_MANAGER_VERSION}
-K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+K8S_BINS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy)
 # binary name -> package under github.com/cert-manager/cert-manager/cmd
 declare -A CM_PKG=([cert-manager-controller]=controller [cmctl]=ctl)
 CM_BINS=(cert-manager-controller cmctl)
 CM_CRDS=$CM_DIR/crds/cert-manager.crds.yaml
 
 # name -> cached path
-declare -A BIN_PATH=([etcd]=$ETCD_DIR/bin/etcd [helm]=$HELM_DIR/bin/helm)
+declare -A BIN_PATH=([etcd]=$ETCD_DIR/bin/etcd [helm]=$HELM_DIR/bin/helm [coredns]=$DNS_DIR/bin/coredns)
 for b in "${K8S_BINS[@]}"; do BIN_PATH[$b]=$K8S_DIR/bin/$b; done
 for b in "${CM_BINS[@]}"; do BIN_PATH[$b]=$CM_DIR/bin/$b; done
-ALL_BINS=(etcd "${K8S_BINS[@]}" helm "${CM_BINS[@]}")
+ALL_BINS=(etcd "${K8S_BINS[@]}" helm "${CM_BINS[@]}" coredns)
 
 all_cached() {
   local b
@@ -137,9 +139,16 @@ etcd_build() {
 
 # ---- kubernetes --------------------------------------------------------------------------------
 k8s_prepare() {
-  local src=$K8S_DIR/src
+  local src=$K8S_DIR/src b
   mkdir -p "$src"
-  [ -f "$src/.ready" ] && return 0
+  if [ -f "$src/.ready" ]; then
+    # A binary added to K8S_BINS after the module was prepared (kube-proxy) needs its imports in
+    # tools.go and go.sum: prepare again (a warm module cache makes that a few seconds).
+    for b in "${K8S_BINS[@]}"; do
+      grep -q "k8s.io/kubernetes/cmd/$b\"" "$src/tools.go" 2>/dev/null || { rm -f "$src/.ready"; break; }
+    done
+    [ -f "$src/.ready" ] && return 0
+  fi
   local json gomod
   json=$("${GO[@]}" mod download -json "k8s.io/kubernetes@$K8S_VERSION")
   gomod=$(printf '%s\n' "$json" | sed -n 's/^[[:space:]]*"GoMod": "\(.*\)",\{0,1\}$/\1/p')
@@ -284,8 +293,42 @@ cm_crds() {
   echo "prepared cert-manager CRDs -> $CM_CRDS"
 }
 
+# ---- coredns -----------------------------------------------------------------------------------
+# A scratch module with its own main that links only the plugins the cluster DNS uses (the
+# documented way to build CoreDNS with a chosen plugin set): the full build pulls every cloud
+# provider SDK for plugins the cluster never loads. The plugin ORDER is CoreDNS's own
+# (core/dnsserver's directive list), not the import order.
+DNS_PLUGINS=(bind errors log health ready kubernetes cache loadbalance template)
+dns_prepare() {
+  local src=$DNS_DIR/src p
+  mkdir -p "$src"
+  [ -f "$src/.ready" ] && return 0
+  printf 'module partnergate.local/coredns-build\n\ngo 1.26.0\n\nrequire github.com/coredns/coredns %s\n' \
+    "$COREDNS_VERSION" >"$src/go.mod"
+  {
+    echo "// CoreDNS with the plugins of the test cluster's DNS only (tests/cluster/up.sh)."
+    echo "package main"
+    echo
+    echo "import ("
+    echo "	_ \"github.com/coredns/coredns/core/dnsserver\""
+    echo "	\"github.com/coredns/coredns/coremain\""
+    for p in "${DNS_PLUGINS[@]}"; do echo "	_ \"github.com/coredns/coredns/plugin/$p\""; done
+    echo ")"
+    echo
+    echo "func main() { coremain.Run() }"
+  } >"$src/main.go"
+  rm -f "$src/go.sum"
+  (cd "$src" && "${GO[@]}" mod tidy)
+  touch "$src/.ready"
+}
+dns_build() {
+  dns_prepare
+  cd "$DNS_DIR/src"
+  "${GO[@]}" build -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" -o "$TMP_OUT" .
+}
+
 # ---- main --------------------------------------------------------------------------------------
-echo "partnergate test control plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, cert-manager $CERT_MANAGER_VERSION (cache: $CACHE)"
+echo "partnergate test control plane: k8s $K8S_VERSION, etcd $ETCD_VERSION, helm $HELM_VERSION, cert-manager $CERT_MANAGER_VERSION, coredns $COREDNS_VERSION (cache: $CACHE)"
 build_one etcd "$ETCD_VERSION" "${BIN_PATH[etcd]}" etcd_build
 for b in "${K8S_BINS[@]}"; do
   build_one "$b" "$K8S_VERSION" "${BIN_PATH[$b]}" k8s_build "$b"
@@ -295,6 +338,7 @@ for b in "${CM_BINS[@]}"; do
   build_one "$b" "$CERT_MANAGER_VERSION" "${BIN_PATH[$b]}" cm_build "$b"
 done
 cm_crds
+build_one coredns "$COREDNS_VERSION" "${BIN_PATH[coredns]}" dns_build
 
 mkdir -p "$BIN_DIR"
 for b in "${ALL_BINS[@]}"; do ln -sfn "${BIN_PATH[$b]}" "$BIN_DIR/$b"; done

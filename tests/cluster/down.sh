@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# Stop the test control plane started by up.sh (by its pid files) and remove its state dir.
+# Stop the test control plane started by up.sh (by its pid files), remove what it added to the
+# machine's network (pod IPs, CoreDNS address, kube-proxy's chains; the shared guard routes when
+# no other cluster uses them; see common.sh pg_net_down) and remove its state dir.
 #   tests/cluster/down.sh           stop + remove $STATE
 #   tests/cluster/down.sh --keep    stop, keep $STATE (logs, certs, etcd data) for inspection
 set -euo pipefail
@@ -13,6 +15,7 @@ case "${1:-}" in
 esac
 
 if [ ! -e "$STATE" ]; then
+  pg_net_down   # a crashed run's addresses/routes/chains, if any
   pg_log "no cluster state at $STATE: nothing to do"
   exit 0
 fi
@@ -21,6 +24,7 @@ if [ ! -f "$STATE/$STATE_MARKER" ]; then
   exit 1
 fi
 pg_stop_all
+pg_net_down
 if [ "$keep" = 1 ]; then
   pg_log "cluster stopped; state kept in $STATE"
 else

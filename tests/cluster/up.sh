@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Start a real Kubernetes control plane on loopback only:
-#   etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
+#   network guard -> etcd -> kube-apiserver -> kube-controller-manager -> kube-scheduler
+#   [-> kube-proxy -> CoreDNS, with SERVICES=1: the default cluster]
 # Binaries from build.sh (built on first use, cached after). Admin kubeconfig: $STATE/kubeconfig.
 # If the cluster is already up and healthy, says so and exits 0; leftovers of a dead cluster in
 # $STATE are stopped and wiped first. Knobs (env): see common.sh and README.md.
@@ -16,7 +17,7 @@ if [ -n "${PARTNERGATE_BIN_DIR:-}" ]; then
 else
   BIN=$("$PG_CLUSTER_DIR/build.sh" --print-bin-dir)
 fi
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy coredns; do
   [ -x "$BIN/$b" ] || { echo "up.sh: $BIN/$b missing (run tests/cluster/build.sh)" >&2; exit 1; }
 done
 
@@ -34,13 +35,16 @@ api_readyz() {  # prints the body; exit status from curl
 # ---- already up? -------------------------------------------------------------------------------
 if [ -f "$STATE/$STATE_MARKER" ]; then
   alive=0
-  for c in "${COMPONENTS[@]}"; do [ -n "$(pg_pid "$c")" ] && alive=$((alive + 1)); done
-  if [ "$alive" -eq "${#COMPONENTS[@]}" ] && [ "$(api_readyz)" = ok ]; then
+  expected=("${COMPONENTS[@]}")
+  [ "$SERVICES" = 1 ] && expected+=(kube-proxy coredns)
+  for c in "${expected[@]}"; do [ -n "$(pg_pid "$c")" ] && alive=$((alive + 1)); done
+  if [ "$alive" -eq "${#expected[@]}" ] && [ "$(api_readyz)" = ok ]; then
     pg_log "cluster already up and healthy: $API_URL (KUBECONFIG=$KUBECONFIG_ADMIN)"
     exit 0
   fi
-  pg_log "found a stale/partial cluster in $STATE ($alive of ${#COMPONENTS[@]} components alive): stopping and wiping it"
+  pg_log "found a stale/partial cluster in $STATE ($alive of ${#expected[@]} components alive): stopping and wiping it"
   pg_stop_all
+  pg_net_down
   rm -rf "$STATE"
 elif [ -e "$STATE" ] && [ -n "$(ls -A "$STATE" 2>/dev/null)" ]; then
   echo "up.sh: $STATE exists, is not empty and is not a partnergate cluster state dir; refusing to use it" >&2
@@ -65,6 +69,19 @@ for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULE
   fi
 done
 
+for tool in ip iptables nft conntrack; do
+  command -v "$tool" >/dev/null || { echo "up.sh: '$tool' is required (tests/scripts/install-deps.sh)" >&2; exit 1; }
+done
+[ "$SERVICES" = 1 ] && for p in "$KUBE_PROXY_PORT" $((KUBE_PROXY_PORT + 1)) "$DNS_READY_PORT" $((DNS_READY_PORT + 1)); do
+  pg_check_port "$p" "PARTNERGATE_KUBE_PROXY_PORT/PARTNERGATE_DNS_READY_PORT" || exit 1
+done
+
+# ---- network guard, before anything else ---------------------------------------------------------
+# (also clears what a crashed run of this state dir left: its pod IPs, kube-proxy's chains)
+pg_net_up
+[ "$SERVICES" = 1 ] && pg_kube_proxy_cleanup
+pg_log "network guard: unreachable $POD_SUPERNET, unreachable $SERVICE_CIDR, local $SERVICE_CIDR (table local)"
+
 mkdir -p "$PKI" "$LOGS" "$RUN" "$STATE/etcd"
 chmod 0700 "$STATE/etcd"
 touch "$STATE/$STATE_MARKER"
@@ -81,6 +98,13 @@ APISERVER_PORT=$APISERVER_PORT
 KCM_PORT=$KCM_PORT
 SCHEDULER_PORT=$SCHEDULER_PORT
 SERVICE_CIDR=$SERVICE_CIDR
+POD_SUPERNET=$POD_SUPERNET
+POD_CIDR=$POD_CIDR
+SERVICES=$SERVICES
+DNS_SERVICE_IP=$DNS_SERVICE_IP
+DNS_IP=$DNS_IP
+CLUSTER_DOMAIN=$CLUSTER_DOMAIN
+NODE_NAME=$NODE_NAME
 SERVICE_ACCOUNT_ISSUER=https://kubernetes.default.svc.cluster.local
 EOF
 
@@ -122,6 +146,8 @@ pg_log "generating CA, certificates and service-account keys in $PKI"
   leaf admin "/O=system:masters/CN=partnergate-admin" clientAuth
   leaf kube-controller-manager "/CN=system:kube-controller-manager" clientAuth
   leaf kube-scheduler "/CN=system:kube-scheduler" clientAuth
+  leaf kube-proxy "/CN=system:kube-proxy" clientAuth   # built-in binding system:node-proxier
+  leaf coredns "/CN=system:coredns" clientAuth         # ClusterRole system:coredns (below)
   leaf kcm-serving "/CN=kube-controller-manager" serverAuth "IP:127.0.0.1,DNS:localhost"
   leaf scheduler-serving "/CN=kube-scheduler" serverAuth "IP:127.0.0.1,DNS:localhost"
   CA=front-proxy-ca leaf front-proxy-client "/CN=front-proxy-client" clientAuth
@@ -164,6 +190,8 @@ write_kubeconfig "$STATE/kube-controller-manager.kubeconfig" system:kube-control
   "$PKI/kube-controller-manager.crt" "$PKI/kube-controller-manager.key"
 write_kubeconfig "$STATE/kube-scheduler.kubeconfig" system:kube-scheduler \
   "$PKI/kube-scheduler.crt" "$PKI/kube-scheduler.key"
+write_kubeconfig "$STATE/kube-proxy.kubeconfig" system:kube-proxy "$PKI/kube-proxy.crt" "$PKI/kube-proxy.key"
+write_kubeconfig "$STATE/coredns.kubeconfig" system:coredns "$PKI/coredns.crt" "$PKI/coredns.key"
 
 # ---- start / wait helpers ----------------------------------------------------------------------
 start() {  # NAME ARGS... : start $BIN/NAME in its own session, log to $LOGS/NAME.log, pid to $RUN
@@ -219,10 +247,11 @@ etcd_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$ETCD_PORT/health" | g
 wait_for etcd etcd_healthy
 
 # ---- kube-apiserver ----------------------------------------------------------------------------
-# Notes: --endpoint-reconciler-type=none because Endpoints may not hold loopback IPs (the
-# "kubernetes" Service has no endpoints; in-cluster clients must be pointed at 127.0.0.1:$APISERVER_PORT
-# via KUBERNETES_SERVICE_HOST/PORT). Default admission plugins + NodeRestriction; none needs anything
-# external. The service CIDR is configuration only: nothing routes or listens there.
+# Notes: --endpoint-reconciler-type=none because the apiserver listens on 127.0.0.1 only and
+# Endpoints may not hold loopback IPs (the "kubernetes" Service has no endpoints; in-cluster
+# clients must be pointed at 127.0.0.1:$APISERVER_PORT via KUBERNETES_SERVICE_HOST/PORT). Pod IPs
+# (10.244/16) are fine in EndpointSlices, so every other Service gets endpoints. Default
+# admission plugins + NodeRestriction; none needs anything external.
 SA_ISSUER=https://kubernetes.default.svc.cluster.local
 start kube-apiserver \
   --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
@@ -294,6 +323,120 @@ start kube-scheduler \
   --profiling=false
 sched_healthy() { curl -fsS --max-time 2 --cacert "$PKI/ca.crt" "https://127.0.0.1:$SCHEDULER_PORT/healthz" | grep -qx ok; }
 wait_for kube-scheduler sched_healthy
+
+# ---- Services: kube-proxy (iptables mode) ------------------------------------------------------
+# Only with SERVICES=1 (the default cluster): kube-proxy's chains are machine-wide. Flags that
+# would change machine-wide settings are turned off, so cluster-down leaves the machine as it
+# was: no conntrack sysctls (max/timeouts 0 = leave as is), no route_localnet (no NodePorts on
+# localhost), and NodePorts answer on pod-range addresses only, never on an external interface
+# (--nodeport-addresses). --bind-address fixes the node IP (family IPv4) without waiting for the Node, which
+# the process kubelet registers later. No --cluster-cidr: see README.md (masquerade on lo).
+kubectl_admin() { "$BIN/kubectl" --kubeconfig="$KUBECONFIG_ADMIN" "$@"; }
+if [ "$SERVICES" = 1 ]; then
+  start kube-proxy \
+    --kubeconfig="$STATE/kube-proxy.kubeconfig" \
+    --proxy-mode=iptables \
+    --hostname-override="$NODE_NAME" \
+    --bind-address=127.0.0.1 \
+    --healthz-bind-address="127.0.0.1:$KUBE_PROXY_PORT" \
+    --metrics-bind-address="127.0.0.1:$((KUBE_PROXY_PORT + 1))" \
+    --conntrack-max-per-core=0 \
+    --conntrack-tcp-timeout-established=0 \
+    --conntrack-tcp-timeout-close-wait=0 \
+    --iptables-localhost-nodeports=false \
+    --nodeport-addresses="$POD_SUPERNET" \
+    --oom-score-adj=0 \
+    --profiling=false
+  kp_healthy() { curl -fsS --max-time 2 "http://127.0.0.1:$KUBE_PROXY_PORT/livez" >/dev/null && iptables -t nat -S KUBE-SERVICES >/dev/null 2>&1; }
+  wait_for kube-proxy kp_healthy
+
+  # ---- cluster DNS: CoreDNS on $DNS_IP:53, Service kube-system/kube-dns ($DNS_SERVICE_IP) ------
+  # CoreDNS cannot be a pod (the process kubelet runs partnergate images only), so it is a
+  # process like the control plane, and kube-dns is a Service without selector plus an
+  # EndpointSlice naming $DNS_IP, which kube-proxy routes like any other.
+  kubectl_admin apply -f - >/dev/null <<YAML
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: "system:coredns"}
+rules:
+- {apiGroups: [""], resources: [endpoints, services, pods, namespaces], verbs: [list, watch]}
+- {apiGroups: [discovery.k8s.io], resources: [endpointslices], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: "system:coredns"}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: "system:coredns"}
+subjects: [{apiGroup: rbac.authorization.k8s.io, kind: User, name: "system:coredns"}]
+---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns, kubernetes.io/name: CoreDNS}
+spec:
+  clusterIP: $DNS_SERVICE_IP
+  ports:
+  - {name: dns, port: 53, protocol: UDP, targetPort: 53}
+  - {name: dns-tcp, port: 53, protocol: TCP, targetPort: 53}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: kube-dns-coredns
+  namespace: kube-system
+  labels: {kubernetes.io/service-name: kube-dns, endpointslice.kubernetes.io/managed-by: tests.partnergate.local}
+addressType: IPv4
+ports:
+- {name: dns, port: 53, protocol: UDP}
+- {name: dns-tcp, port: 53, protocol: TCP}
+endpoints:
+- addresses: ["$DNS_IP"]
+  conditions: {ready: true}
+YAML
+  ip addr replace "$DNS_IP/32" dev lo
+  # Only cluster.local and its reverse zones are answered; everything else gets SERVFAIL (no
+  # forward plugin: no query leaves the machine; SERVFAIL rather than NXDOMAIN so a lookup of an
+  # outside name is a temporary failure, never an authoritative "does not exist").
+  cat >"$STATE/Corefile" <<COREFILE
+$CLUSTER_DOMAIN:53 in-addr.arpa:53 ip6.arpa:53 {
+    bind $DNS_IP
+    errors
+    ready 127.0.0.1:$DNS_READY_PORT
+    health 127.0.0.1:$((DNS_READY_PORT + 1))
+    kubernetes $CLUSTER_DOMAIN in-addr.arpa ip6.arpa {
+        kubeconfig $STATE/coredns.kubeconfig system:coredns@partnergate
+        pods insecure
+        fallthrough in-addr.arpa ip6.arpa
+    }
+    cache 5
+    loadbalance
+}
+.:53 {
+    bind $DNS_IP
+    errors
+    template ANY ANY {
+        rcode SERVFAIL
+    }
+}
+COREFILE
+  start coredns -conf "$STATE/Corefile"
+  dns_ready() { curl -fsS --max-time 2 "http://127.0.0.1:$DNS_READY_PORT/ready" >/dev/null; }
+  wait_for coredns dns_ready
+  # Through the Service (kube-proxy's DNAT): the apiserver's own Service resolves.
+  dns_routed() {
+    python3 - "$DNS_SERVICE_IP" "kubernetes.default.svc.$CLUSTER_DOMAIN" <<'PY'
+import socket, struct, sys
+server, name = sys.argv[1], sys.argv[2]
+q = struct.pack(">HHHHHH", 0x5047, 0x0100, 1, 0, 0, 0)
+q += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\0" + struct.pack(">HH", 1, 1)
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(2)
+s.sendto(q, (server, 53)); r = s.recv(512)
+sys.exit(0 if (r[3] & 0x0F) == 0 and struct.unpack(">H", r[6:8])[0] >= 1 else 1)
+PY
+  }
+  wait_for coredns dns_routed
+fi
 
 # ---- ready for clients -------------------------------------------------------------------------
 # Pods need the namespace's "default" ServiceAccount (created by the controller-manager).

@@ -2,7 +2,7 @@
 # `make demo`: the whole system on a local control plane, left running for you to explore.
 # Builds what is missing (Go-built control plane and cert-manager cached in ~/.cache/partnergate,
 # cargo builds), starts cert-manager (which issues every certificate), installs the chart,
-# applies an inbound and an outbound connector, sends three mails and shows what happened.
+# applies an inbound and an outbound connector, sends four mails (one through the Service), runs `helm test` and shows what happened.
 # `make cluster-down` stops everything.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -18,10 +18,11 @@ kubectl apply -f "$HERE/manifests/contoso.yaml" -f "$HERE/manifests/fabrikam.yam
 kubectl -n mail wait --for=condition=Ready partnerconnector/contoso partnerconnector/fabrikam --timeout=180s
 mapfile -t GW < <(e2e_gateway_ips)
 gw=${GW[0]}
+svc=$(kubectl -n "$NS" get svc partnergate-gateway -o jsonpath='{.spec.clusterIP}')
 
 show() { printf '  %-70s -> \033[1m%s\033[0m\n' "$1" "$2"; }
 echo
-e2e_log "three mails from contoso.test to bob@org.test through gateway pod $gw:2525"
+e2e_log "four mails from contoso.test to bob@org.test (1-3 to gateway pod $gw:2525, 4 to the Service)"
 show "1. STARTTLS + client certificate mail.contoso.test, from 127.0.0.20" \
   "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --tls \
       --tls-cert "$PKI/contoso-mail.crt" --tls-key "$PKI/contoso-mail.key" --header 'Subject: demo 1')"
@@ -30,6 +31,15 @@ show "2. plaintext, from 127.0.0.20" \
 show "3. STARTTLS + certificate for mail.evil.test, from 127.0.0.20" \
   "$(e2e_swaks "$gw" 127.0.0.20 alice@contoso.test bob@org.test --tls \
       --tls-cert "$PKI/contoso-wrong.crt" --tls-key "$PKI/contoso-wrong.key" --header 'Subject: demo 3')"
+show "4. the same as 1, to the Service $svc:25 (kube-proxy picks a gateway pod)" \
+  "$(e2e_swaks "$svc:25" 127.0.0.20 alice@contoso.test bob@org.test --tls \
+      --tls-cert "$PKI/contoso-mail.crt" --tls-key "$PKI/contoso-mail.key" --header 'Subject: demo 4')"
+echo
+e2e_log "kubectl -n $NS get svc,endpointslices (pod IPs in $(e2e_cluster_env POD_CIDR), routed by kube-proxy)"
+kubectl -n "$NS" get svc,endpointslices
+echo
+e2e_log "helm test partnergate -n $NS (a pod resolves partnergate-gateway.$NS.svc.cluster.local via CoreDNS, STARTTLS through the Service)"
+helm test partnergate -n "$NS" --timeout 120s
 echo
 e2e_log "kubectl get partnerconnectors -A"
 kubectl get partnerconnectors -A
@@ -48,7 +58,9 @@ The system is still running. To explore:
   export KUBECONFIG=$KUBECONFIG
   export PATH=$(dirname "$(command -v kubectl)"):\$PATH     # kubectl and helm built for this cluster
   kubectl get partnerconnectors -A; kubectl -n mail describe partnerconnector contoso
-  kubectl -n $NS get pods -o wide                       # gateway pods on 127.0.10.x
+  kubectl -n $NS get pods -o wide                       # gateway pods on $(e2e_cluster_env POD_CIDR)
+  dig @$(e2e_cluster_env DNS_SERVICE_IP) partnergate-gateway.$NS.svc.cluster.local   # cluster DNS (CoreDNS)
+  swaks --server $svc:25 ...                            # the Service (kube-proxy, iptables mode)
   cmctl renew -n $NS partnergate-gateway                # cert-manager reissues the gateway certificate
   curl -s http://$gw:8080/status                        # what a gateway has loaded
   swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\

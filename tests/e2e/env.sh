@@ -1,8 +1,9 @@
 # Shared bring-up for the end-to-end suite (tests/e2e/run.sh) and `make demo`
-# (tests/e2e/demo.sh). Sourced, not executed. Everything runs on loopback:
-#   - a real control plane (tests/cluster: etcd, kube-apiserver, controller-manager, scheduler)
+# (tests/e2e/demo.sh). Sourced, not executed. Everything stays on this machine:
+#   - a real control plane (tests/cluster: etcd, kube-apiserver, controller-manager, scheduler),
+#     kube-proxy (Services route) and CoreDNS (cluster.local) on 127.0.0.1 / the pod range
 #   - the process kubelet (tests/kubelet) running the chart's pods as local processes on
-#     127.0.10.0/24 pod IPs
+#     10.244.0.0/24 pod IPs (/32s on lo), resolving through the kube-dns Service
 #   - the chart installed with helm, the real operator and gateways
 #   - Postfix's smtp-sink as the organisation's mail server (127.0.0.1:$E2E_SINK_PORT)
 #   - cert-manager's controller next to the control plane (tests/cluster/cert-manager.sh), which
@@ -99,10 +100,14 @@ e2e_sink() {
 e2e_sink_count() { find "$E2E_WORK/sink" -name 'mail.*' -type f 2>/dev/null | wc -l; }
 e2e_sink_grep() { grep -rl -- "$1" "$E2E_WORK/sink" 2>/dev/null | head -n1; }
 
+# A value of the cluster's cluster.env (written by tests/cluster/up.sh).
+e2e_cluster_env() { sed -n "s/^$1=//p" "$PARTNERGATE_CLUSTER_STATE/cluster.env"; }
+
 e2e_kubelet() {
   pkill -f "process-kubelet.*$PARTNERGATE_CLUSTER_STATE" 2>/dev/null || true
-  "$BIN_DIR/process-kubelet" --kubeconfig "$KUBECONFIG" --node-name local-node \
+  "$BIN_DIR/process-kubelet" --kubeconfig "$KUBECONFIG" --node-name "$(e2e_cluster_env NODE_NAME)" \
     --state-dir "$PARTNERGATE_CLUSTER_STATE/kubelet" --bin-dir "$BIN_DIR" \
+    --pod-cidr "$(e2e_cluster_env POD_CIDR)" --cluster-dns "$(e2e_cluster_env DNS_SERVICE_IP)" \
     >"$E2E_WORK/kubelet.log" 2>&1 &
   echo $! >"$E2E_WORK/kubelet.pid"
   local i
@@ -129,6 +134,7 @@ e2e_up() {
   fi
   rm -rf "$E2E_WORK"
   mkdir -p "$E2E_WORK"
+  e2e_net_snapshot >"$E2E_WORK/net-before.txt"
   e2e_log "starting the local control plane"
   "$REPO/tests/cluster/up.sh" >"$E2E_WORK/cluster-up.log" 2>&1 || {
     cat "$E2E_WORK/cluster-up.log" >&2
@@ -157,6 +163,23 @@ e2e_down() {
     rm -f "$E2E_WORK/$p.pid"
   done
   "$REPO/tests/cluster/down.sh" >/dev/null 2>&1 || true
+}
+
+# The machine's network state that the cluster changes while it runs (addresses, routes and
+# rules of every table, both families; iptables of both families; nft tables; the sysctls
+# kube-proxy could set). Counters, lifetimes and timestamps are dropped: run.sh compares the
+# snapshot taken before the cluster started with one taken after it was torn down.
+e2e_net_snapshot() {
+  echo "## ip addr"; ip addr | sed -E '/^\s+valid_lft/d'
+  echo "## ip -4 route show table all"; ip -4 route show table all
+  echo "## ip -6 route show table all"; ip -6 route show table all | sed -E 's/ expires [0-9]+sec//'
+  echo "## ip rule"; ip -4 rule; ip -6 rule
+  echo "## iptables-save"; iptables-save | sed -E '/^#/d; s/ \[[0-9]+:[0-9]+\]$//'
+  echo "## ip6tables-save"; ip6tables-save | sed -E '/^#/d; s/ \[[0-9]+:[0-9]+\]$//'
+  echo "## nft list tables"; nft list tables
+  echo "## sysctl"
+  sysctl net.ipv4.conf.all.route_localnet net.ipv4.ip_forward net.netfilter.nf_conntrack_max \
+    net.netfilter.nf_conntrack_tcp_timeout_established net.netfilter.nf_conntrack_tcp_timeout_close_wait 2>&1
 }
 
 # Pod IPs of the ready gateway pods.

@@ -46,16 +46,64 @@ status_lists() { # gateway-ip connector
   curl -fsS "http://$1:8080/status" | grep -q "\"$2\""
 }
 
+cp /etc/resolv.conf "$E2E_WORK.resolv.conf.before" 2>/dev/null || true
 e2e_up
+mv "$E2E_WORK.resolv.conf.before" "$E2E_WORK/resolv.conf.before"
 PKI=$E2E_WORK/pki
 wait_for 120 "2 ready gateway pods" \
   bash -c "[ \$(kubectl -n $NS get pods -l app.kubernetes.io/component=gateway -o jsonpath='{.items[*].status.conditions[?(@.type==\"Ready\")].status}' | tr ' ' '\n' | grep -c True) -ge 2 ]"
 mapfile -t GW < <(e2e_gateway_ips)
 [ ${#GW[@]} -ge 2 ] || e2e_fail "expected 2 gateway pod IPs, got: ${GW[*]:-none}"
+POD_CIDR=$(e2e_cluster_env POD_CIDR)
 for ip in "${GW[@]}"; do
-  [[ $ip == 127.* ]] || e2e_fail "gateway pod IP $ip is outside 127.0.0.0/8"
+  python3 -c 'import ipaddress,sys; sys.exit(ipaddress.ip_address(sys.argv[1]) not in ipaddress.ip_network(sys.argv[2]))' \
+    "$ip" "$POD_CIDR" || e2e_fail "gateway pod IP $ip is outside the pod CIDR $POD_CIDR"
+  ip -4 -o addr show dev lo | grep -qF " $ip/32 " || e2e_fail "gateway pod IP $ip is not a /32 on lo"
 done
-pass "chart installed: gateways at ${GW[*]}"
+pass "chart installed: gateways at ${GW[*]} (/32s on lo in $POD_CIDR)"
+
+# --- Services route (kube-proxy), cluster DNS (CoreDNS), nothing leaves the machine ---
+SVC_IP=$(kubectl -n "$NS" get svc partnergate-gateway -o jsonpath='{.spec.clusterIP}')
+slice_ips() {
+  kubectl -n "$NS" get endpointslices -l kubernetes.io/service-name=partnergate-gateway \
+    -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{"\n"}{end}' | sort
+}
+want_ips=$(printf '%s\n' "${GW[@]}" | sort)
+slices_match() { [ "$(slice_ips)" = "$want_ips" ]; }
+wait_for 30 "EndpointSlice of partnergate-gateway lists the gateway pod IPs" slices_match
+pass "Service partnergate-gateway ($SVC_IP): its EndpointSlice lists the ready gateway pod IPs $(slice_ips | tr '\n' ' ')"
+iptables -t nat -S KUBE-SERVICES | grep -qF -- "-d $SVC_IP/32" || e2e_fail "kube-proxy has no rule for $SVC_IP"
+# Addresses nobody holds fail on this machine: a ClusterIP without a Service is refused by the
+# local stack (table local's route for the service CIDR), a pod IP nobody has is unreachable.
+net_err=$(python3 - <<'PY'
+import errno, socket
+for dst, port in (("10.96.255.254", 25), ("10.244.0.254", 2525), ("10.244.200.1", 25)):
+    s = socket.socket(); s.settimeout(5)
+    try:
+        s.connect((dst, port)); print(f"{dst}:{port} connected")
+    except OSError as e:
+        print(f"{dst}:{port} {errno.errorcode.get(e.errno, e.errno)}")
+PY
+)
+[ "$net_err" = "$(printf '10.96.255.254:25 ECONNREFUSED\n10.244.0.254:2525 EHOSTUNREACH\n10.244.200.1:25 EHOSTUNREACH')" ] ||
+  e2e_fail "unassigned service/pod addresses must fail locally, got: $net_err"
+pass "unassigned addresses fail locally: $(tr '\n' ',' <<<"$net_err" | sed 's/,$//; s/,/, /g')"
+dns=$(dig +short +time=2 +tries=2 "@$(e2e_cluster_env DNS_SERVICE_IP)" "partnergate-gateway.$NS.svc.cluster.local")
+[ "$dns" = "$SVC_IP" ] || e2e_fail "kube-dns resolves partnergate-gateway.$NS.svc.cluster.local to '$dns', not $SVC_IP"
+outside=$(dig +time=2 +tries=1 "@$(e2e_cluster_env DNS_SERVICE_IP)" example.com | sed -n 's/.*status: \([A-Z]*\).*/\1/p')
+[ "$outside" = SERVFAIL ] || e2e_fail "kube-dns answered a name outside cluster.local with '$outside', not SERVFAIL"
+pass "kube-dns ($(e2e_cluster_env DNS_SERVICE_IP), CoreDNS): partnergate-gateway.$NS.svc.cluster.local -> $dns; example.com -> SERVFAIL (no upstream)"
+gw_pid=$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway -o jsonpath='{.items[0].status.containerStatuses[0].containerID}')
+gw_pid=${gw_pid#process://}
+grep -qx "nameserver $(e2e_cluster_env DNS_SERVICE_IP)" "/proc/$gw_pid/root/etc/resolv.conf" ||
+  e2e_fail "gateway process $gw_pid does not see the cluster resolv.conf: $(cat "/proc/$gw_pid/root/etc/resolv.conf")"
+grep -qx "search $NS.svc.cluster.local svc.cluster.local cluster.local" "/proc/$gw_pid/root/etc/resolv.conf" ||
+  e2e_fail "gateway process $gw_pid: wrong search path in its resolv.conf"
+cmp -s /etc/resolv.conf "$E2E_WORK/resolv.conf.before" || e2e_fail "the machine's /etc/resolv.conf changed"
+pass "gateway process $gw_pid resolves through kube-dns (its mount namespace's /etc/resolv.conf); the machine's /etc/resolv.conf is unchanged"
+out=$(helm test partnergate -n "$NS" --timeout 120s 2>&1) || e2e_fail "helm test partnergate: $out"
+grep -q 'Phase:.*Succeeded' <<<"$out" || e2e_fail "helm test partnergate: no succeeded test in: $out"
+pass "helm test partnergate: $(grep -E '^(TEST SUITE|Phase)' <<<"$out" | tr -s ' ' | paste -sd' ' -) (probe of partnergate-gateway.$NS.svc.cluster.local via CoreDNS and the ClusterIP, STARTTLS verified against org-ca)"
 
 # --- apply-time validation (CEL) ---
 if out=$(kubectl apply -f - 2>&1 <<'YAML'
@@ -104,6 +152,24 @@ for ip in "${GW[@]}"; do
   got=$(e2e_swaks "$ip" 127.0.0.22 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}")
   expect_reply "$got" "550 5.7.1" "[$ip] contoso from 127.0.0.22 (outside senderIPRanges)"
 done
+
+# --- partner mail to the Service: kube-proxy DNATs the ClusterIP to a ready gateway pod, and the
+# partner's source IP is kept (no masquerade), so senderIPRanges still decide ---
+svc_ids=()
+for n in 1 2 3 4; do
+  id="e2e-svc-$n-$RANDOM"
+  got=$(e2e_swaks "$SVC_IP:25" 127.0.0.20 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}" --header "X-E2E-Id: $id")
+  expect_reply "$got" "250" "Service $SVC_IP:25: contoso over STARTTLS from 127.0.0.20 (message $n)"
+  svc_ids+=("$id")
+done
+for id in "${svc_ids[@]}"; do
+  f=$(e2e_sink_grep "$id")
+  [ -n "$f" ] || e2e_fail "message $id accepted through the Service is not at the sink"
+  grep -qi '^X-Partnergate-Connector: mail/contoso' "$f" || e2e_fail "message $id through the Service was not matched to mail/contoso"
+done
+pass "all ${#svc_ids[@]} messages sent to the Service are at the sink, matched to mail/contoso"
+got=$(e2e_swaks "$SVC_IP:25" 127.0.0.22 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}")
+expect_reply "$got" "550 5.7.1" "Service $SVC_IP:25: contoso from 127.0.0.22 (outside senderIPRanges: the source IP survives the DNAT)"
 
 # --- Contoso's real Postfix relays to the gateway with its client certificate ---
 e2e_postfix_up contoso 127.0.0.21 2628 "
@@ -386,6 +452,14 @@ helm uninstall partnergate -n "$NS" --wait --timeout 120s >/dev/null || e2e_fail
 wait_for 60 "gateway and operator pods gone" bash -c "[ -z \"\$(kubectl -n $NS get pods --no-headers 2>/dev/null)\" ]"
 kubectl get crd partnerconnectors.partnergate.io >/dev/null || e2e_fail "the CRD did not survive uninstall"
 pass "helm uninstall removed the pods and kept the CRD (and with it the connectors)"
+
+# --- the machine's networking is as before ---
+"$HERE/prometheus.sh" stop
+e2e_down
+e2e_net_snapshot >"$E2E_WORK/net-after.txt"
+diff -u "$E2E_WORK/net-before.txt" "$E2E_WORK/net-after.txt" >"$E2E_WORK/net.diff" ||
+  { cat "$E2E_WORK/net.diff" >&2; E2E_NO_DUMP=1 e2e_fail "cluster-down left the machine's network changed (diff above)"; }
+pass "after cluster-down the machine's addresses, routes (all tables), rules, iptables/ip6tables, nft tables and kube-proxy's sysctls equal the snapshot taken before cluster-up ($(grep -c . "$E2E_WORK/net-before.txt") lines)"
 
 echo
 echo "e2e: $passed checks passed"

@@ -18,7 +18,10 @@ export PARTNERGATE_APISERVER_PORT=${PARTNERGATE_APISERVER_PORT:-16445}
 export PARTNERGATE_KCM_PORT=${PARTNERGATE_KCM_PORT:-10563}
 export PARTNERGATE_SCHEDULER_PORT=${PARTNERGATE_SCHEDULER_PORT:-10564}
 STATE=$PARTNERGATE_CLUSTER_STATE
-POD_CIDR=${PG_KUBELET_SMOKE_POD_CIDR:-127.0.11.0/24}
+# Its own /24 of the guarded pod CIDR 10.244.0.0/16 (see tests/cluster/README.md "Network"):
+# up.sh installs the guard routes, down.sh removes this range's addresses from lo.
+POD_CIDR=${PG_KUBELET_SMOKE_POD_CIDR:-10.244.3.0/24}
+export PARTNERGATE_POD_CIDR=$POD_CIDR
 NODE=kubelet-smoke-node
 NS=kubelet-smoke
 
@@ -137,7 +140,8 @@ EOF
 wait_until "pod echo Ready" 90 kn wait --for=condition=Ready pod/echo --timeout=2s
 [ "$(kn get pod echo -o jsonpath='{.status.phase}')" = Running ] || die "pod echo is not Running"
 IP=$(kn get pod echo -o jsonpath='{.status.podIP}')
-[[ $IP =~ ^127\.[0-9]+\.[0-9]+\.[0-9]+$ ]] || die "podIP '$IP' is not in 127.0.0.0/8"
+[[ $IP =~ ^10\.244\.3\.[0-9]+$ ]] || die "podIP '$IP' is not in $POD_CIDR"
+ip -4 -o addr show dev lo | grep -qF " $IP/32 " || die "pod IP $IP is not a /32 on lo"
 [ "$(kn get pod echo -o jsonpath='{.status.podIPs[0].ip}')" = "$IP" ] || die "podIPs[0] != podIP"
 [ "$(kn get pod echo -o jsonpath='{.status.hostIP}')" = 127.0.0.1 ] || die "hostIP is not 127.0.0.1"
 [ "$(kn get pod echo -o jsonpath='{.status.containerStatuses[0].ready}')" = true ] || die "container not ready"
@@ -234,7 +238,7 @@ mapfile -t IPS < <(kn get pods -l app=web -o jsonpath='{range .items[*]}{.status
 [ "${#IPS[@]}" = 2 ] || die "expected 2 web pods, got ${#IPS[@]}"
 [ "${IPS[0]}" != "${IPS[1]}" ] || die "web pods share IP ${IPS[0]}"
 for ip in "${IPS[@]}"; do
-  [[ $ip =~ ^127\. ]] || die "web pod IP $ip outside 127.0.0.0/8"
+  [[ $ip =~ ^10\.244\.3\. ]] || die "web pod IP $ip outside $POD_CIDR"
   [ "$ip" != "$IP" ] || die "web pod got the echo pod's IP"
   E=$(get "$ip" /env) || die "web pod at $ip:8080 not reachable"
   grep -qxF "PARTNERGATE_BIND_IP=$ip" <<<"$E" || die "web pod at $ip has wrong bind IP"
@@ -284,6 +288,8 @@ gone() { ! kill -0 "$PID" 2>/dev/null; }
 wait_until "process $PID gone" 10 gone
 wait_until "pod state dir removed" 10 test ! -e "$PODDIR"
 ! curl -fsS --max-time 2 "http://$IP:8080/readyz" >/dev/null 2>&1 || die "something still serves on $IP:8080"
+! ip -4 -o addr show dev lo | grep -qF " $IP/32 " || die "pod IP $IP still on lo after the pod was deleted"
+ok "pod IP $IP removed from lo"
 
 step "deleting the nginx pod (never started) completes"
 kn delete pod nginx --timeout=30s >/dev/null
@@ -297,3 +303,6 @@ for p in $WEB_PIDS; do
   ! kill -0 "$p" 2>/dev/null || die "web process $p survived the kubelet"
 done
 ok "web processes ($WEB_PIDS) stopped with the kubelet"
+left=$(ip -4 -o addr show dev lo | awk '{print $4}' | grep '^10\.244\.3\.' || true)
+[ -z "$left" ] || die "pod IPs left on lo after the kubelet stopped: $left"
+ok "the kubelet removed its pod IPs from lo"

@@ -7,8 +7,9 @@ set -euo pipefail
 packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel4 python3 curl ca-certificates procps iproute2 haproxy
   prometheus   # promtool and a private Prometheus for the chart's alerts/dashboard (tests/chart)
   msmtp        # gateway/tests/it/interop.rs: a plain SMTP client
-  knot bind9-utils bind9-dnsutils  # gateway/tests/it/support/dns.rs: knotd serves, BIND's dnssec-signzone signs, dig/delv check
+  knot bind9-utils bind9-dnsutils  # gateway/tests/it/support/dns.rs: knotd serves, BIND's dnssec-signzone signs, dig/delv check (dig also: the e2e suite queries the cluster DNS)
   python3-dkim opendkim  # gateway/tests/it/sender_auth.rs: OpenDKIM (milter of the partner's Postfix) and dkimpy's dkimsign sign the partner's mail
+  iptables conntrack nftables   # tests/cluster: kube-proxy (iptables mode), conntrack entries, removing emptied nft tables on cleanup
   # The libraries of exim4-daemon-light and opensmtpd (see below).
   libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libpcre2-8-0 libcrypt1 libdb5.3 libnsl2
   libevent-2.1-7 libpam0g libssl3 zlib1g)

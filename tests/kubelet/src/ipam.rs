@@ -1,4 +1,4 @@
-//! Pod IP allocation inside the configured range of 127.0.0.0/8.
+//! Pod IP allocation inside the configured pod range (`--pod-cidr`, see net.rs).
 
 use std::collections::HashSet;
 use std::net::Ipv4Addr;

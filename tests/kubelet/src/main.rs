@@ -2,13 +2,14 @@
 //!
 //! No container runtime exists on the test machines, so this kubelet registers a Node, watches
 //! the Pods bound to it and runs each partnergate Pod's first container as a child process of
-//! a local binary (looked up by `command[0]` in `--bin-dir`), bound to a pod IP inside
-//! 127.0.0.0/8. See README.md in this directory for the contract with the binaries and the
+//! a local binary (looked up by `command[0]` in `--bin-dir`), bound to a pod IP of `--pod-cidr`
+//! (a /32 on `lo` inside 10.244.0.0/16, see net.rs). See README.md in this directory for the contract with the binaries and the
 //! deviations from a real kubelet.
 
 mod env;
 mod events;
 mod ipam;
+mod net;
 mod node;
 mod pod;
 mod probe;
@@ -48,9 +49,18 @@ pub struct Args {
     /// Directories searched (in order) for the binary named by a container's `command[0]`.
     #[arg(long = "bin-dir", required = true)]
     pub bin_dirs: Vec<PathBuf>,
-    /// Pod IPs are allocated from this range; it must lie inside 127.0.0.0/8.
-    #[arg(long, default_value = "127.0.10.0/24")]
+    /// Pod IPs are allocated from this range. Inside 10.244.0.0/16 each pod IP is added to `lo`
+    /// as a /32 (needs CAP_NET_ADMIN and the `unreachable` guard route of tests/cluster/up.sh);
+    /// inside 127.0.0.0/8 nothing is added.
+    #[arg(long, default_value = "10.244.0.0/24")]
     pub pod_cidr: Ipv4Net,
+    /// Cluster DNS server (the kube-dns Service IP). When set, ClusterFirst pods resolve through
+    /// it: their process gets a mount namespace with its own /etc/resolv.conf.
+    #[arg(long)]
+    pub cluster_dns: Option<std::net::Ipv4Addr>,
+    /// Cluster domain of the search path written to pods' resolv.conf.
+    #[arg(long, default_value = "cluster.local")]
+    pub cluster_domain: String,
     /// Image repositories whose last path component equals one of these names are run as
     /// local processes (`partnergate/partnergate:0.1.0`, `ghcr.io/x/partnergate@sha256:...`).
     #[arg(long = "image-name", default_value = "partnergate")]
@@ -81,6 +91,8 @@ pub struct Ctx {
     /// Cluster CA bundle (PEM) from the kubeconfig, written as `ca.crt` next to SA tokens.
     pub ca_pem: String,
     pub ipam: Mutex<ipam::Ipam>,
+    /// Pod IPs are /32 addresses on `lo` that the kubelet adds and removes (10.244/16 range).
+    pub manage_addresses: bool,
     /// Server version (`v1.36.3`), reported as the kubelet version.
     pub kube_version: String,
 }
@@ -104,9 +116,14 @@ async fn build_ctx(mut args: Args) -> anyhow::Result<Arc<Ctx>> {
     }
     args.state_dir =
         std::fs::canonicalize(&args.state_dir).unwrap_or_else(|_| cwd.join(&args.state_dir));
-    let loopback: Ipv4Net = "127.0.0.0/8".parse().context("parse 127.0.0.0/8")?;
-    if !loopback.contains(&args.pod_cidr) {
-        bail!("--pod-cidr {} is not inside 127.0.0.0/8", args.pod_cidr);
+    let manage_addresses = net::manages_addresses(args.pod_cidr)?;
+    if manage_addresses && !net::guard_present(args.pod_cidr).await? {
+        bail!(
+            "no `unreachable` route covers --pod-cidr {}: packets to unassigned pod IPs could leave \
+             the machine (tests/cluster/up.sh adds `ip route add unreachable {}`)",
+            args.pod_cidr,
+            net::POD_SUPERNET
+        );
     }
     if args.pod_cidr.prefix_len() > 29 {
         bail!(
@@ -154,6 +171,7 @@ async fn build_ctx(mut args: Args) -> anyhow::Result<Arc<Ctx>> {
         api_url,
         ca_pem,
         ipam: Mutex::new(ipam),
+        manage_addresses,
         kube_version,
     }))
 }
@@ -203,6 +221,13 @@ async fn main() -> anyhow::Result<()> {
         "process kubelet starting"
     );
 
+    if ctx.manage_addresses {
+        // A crashed kubelet's pod IPs (its processes died with it: PR_SET_PDEATHSIG).
+        let n = net::flush_range(ctx.args.pod_cidr).await?;
+        if n > 0 {
+            info!(addresses = n, "removed stale pod IPs from lo");
+        }
+    }
     node::register(&ctx).await?;
     let node_task = tokio::spawn(node::heartbeat_loop(ctx.clone()));
 
@@ -291,6 +316,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     node_task.abort();
+    if ctx.manage_addresses {
+        match net::flush_range(ctx.args.pod_cidr).await {
+            Ok(n) => info!(addresses = n, "removed pod IPs from lo"),
+            Err(e) => warn!(error = %e, "cannot remove pod IPs from lo"),
+        }
+    }
     info!("process kubelet stopped");
     Ok(())
 }

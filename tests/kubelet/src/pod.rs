@@ -146,14 +146,14 @@ pub async fn run(
     loop {
         if *shutdown.borrow() {
             w.stop(Duration::from_secs(5)).await;
-            w.release_ip();
+            w.release_ip().await;
             break;
         }
         let current = rx.borrow_and_update().clone();
         let Some(pod) = current else {
             info!(pod = %w.key(), "pod removed from the API: stopping its process");
             w.stop(Duration::from_secs(2)).await;
-            w.cleanup();
+            w.cleanup().await;
             break;
         };
         if pod.metadata.deletion_timestamp.is_some() {
@@ -347,6 +347,24 @@ impl Worker {
             let ip = match self.ctx.ipam.lock() {
                 Ok(mut ipam) => ipam.allocate(preferred),
                 Err(_) => None,
+            };
+            let ip = match ip {
+                Some(ip) if self.ctx.manage_addresses => match crate::net::add_address(ip).await {
+                    Ok(()) => Some(ip),
+                    Err(e) => {
+                        if let Ok(mut ipam) = self.ctx.ipam.lock() {
+                            ipam.release(ip);
+                        }
+                        let msg = format!("cannot add pod IP {ip} to lo: {e:#}");
+                        warn!(pod = %self.key(), error = %msg, "pod network setup failed");
+                        self.waiting = Some(("ContainerCreating".into(), msg.clone()));
+                        self.event_once(pod, "Warning", "FailedCreatePodSandBox", &msg)
+                            .await;
+                        self.report_status(pod).await;
+                        return;
+                    }
+                },
+                other => other,
             };
             match ip {
                 Some(ip) => {
@@ -794,6 +812,18 @@ impl Worker {
             );
         }
         let log2 = log.try_clone()?;
+        let resolv = match crate::net::resolv_conf(
+            pod,
+            self.ctx.args.cluster_dns,
+            &self.ctx.args.cluster_domain,
+        ) {
+            Some(text) => {
+                let path = self.dir.join("resolv.conf");
+                std::fs::write(&path, text).with_context(|| format!("write {}", path.display()))?;
+                Some(crate::net::ResolvMount::new(&path)?)
+            }
+            None => None,
+        };
         let mut cmd = tokio::process::Command::new(&binary);
         cmd.args(&args)
             .env_clear()
@@ -805,10 +835,13 @@ impl Worker {
             .kill_on_drop(true);
         // SAFETY: only async-signal-safe libc calls between fork and exec.
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 // own process group (so signals reach the whole tree) and die with the kubelet
                 libc::setpgid(0, 0);
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                if let Some(r) = &resolv {
+                    r.apply()?;
+                }
                 Ok(())
             });
         }
@@ -1075,16 +1108,22 @@ impl Worker {
         started.elapsed()
     }
 
-    fn release_ip(&mut self) {
-        if let Some(ip) = self.ip.take()
-            && let Ok(mut ipam) = self.ctx.ipam.lock()
+    async fn release_ip(&mut self) {
+        let Some(ip) = self.ip.take() else {
+            return;
+        };
+        if self.ctx.manage_addresses
+            && let Err(e) = crate::net::del_address(ip).await
         {
+            warn!(pod = %self.key(), error = %e, "cannot remove pod IP from lo");
+        }
+        if let Ok(mut ipam) = self.ctx.ipam.lock() {
             ipam.release(ip);
         }
     }
 
-    fn cleanup(&mut self) {
-        self.release_ip();
+    async fn cleanup(&mut self) {
+        self.release_ip().await;
         if let Err(e) = std::fs::remove_dir_all(&self.dir)
             && e.kind() != std::io::ErrorKind::NotFound
         {
@@ -1136,7 +1175,7 @@ impl Worker {
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
             Err(e) => warn!(pod = %self.key(), error = %e, "final pod delete failed"),
         }
-        self.cleanup();
+        self.cleanup().await;
     }
 
     // ---------------------------------------------------------------- status
