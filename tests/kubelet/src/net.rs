@@ -56,7 +56,16 @@ async fn ip(args: &[&str]) -> anyhow::Result<String> {
 
 /// An `unreachable` route in the main table covers `cidr` (the no-packet-leaves guard).
 pub async fn guard_present(cidr: Ipv4Net) -> anyhow::Result<bool> {
-    let routes = ip(&["-4", "route", "show", "table", "main", "type", "unreachable"]).await?;
+    let routes = ip(&[
+        "-4",
+        "route",
+        "show",
+        "table",
+        "main",
+        "type",
+        "unreachable",
+    ])
+    .await?;
     Ok(routes.lines().any(|l| {
         l.split_whitespace()
             .nth(1)
@@ -231,9 +240,15 @@ mod tests {
         );
         // no cluster DNS configured, dnsPolicy Default, hostNetwork: the host's resolver
         assert_eq!(resolv_conf(&p, None, "cluster.local"), None);
-        let d = pod("x", serde_json::json!({"containers": [], "dnsPolicy": "Default"}));
+        let d = pod(
+            "x",
+            serde_json::json!({"containers": [], "dnsPolicy": "Default"}),
+        );
         assert_eq!(resolv_conf(&d, dns, "cluster.local"), None);
-        let h = pod("x", serde_json::json!({"containers": [], "hostNetwork": true}));
+        let h = pod(
+            "x",
+            serde_json::json!({"containers": [], "hostNetwork": true}),
+        );
         assert_eq!(resolv_conf(&h, dns, "cluster.local"), None);
         // dnsConfig is merged; an option given there replaces the default one
         let c = pod(
