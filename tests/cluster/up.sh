@@ -69,7 +69,9 @@ for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$APISERVER_PORT" "$KCM_PORT" "$SCHEDULE
   fi
 done
 
-for tool in ip iptables nft conntrack; do
+net_tools=(ip)
+[ "$SERVICES" = 1 ] && net_tools+=(iptables iptables-save ip6tables nft conntrack)
+for tool in "${net_tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "up.sh: '$tool' is required (tests/scripts/install-deps.sh)" >&2; exit 1; }
 done
 [ "$SERVICES" = 1 ] && for p in "$KUBE_PROXY_PORT" $((KUBE_PROXY_PORT + 1)) "$DNS_READY_PORT" $((DNS_READY_PORT + 1)); do
