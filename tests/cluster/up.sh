@@ -17,7 +17,9 @@ if [ -n "${PARTNERGATE_BIN_DIR:-}" ]; then
 else
   BIN=$("$PG_CLUSTER_DIR/build.sh" --print-bin-dir)
 fi
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kube-proxy coredns; do
+needed=(etcd kube-apiserver kube-controller-manager kube-scheduler kubectl)
+[ "$SERVICES" = 1 ] && needed+=(kube-proxy coredns)
+for b in "${needed[@]}"; do
   [ -x "$BIN/$b" ] || { echo "up.sh: $BIN/$b missing (run tests/cluster/build.sh)" >&2; exit 1; }
 done
 
