@@ -17,9 +17,12 @@ use crate::stream::Conn;
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// The Inbound connector the client's certificate or IP identifies (claiming rules 1–2),
-    /// for the per-partner handshake metric; `none` when neither does.
+    /// for the per-partner handshake metric; `none` when neither does. Uses the claim index: a
+    /// failed handshake must not cost a scan of every connector.
     fn identified_connector(&self) -> String {
-        crate::policy::claim(&self.rt.connectors.inbound, &self.facts(), None)
+        self.rt
+            .connectors
+            .claim(&self.facts(), None)
             .filter(|c| c.identify_by != crate::config::IdentifyBy::SenderDomain)
             .map_or_else(|| "none".to_string(), |c| c.name.clone())
     }
