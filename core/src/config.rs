@@ -331,9 +331,9 @@ impl Default for Timeouts {
 #[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct ConnectorsFile {
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inbound: Vec<InboundConnector>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub outbound: Vec<OutboundConnector>,
 }
 
@@ -364,25 +364,33 @@ pub struct InboundConnector {
     /// `namespace/name` of the PartnerConnector.
     pub name: String,
     /// metadata.generation of the PartnerConnector this was rendered from.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub generation: i64,
     /// Partner domains (envelope sender); `*.x` wildcards, `*` = any.
     pub domains: Vec<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub identify_by: IdentifyBy,
     /// Also accepted as `senderIPRanges`, the CRD's spelling.
-    #[serde(default, alias = "senderIPRanges")]
+    #[serde(
+        default,
+        alias = "senderIPRanges",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub sender_ip_ranges: Vec<IpNet>,
-    #[serde(default = "default_true")]
+    #[serde(default = "default_true", skip_serializing_if = "is_true")]
     pub require_tls: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub min_tls_version: MinTlsVersion,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub certificate: Option<CertificateRule>,
     /// Also accepted as `restrictToIPRanges`, the CRD's spelling.
-    #[serde(default, alias = "restrictToIPRanges")]
+    #[serde(
+        default,
+        alias = "restrictToIPRanges",
+        skip_serializing_if = "is_default"
+    )]
     pub restrict_to_ip_ranges: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub restrict_to_certificate: bool,
     /// How the partner's identity must be authenticated beyond these rules. Left out of the
     /// file when `None`, so a gateway older than the setting (which refuses unknown fields)
@@ -397,7 +405,7 @@ pub struct CertificateRule {
     /// RFC 6125 name (or `*.` pattern) the client certificate must carry.
     pub subject_name: String,
     /// CA bundle file (relative to materialDir); default: public web PKI roots.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle_file: Option<PathBuf>,
 }
 
@@ -405,30 +413,30 @@ pub struct CertificateRule {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct OutboundConnector {
     pub name: String,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub generation: i64,
     /// Recipient domains routed through this connector.
     pub domains: Vec<String>,
     /// `host:port` or `[ip]:port`, tried in order.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub smart_hosts: Vec<String>,
     /// Route by the recipient domain's MX records instead of smart hosts. Also accepted as
     /// `useMX`, the CRD's spelling.
-    #[serde(default, alias = "useMX")]
+    #[serde(default, alias = "useMX", skip_serializing_if = "is_default")]
     pub use_mx: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub tls: TlsLevel,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_domain: Option<String>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub trust_bundle_file: Option<PathBuf>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate: Option<CertificateFiles>,
     /// DANE (RFC 7672) for this connector's next hops.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub dane: PolicyMode,
     /// MTA-STS (RFC 8461) for this connector's recipient domains (`useMX` only).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_default")]
     pub mta_sts: PolicyMode,
 }
 
@@ -446,6 +454,17 @@ pub enum PolicyMode {
 
 fn default_true() -> bool {
     true
+}
+
+// The connectors file leaves out every field equal to its deserialisation default (the file
+// must fit a ConfigMap: about 1 MiB for 10,000 connectors), so each `skip_serializing_if`
+// below pairs with the field's `default`.
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 /// Replaces an unspecified listen IP (`0.0.0.0`, `::`) with `bind_ip`, keeping the port.
@@ -1058,6 +1077,105 @@ mod tests {
         assert_eq!(paths, ["outbound[0].smartHosts[0]", "outbound[1].mtaSts"]);
         assert_eq!(file.outbound[3].dane, PolicyMode::None);
         assert_eq!(file.outbound[3].mta_sts, PolicyMode::None);
+    }
+
+    /// Issue 17: the operator's connectors file must fit a ConfigMap, so fields equal to their
+    /// deserialisation default are left out; reading the file back gives the same connectors.
+    #[test]
+    fn connector_defaults_are_skipped_and_read_back_equal() {
+        let inbound = InboundConnector {
+            name: "partners/p0001".into(),
+            generation: 0,
+            domains: vec!["p0001.test".into()],
+            identify_by: IdentifyBy::default(),
+            sender_ip_ranges: vec![],
+            require_tls: default_true(),
+            min_tls_version: MinTlsVersion::default(),
+            certificate: None,
+            restrict_to_ip_ranges: false,
+            restrict_to_certificate: false,
+            sender_authentication: SenderAuthentication::default(),
+        };
+        let outbound = OutboundConnector {
+            name: "partners/o0001".into(),
+            generation: 0,
+            domains: vec!["o0001.test".into()],
+            smart_hosts: vec![],
+            use_mx: false,
+            tls: TlsLevel::default(),
+            tls_domain: None,
+            trust_bundle_file: None,
+            client_certificate: None,
+            dane: PolicyMode::default(),
+            mta_sts: PolicyMode::default(),
+        };
+        let file = ConnectorsFile {
+            inbound: vec![inbound.clone()],
+            outbound: vec![outbound.clone()],
+        };
+        let text = serde_json::to_string(&file).unwrap();
+        assert_eq!(
+            text,
+            r#"{"inbound":[{"name":"partners/p0001","domains":["p0001.test"]}],"outbound":[{"name":"partners/o0001","domains":["o0001.test"]}]}"#
+        );
+        assert_eq!(serde_json::from_str::<ConnectorsFile>(&text).unwrap(), file);
+        assert_eq!(
+            serde_json::to_string(&ConnectorsFile::default()).unwrap(),
+            "{}"
+        );
+
+        // Every field away from its default is written and read back.
+        let full = ConnectorsFile {
+            inbound: vec![InboundConnector {
+                generation: 7,
+                identify_by: IdentifyBy::Certificate,
+                sender_ip_ranges: vec!["192.0.2.0/24".parse().unwrap()],
+                require_tls: false,
+                min_tls_version: MinTlsVersion::Tls13,
+                certificate: Some(CertificateRule {
+                    subject_name: "mail.p0001.test".into(),
+                    trust_bundle_file: Some("ab.pem".into()),
+                }),
+                restrict_to_ip_ranges: true,
+                restrict_to_certificate: true,
+                sender_authentication: SenderAuthentication::Dmarc,
+                ..inbound
+            }],
+            outbound: vec![OutboundConnector {
+                generation: 7,
+                smart_hosts: vec!["smtp.o0001.test:2525".into()],
+                use_mx: true,
+                tls: TlsLevel::None,
+                tls_domain: Some("mx.o0001.test".into()),
+                trust_bundle_file: Some("cd.pem".into()),
+                client_certificate: Some(CertificateFiles {
+                    cert_file: "ef.pem".into(),
+                    key_file: "01.pem".into(),
+                }),
+                dane: PolicyMode::Mandatory,
+                mta_sts: PolicyMode::Opportunistic,
+                ..outbound
+            }],
+        };
+        let text = serde_json::to_string(&full).unwrap();
+        let value: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["inbound"][0].as_object().unwrap().len(), 11, "{text}");
+        assert_eq!(
+            value["outbound"][0].as_object().unwrap().len(),
+            11,
+            "{text}"
+        );
+        assert_eq!(value["inbound"][0]["requireTls"], false);
+        assert_eq!(serde_json::from_str::<ConnectorsFile>(&text).unwrap(), full);
+        // A certificate rule without a trust bundle leaves the file name out.
+        let rule = CertificateRule {
+            subject_name: "x.test".into(),
+            trust_bundle_file: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&rule).unwrap(),
+            r#"{"subjectName":"x.test"}"#
+        );
     }
 
     #[test]
