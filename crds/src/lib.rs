@@ -553,6 +553,9 @@ pub mod reason {
     pub const PROGRAMMED: &str = "Programmed";
     pub const PENDING: &str = "Pending";
     pub const NO_GATEWAYS: &str = "NoGateways";
+    /// Accepted and resolved, but the gateway's connectors file (one ConfigMap, at most
+    /// 1 MiB) has no room left for it: older connectors are served first.
+    pub const CONFIG_TOO_LARGE: &str = "ConfigTooLarge";
     // Ready
     pub const READY: &str = "Ready";
     pub const NOT_READY: &str = "NotReady";

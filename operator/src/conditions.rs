@@ -187,7 +187,14 @@ fn conds(pc: &PartnerConnector, outcome: Option<&Outcome>, prog: &Programming) -
         ),
     };
     let generation = pc.metadata.generation.unwrap_or(0);
-    let programmed = if !o.included {
+    let programmed = if let Some(m) = o.left_out.as_ref().filter(|_| !o.included) {
+        (
+            condition::PROGRAMMED,
+            false,
+            reason::CONFIG_TOO_LARGE,
+            m.clone(),
+        )
+    } else if !o.included {
         (
             condition::PROGRAMMED,
             false,

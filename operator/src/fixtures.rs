@@ -131,5 +131,6 @@ pub fn accepted_outcome() -> crate::render::Outcome {
         included: true,
         certificates: vec![],
         expiring: vec![],
+        left_out: None,
     }
 }

@@ -17,7 +17,13 @@
 //! - a connector whose referenced Secret/ConfigMap (or key) is missing or does not parse is left
 //!   out (ResolvedRefs=False/SecretNotFound or InvalidCertificate); an expired certificate is
 //!   reported (ResolvedRefs=False/CertificateExpired) but the connector stays in, so its rules
-//!   keep being enforced (the gateway then refuses what the expired material cannot verify).
+//!   keep being enforced (the gateway then refuses what the expired material cannot verify);
+//! - the file is compact JSON without the fields equal to the gateway's defaults, and never
+//!   larger than [`MAX_CONNECTORS_FILE_BYTES`] (a ConfigMap holds at most 1 MiB): when the
+//!   connectors do not all fit, the oldest are kept (the same order as conflicts, so a
+//!   connector never loses its place to a younger one) and the others are left out with
+//!   [`Outcome::left_out`] saying why (Programmed=False/ConfigTooLarge), rather than a file the
+//!   API server refuses, which would leave every change unserved.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -146,12 +152,16 @@ pub struct Outcome {
     pub certificates: Vec<CertificateStatus>,
     /// Certificates within 14 days of expiry (for Warning events): "Secret ns/x key: subject".
     pub expiring: Vec<String>,
+    /// Accepted and resolved but left out because the connectors file would exceed
+    /// [`MAX_CONNECTORS_FILE_BYTES`]: the message, with the sizes.
+    pub left_out: Option<String>,
 }
 
 /// The render's result.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Rendered {
-    /// `connectors.json` bytes (pretty JSON, trailing newline).
+    /// `connectors.json` bytes (compact JSON, trailing newline), at most
+    /// [`MAX_CONNECTORS_FILE_BYTES`].
     pub connectors_json: Vec<u8>,
     /// Hex sha256 of `connectors_json`: the gateway reports it as `configHash`.
     pub hash: String,
@@ -160,6 +170,12 @@ pub struct Rendered {
     /// Outcome by connector key (`namespace/name`).
     pub outcomes: BTreeMap<String, Outcome>,
 }
+
+/// The API server refuses a ConfigMap whose data (keys and values together) exceeds 1 MiB.
+pub const CONFIGMAP_DATA_LIMIT: usize = 1024 * 1024;
+/// Largest connectors file rendered: the ConfigMap's limit less room for its key, the only
+/// other thing in that ConfigMap's data.
+pub const MAX_CONNECTORS_FILE_BYTES: usize = CONFIGMAP_DATA_LIMIT - 1024;
 
 /// Days before expiry that give a Warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -498,13 +514,24 @@ fn age_order(pc: &PartnerConnector) -> impl Ord {
 /// Renders the connector set. Deterministic: the same input gives the same bytes, whatever
 /// the order of `connectors`.
 pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDateTime) -> Rendered {
+    render_within(connectors, objects, now, MAX_CONNECTORS_FILE_BYTES)
+}
+
+/// [`render`] with the largest file allowed as a parameter (tests use a small one).
+pub fn render_within(
+    connectors: &[PartnerConnector],
+    objects: &Objects,
+    now: OffsetDateTime,
+    max_bytes: usize,
+) -> Rendered {
     let mut sorted: Vec<&PartnerConnector> = connectors.iter().collect();
     sorted.sort_by_cached_key(|pc| age_order(pc));
 
     let mut outcomes = BTreeMap::new();
     let mut claimed: BTreeMap<String, String> = BTreeMap::new();
     let mut file = gw::ConnectorsFile::default();
-    let mut material = BTreeMap::new();
+    // Included connectors in age order, with their material files.
+    let mut by_age: Vec<(String, BTreeMap<String, Vec<u8>>)> = Vec::new();
 
     for pc in sorted {
         let name = pc.key();
@@ -514,6 +541,7 @@ pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDat
             included: false,
             certificates: vec![],
             expiring: vec![],
+            left_out: None,
         };
 
         // References are resolved for every connector, so status.certificates is useful even
@@ -568,7 +596,7 @@ pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDat
                 GatewayConnector::In(c) => file.inbound.push(c),
                 GatewayConnector::Out(c) => file.outbound.push(c),
             }
-            material.extend(r.files.iter().map(|(k, v)| (k.clone(), v.clone())));
+            by_age.push((name.clone(), r.files.clone()));
             outcome.included = true;
         }
         outcomes.insert(name, outcome);
@@ -609,10 +637,17 @@ pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDat
                     Acceptance::Invalid("refused by the gateway's config validation".into());
             }
         }
-        // material of dropped connectors may linger; it is harmless (content-addressed)
     }
 
-    let mut connectors_json = serde_json::to_vec_pretty(&file).unwrap_or_default();
+    fit(&mut file, &by_age, &mut outcomes, max_bytes);
+    let mut material = BTreeMap::new();
+    for (name, files) in &by_age {
+        if outcomes.get(name).is_some_and(|o| o.included) {
+            material.extend(files.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
+    }
+
+    let mut connectors_json = serde_json::to_vec(&file).unwrap_or_default();
     connectors_json.push(b'\n');
     let hash = sha256_hex(&connectors_json);
     Rendered {
@@ -620,6 +655,62 @@ pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDat
         hash,
         material,
         outcomes,
+    }
+}
+
+/// Keeps the connectors file within `max_bytes`: the included connectors are taken oldest
+/// first (`by_age`), each kept when it still fits; the others are left out with a message.
+fn fit(
+    file: &mut gw::ConnectorsFile,
+    by_age: &[(String, BTreeMap<String, Vec<u8>>)],
+    outcomes: &mut BTreeMap<String, Outcome>,
+    max_bytes: usize,
+) {
+    // Compact JSON: the frame, each connector and a comma before all but the first of each
+    // list (counted for every one: an upper bound), and the trailing newline.
+    const FRAME: usize = r#"{"inbound":[],"outbound":[]}"#.len() + 1;
+    let mut sizes: BTreeMap<&str, usize> = BTreeMap::new();
+    for c in &file.inbound {
+        sizes.insert(
+            &c.name,
+            serde_json::to_vec(c).map_or(usize::MAX / 4, |v| v.len()) + 1,
+        );
+    }
+    for c in &file.outbound {
+        sizes.insert(
+            &c.name,
+            serde_json::to_vec(c).map_or(usize::MAX / 4, |v| v.len()) + 1,
+        );
+    }
+    let needed = FRAME + sizes.values().sum::<usize>();
+    if needed <= max_bytes {
+        return;
+    }
+    let mut used = FRAME;
+    let mut left_out: BTreeMap<String, usize> = BTreeMap::new();
+    for (name, _) in by_age {
+        let Some(&size) = sizes.get(name.as_str()) else {
+            continue; // dropped by the whole-file validation
+        };
+        if used + size <= max_bytes {
+            used += size;
+        } else {
+            left_out.insert(name.clone(), size);
+        }
+    }
+    let (kept, total) = (sizes.len() - left_out.len(), sizes.len());
+    file.inbound.retain(|c| !left_out.contains_key(&c.name));
+    file.outbound.retain(|c| !left_out.contains_key(&c.name));
+    for (name, size) in left_out {
+        if let Some(o) = outcomes.get_mut(&name) {
+            o.included = false;
+            o.left_out = Some(format!(
+                "the gateway's connectors file would be {needed} bytes with every accepted \
+                 connector, over the {max_bytes}-byte limit (a ConfigMap holds at most \
+                 {CONFIGMAP_DATA_LIMIT} bytes); the oldest {kept} of {total} connectors are \
+                 served and this one ({size} bytes) is left out until older ones are removed"
+            ));
+        }
     }
 }
 
@@ -879,6 +970,102 @@ mod tests {
         for (name, o) in &r.outcomes {
             assert_eq!(o.acceptance, Acceptance::Accepted, "{name}");
         }
+    }
+
+    /// The connectors of tests/bench/operator.sh (gen-objects.py): Inbound, SenderDomain,
+    /// requireTls, one domain each, created one second apart.
+    fn bench_connectors(n: usize) -> Vec<PartnerConnector> {
+        (0..n)
+            .map(|i| {
+                let name = format!("p{i:04}");
+                let mut pc = connector("partners", &name, 1, &[&format!("{name}.test")]);
+                crate::fixtures::created(&mut pc, 1_700_000_000 + i as i64);
+                pc
+            })
+            .collect()
+    }
+
+    /// Issue 17: past ~2,800 such connectors the pretty file with every default (~374 bytes
+    /// each) no longer fit a ConfigMap; the compact file holds 10,000 of them.
+    #[test]
+    fn ten_thousand_bench_connectors_fit_one_configmap() {
+        let n = 10_000;
+        let r = render(&bench_connectors(n), &Objects::new(), now());
+        let per = r.connectors_json.len() / n;
+        eprintln!(
+            "{n} bench connectors: connectors.json {} bytes, {per} bytes per connector",
+            r.connectors_json.len()
+        );
+        assert!(
+            r.outcomes
+                .values()
+                .all(|o| o.included && o.left_out.is_none())
+        );
+        assert!(r.connectors_json.len() <= MAX_CONNECTORS_FILE_BYTES);
+        assert!(per <= 80, "{per} bytes per connector");
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        assert_eq!(file.inbound.len(), n);
+        assert!(file.inbound[0].require_tls);
+        assert_eq!(file.inbound[0].generation, 1);
+        assert_eq!(r.hash, sha256_hex(&r.connectors_json));
+    }
+
+    /// Issue 17: when the file cannot hold every connector, the oldest are served, the others
+    /// are left out saying why (sizes, limit), and the file stays within the limit. Connectors
+    /// left out for other reasons take no room.
+    #[test]
+    fn over_the_limit_the_oldest_are_served_and_the_rest_say_why() {
+        let mut pcs = bench_connectors(20);
+        // an older connector that loses a conflict and a disabled one use no room
+        let mut conflicted = connector("partners", "z-dup", 1, &["p0000.test"]);
+        crate::fixtures::created(&mut conflicted, 1_600_000_000);
+        let mut disabled = connector("partners", "z-off", 1, &["off.test"]);
+        disabled.spec.enabled = false;
+        crate::fixtures::created(&mut disabled, 1_600_000_000);
+        pcs.push(conflicted);
+        pcs.push(disabled);
+        let all = render(&pcs, &Objects::new(), now());
+        assert!(
+            all.outcomes["partners/z-dup"].included,
+            "older: keeps the domain"
+        );
+        let one = all.connectors_json.len() / 20;
+        let limit = one * 12;
+        let r = render_within(&pcs, &Objects::new(), now(), limit);
+        assert!(
+            r.connectors_json.len() <= limit,
+            "{} > {limit}",
+            r.connectors_json.len()
+        );
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        let kept: Vec<&str> = file.inbound.iter().map(|c| c.name.as_str()).collect();
+        assert!(kept.len() >= 9 && kept.len() < 20, "{kept:?}");
+        // the oldest (z-dup, then p0001, p0002, ...: p0000 lost its domain to z-dup) are kept
+        let mut want = vec!["partners/z-dup".to_string()];
+        want.extend((1..kept.len()).map(|i| format!("partners/p{i:04}")));
+        want.sort();
+        assert_eq!(kept, want);
+        for (name, o) in &r.outcomes {
+            if name == "partners/z-off" || name == "partners/p0000" {
+                assert_ne!(o.acceptance, Acceptance::Accepted, "{name}");
+                assert!(!o.included && o.left_out.is_none(), "{name}");
+            } else if kept.contains(&name.as_str()) {
+                assert!(o.included && o.left_out.is_none(), "{name}");
+            } else {
+                assert_eq!(o.acceptance, Acceptance::Accepted, "{name}");
+                assert!(!o.included, "{name}");
+                let m = o.left_out.as_deref().unwrap_or_default();
+                assert!(m.contains(&format!("over the {limit}-byte limit")), "{m}");
+                assert!(m.contains("1048576 bytes"), "{m}");
+                assert!(
+                    m.contains(&format!("the oldest {} of 20", kept.len())),
+                    "{m}"
+                );
+            }
+        }
+        // deterministic whatever the input order
+        pcs.reverse();
+        assert_eq!(render_within(&pcs, &Objects::new(), now(), limit), r);
     }
 
     #[test]

@@ -308,6 +308,15 @@ mod tests {
             included: false,
             ..accepted()
         };
+        let too_large = Outcome {
+            included: false,
+            left_out: Some(
+                "the gateway's connectors file would be 2000000 bytes with every accepted \
+                 connector, over the 1047552-byte limit"
+                    .into(),
+            ),
+            ..accepted()
+        };
         vec![
             Row {
                 contract: "a connector being deleted is left alone until it changes",
@@ -412,6 +421,23 @@ mod tests {
                         "Programmed is False: not in the gateway config",
                     ),
                     (Warning, reason::SECRET_NOT_FOUND, "Ready is False"),
+                ],
+                ..Row::default()
+            },
+            Row {
+                contract: "left out for room (issue 17): Programmed=False/ConfigTooLarge is a \
+                           Warning naming the limit; 300 s",
+                render: rendered(&fab(), too_large),
+                pc: written(fab(), &accepted(), &live()),
+                gateways: Some(live()),
+                writes_status: true,
+                events: vec![
+                    (
+                        Warning,
+                        reason::CONFIG_TOO_LARGE,
+                        "Programmed is False: the gateway's connectors file would be 2000000 bytes",
+                    ),
+                    (Warning, reason::CONFIG_TOO_LARGE, "Ready is False"),
                 ],
                 ..Row::default()
             },

@@ -166,6 +166,7 @@ mod tests {
             included: true,
             certificates: vec![],
             expiring: expiring.iter().map(|m| m.to_string()).collect(),
+            left_out: None,
         }
     }
 

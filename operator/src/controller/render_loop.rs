@@ -12,7 +12,8 @@
 //! - nothing is written when the live ConfigMap and Secret already carry the rendered hash;
 //! - outcomes are published even when the apply failed (Accepted/ResolvedRefs are still right
 //!   and Programmed will say the gateways don't have it), and a change of them triggers
-//!   "reconcile all" and a gateway poll.
+//!   "reconcile all" and a gateway poll;
+//! - connectors the render left out for room (ConfigTooLarge) are logged once per change.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -121,6 +122,7 @@ async fn render_once(ctx: &Context) -> Result<bool, Error> {
     };
     let changed = {
         let prev = ctx.render_state();
+        warn_left_out(ctx, &prev.outcomes, &state.outcomes);
         prev.hash != state.hash || prev.seen != state.seen || prev.outcomes != state.outcomes
     };
     if let Ok(mut g) = ctx.render_state.write() {
@@ -131,6 +133,46 @@ async fn render_once(ctx: &Context) -> Result<bool, Error> {
         ctx.poll_notify.notify_one();
     }
     applied
+}
+
+/// Says, once per change of the set, that connectors were left out because the connectors
+/// file would not fit its ConfigMap: the API server's 1 MiB limit is not a setting of ours, so
+/// the way out is fewer (or smaller) connectors.
+fn warn_left_out(
+    ctx: &Context,
+    prev: &BTreeMap<String, render::Outcome>,
+    now: &BTreeMap<String, render::Outcome>,
+) {
+    let left = |o: &BTreeMap<String, render::Outcome>| -> Vec<String> {
+        o.iter()
+            .filter(|(_, o)| o.left_out.is_some())
+            .map(|(k, _)| k.clone())
+            .collect()
+    };
+    let (before, after) = (left(prev), left(now));
+    if before == after {
+        return;
+    }
+    if let Some(message) = after
+        .first()
+        .and_then(|k| now.get(k))
+        .and_then(|o| o.left_out.as_ref())
+    {
+        tracing::warn!(
+            left_out = after.len(),
+            configmap = %ctx.settings.connectors_configmap,
+            limit_bytes = render::MAX_CONNECTORS_FILE_BYTES,
+            first = %after[0],
+            %message,
+            "connectors left out of the gateway config: the connectors file would exceed the \
+             ConfigMap size limit (Programmed=False, reason ConfigTooLarge)"
+        );
+    } else {
+        tracing::info!(
+            configmap = %ctx.settings.connectors_configmap,
+            "every accepted connector fits the connectors file again"
+        );
+    }
 }
 
 fn rendered_labels() -> BTreeMap<String, String> {
