@@ -15,6 +15,8 @@ REPO=$(cd "$E2E_DIR/../.." && pwd)
 E2E_WORK=${E2E_WORK:-/tmp/partnergate-e2e}
 E2E_SINK_PORT=${E2E_SINK_PORT:-2626}
 E2E_PARTNER_PORT=${E2E_PARTNER_PORT:-2627}
+# The process kubelet's API (kubectl logs), on 127.0.0.1: tests/cluster/README.md's port table.
+E2E_KUBELET_PORT=${PARTNERGATE_KUBELET_PORT:-10580}
 export PARTNERGATE_CLUSTER_STATE=${PARTNERGATE_CLUSTER_STATE:-/tmp/partnergate-cluster}
 export KUBECONFIG=$PARTNERGATE_CLUSTER_STATE/kubeconfig
 NS=partnergate
@@ -108,6 +110,8 @@ e2e_kubelet() {
   "$BIN_DIR/process-kubelet" --kubeconfig "$KUBECONFIG" --node-name "$(e2e_cluster_env NODE_NAME)" \
     --state-dir "$PARTNERGATE_CLUSTER_STATE/kubelet" --bin-dir "$BIN_DIR" \
     --pod-cidr "$(e2e_cluster_env POD_CIDR)" --cluster-dns "$(e2e_cluster_env DNS_SERVICE_IP)" \
+    --port "$E2E_KUBELET_PORT" --ca-cert-file "$PARTNERGATE_CLUSTER_STATE/pki/ca.crt" \
+    --ca-key-file "$PARTNERGATE_CLUSTER_STATE/pki/ca.key" \
     >"$E2E_WORK/kubelet.log" 2>&1 &
   echo $! >"$E2E_WORK/kubelet.pid"
   local i

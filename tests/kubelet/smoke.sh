@@ -22,6 +22,7 @@ STATE=$PARTNERGATE_CLUSTER_STATE
 # up.sh installs the guard routes, down.sh removes this range's addresses from lo.
 POD_CIDR=${PG_KUBELET_SMOKE_POD_CIDR:-10.244.3.0/24}
 export PARTNERGATE_POD_CIDR=$POD_CIDR
+KUBELET_PORT=${PARTNERGATE_KUBELET_PORT:-10581}   # kubelet API (kubectl logs), 127.0.0.1
 NODE=kubelet-smoke-node
 NS=kubelet-smoke
 
@@ -87,6 +88,7 @@ kn() { kubectl -n "$NS" "$@"; }
 step "start process-kubelet (node $NODE, pod CIDR $POD_CIDR)"
 "$TARGET/process-kubelet" --kubeconfig "$KUBECONFIG" --node-name "$NODE" \
   --state-dir "$KUBELET_STATE" --bin-dir "$TARGET" --pod-cidr "$POD_CIDR" \
+  --port "$KUBELET_PORT" --ca-cert-file "$STATE/pki/ca.crt" --ca-key-file "$STATE/pki/ca.key" \
   >"$WORK/kubelet.log" 2>&1 &
 KUBELET_PID=$!
 node_ready() { [ "$(k get node "$NODE" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}')" = True ]; }
@@ -209,6 +211,41 @@ wait_until "echo restarted (restartCount >= 1) and Ready again" 60 restarted
   || die "lastState.terminated.exitCode is not 3"
 PID2=$(kn get pod echo -o jsonpath='{.status.containerStatuses[0].containerID}'); PID2=${PID2#process://}
 [ "$PID1" != "$PID2" ] || die "pid did not change after restart"
+
+step "kubelet API: kubectl logs through the apiserver (CRI log file, client-cert auth)"
+[ "$(k get node "$NODE" -o jsonpath='{.status.daemonEndpoints.kubeletEndpoint.Port}')" = "$KUBELET_PORT" ] \
+  || die "node does not report kubeletEndpoint.Port $KUBELET_PORT"
+[ "$(curl -fsS --max-time 3 --cacert "$STATE/pki/ca.crt" --cert "$STATE/pki/admin.crt" --key "$STATE/pki/admin.key" \
+  "https://127.0.0.1:$KUBELET_PORT/healthz")" = ok ] || die "kubelet /healthz with the admin certificate"
+! curl -sS --max-time 3 --cacert "$STATE/pki/ca.crt" "https://127.0.0.1:$KUBELET_PORT/healthz" >/dev/null 2>&1 \
+  || die "the kubelet API answered a client without a certificate"
+ok "node reports kubeletEndpoint.Port $KUBELET_PORT; /healthz needs a client certificate of the cluster CA"
+LOGS=$(kn logs echo) || die "kubectl logs echo: $LOGS"
+grep -qxF "listening on $IP:8080" <<<"$LOGS" || die "kubectl logs echo lacks 'listening on $IP:8080': $(tail -n3 <<<"$LOGS")"
+! grep -q '^=== process-kubelet' <<<"$LOGS" || die "kubectl logs shows the kubelet's start header"
+! grep -q 'exiting with 3' <<<"$LOGS" || die "kubectl logs shows the previous instance"
+PREV=$(kn logs echo --previous) || die "kubectl logs --previous: $PREV"
+grep -qxF "exiting with 3 on request" <<<"$PREV" || die "kubectl logs --previous lacks the exit line"
+ok "kubectl logs: current instance ($(wc -l <<<"$LOGS") lines), --previous ends with 'exiting with 3 on request'"
+FOLLOW=$WORK/follow.out
+kn logs -f --tail=1 echo >"$FOLLOW" 2>&1 &
+FPID=$!
+wait_until "kubectl logs -f prints the last line" 20 grep -qxF "listening on $IP:8080" "$FOLLOW"
+get "$IP" /say/follow-me >/dev/null
+followed() { grep -qxF "said follow-me" "$FOLLOW" && grep -qxF "warned follow-me" "$FOLLOW"; }
+wait_until "kubectl logs -f streams the new stdout and stderr lines" 20 followed
+kill "$FPID" 2>/dev/null; wait "$FPID" 2>/dev/null || true
+[ "$(wc -l <"$FOLLOW")" = 3 ] || die "kubectl logs -f --tail=1: expected 3 lines, got: $(cat "$FOLLOW")"
+TS=$(kn logs echo --timestamps --tail=2)
+[ "$(wc -l <<<"$TS")" = 2 ] || die "--tail=2 returned $(wc -l <<<"$TS") lines"
+grep -qE '^20[0-9]{2}-[0-9]{2}-[0-9]{2}T[0-9:.]+Z said follow-me$' <<<"$TS" || die "--timestamps: $TS"
+[ "$(kn logs echo --limit-bytes=5 | wc -c)" = 5 ] || die "--limit-bytes=5"
+[ -z "$(kn logs echo --since=1h --tail=0)" ] || die "--tail=0 returned lines"
+grep -qxF "said follow-me" <(kn logs echo --since=1h) || die "--since=1h lost a recent line"
+ok "kubectl logs -f streamed stdout+stderr; --timestamps, --tail, --limit-bytes, --since"
+EXEC=$(kn exec echo -- true 2>&1) && die "kubectl exec succeeded?"
+grep -q "not supported by the process kubelet" <<<"$EXEC" || die "kubectl exec error does not explain: $EXEC"
+ok "kubectl exec refused with the reason: $(head -c 120 <<<"$EXEC")"
 
 step "Deployment with 2 replicas"
 kn apply -f - >/dev/null <<'EOF'

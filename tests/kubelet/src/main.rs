@@ -6,9 +6,11 @@
 //! (a /32 on `lo` inside 10.244.0.0/16, see net.rs). See README.md in this directory for the contract with the binaries and the
 //! deviations from a real kubelet.
 
+mod api;
 mod env;
 mod events;
 mod ipam;
+mod logs;
 mod net;
 mod node;
 mod pod;
@@ -76,6 +78,18 @@ pub struct Args {
     /// only) to the materialised directories, like args and env values are rewritten.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub rewrite_file_contents: bool,
+    /// Port of the kubelet API (HTTPS on 127.0.0.1, the Node's InternalIP): what the
+    /// apiserver calls for `kubectl logs`. Reported as `daemonEndpoints.kubeletEndpoint.Port`.
+    /// 0 = no API (then --ca-cert-file/--ca-key-file are not needed).
+    #[arg(long, default_value_t = 0)]
+    pub port: u16,
+    /// Cluster CA certificate (PEM): issues the API's serving certificate and must have
+    /// issued every client's certificate (the apiserver's --kubelet-client-certificate).
+    #[arg(long, requires = "ca_key_file")]
+    pub ca_cert_file: Option<PathBuf>,
+    /// Key of --ca-cert-file (PEM, PKCS#8), used once at start to sign the serving certificate.
+    #[arg(long, requires = "ca_cert_file")]
+    pub ca_key_file: Option<PathBuf>,
 }
 
 /// State shared by the node loop, the pod manager and the pod workers.
@@ -221,6 +235,15 @@ async fn main() -> anyhow::Result<()> {
         "process kubelet starting"
     );
 
+    if ctx.args.port != 0 {
+        let (Some(cert), Some(key)) = (&ctx.args.ca_cert_file, &ctx.args.ca_key_file) else {
+            bail!("--port needs --ca-cert-file and --ca-key-file (the cluster CA)");
+        };
+        let (cert, key) = api::load_ca(cert, key)?;
+        let tls = api::tls_config(&cert, &key, &ctx.args.node_name)?;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], ctx.args.port));
+        api::serve(ctx.clone(), addr, tls).await?;
+    }
     if ctx.manage_addresses {
         // A crashed kubelet's pod IPs (its processes died with it: PR_SET_PDEATHSIG).
         let n = net::flush_range(ctx.args.pod_cidr).await?;

@@ -65,7 +65,7 @@ fn node_status(ctx: &Ctx, transition: &str) -> serde_json::Value {
                 {"type": "InternalIP", "address": "127.0.0.1"},
                 {"type": "Hostname", "address": ctx.args.node_name},
             ],
-            "daemonEndpoints": {"kubeletEndpoint": {"Port": 0}},
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": ctx.args.port}},
             "nodeInfo": {
                 "machineID": read_trim("/etc/machine-id"),
                 "systemUUID": read_trim("/etc/machine-id"),

@@ -19,7 +19,7 @@ use tracing::{info, warn};
 
 use crate::env::{self, MountMap};
 use crate::volumes::{self, Payload};
-use crate::{Ctx, events, probe};
+use crate::{Ctx, events, logs, probe};
 
 /// Where kube clients look for the in-cluster service-account token.
 pub const SA_MOUNT_PATH: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
@@ -804,14 +804,14 @@ impl Worker {
             use std::io::Write as _;
             let _ = writeln!(
                 log,
-                "=== process-kubelet {} start #{}: {} {:?} (pod IP {ip})",
+                "{}{} start #{}: {} {:?} (pod IP {ip})",
+                logs::HEADER_PREFIX,
                 Timestamp::now(),
                 self.restart_count + i32::from(self.last_term.is_some()),
                 binary.display(),
                 args
             );
         }
-        let log2 = log.try_clone()?;
         let resolv = match crate::net::resolv_conf(
             pod,
             self.ctx.args.cluster_dns,
@@ -824,14 +824,17 @@ impl Worker {
             }
             None => None,
         };
+        // Output goes through pipes so each line gets the time it was read (CRI records, see
+        // logs.rs); the copiers end when the process and its children close the pipes.
+        let log = Arc::new(std::sync::Mutex::new(log));
         let mut cmd = tokio::process::Command::new(&binary);
         cmd.args(&args)
             .env_clear()
             .envs(&vars)
             .current_dir(&workdir)
             .stdin(Stdio::null())
-            .stdout(Stdio::from(log))
-            .stderr(Stdio::from(log2))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         // SAFETY: only async-signal-safe libc calls between fork and exec.
         unsafe {
@@ -845,9 +848,15 @@ impl Worker {
                 Ok(())
             });
         }
-        let child = cmd
+        let mut child = cmd
             .spawn()
             .with_context(|| format!("spawn {}", binary.display()))?;
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(logs::copy_stream(out, "stdout", log.clone()));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(logs::copy_stream(err, "stderr", log));
+        }
         let pid = child.id().map(|p| p as i32).unwrap_or(0);
         if self.last_term.is_some() {
             self.restart_count += 1;

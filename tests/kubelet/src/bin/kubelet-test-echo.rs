@@ -3,6 +3,7 @@
 //! `kubelet-test-echo [--port N] [--file PATH] [ARGS...]` prints its args, environment and the
 //! content of `--file` at start, then serves HTTP on `$PARTNERGATE_BIND_IP:N` (default 8080):
 //! `/readyz` and `/healthz` (200), `/args`, `/env`, `/file` (current content of `--file`),
+//! `/say/WORD` (prints `said WORD` on stdout and `warned WORD` on stderr, for `kubectl logs`),
 //! `/exit?code=N` (exits with N, to test restarts). Exits on SIGTERM (default disposition).
 
 use std::io::{BufRead as _, BufReader, Write as _};
@@ -83,6 +84,13 @@ fn main() {
                 Some(Err(e)) => respond(stream, 500, &format!("{e}\n")),
                 None => respond(stream, 404, "no --file\n"),
             },
+            // One line on each stream, for the `kubectl logs` checks of smoke.sh.
+            p if p.starts_with("/say/") => {
+                let word = &p["/say/".len()..];
+                println!("said {word}");
+                eprintln!("warned {word}");
+                respond(stream, 200, "said\n");
+            }
             p if p.starts_with("/exit") => {
                 let code = p
                     .split("code=")
