@@ -52,6 +52,10 @@ for f in $(find "$E2E_WORK/sink" -name 'mail.*' -type f | sort); do
   echo "--- $f"
   grep -E '^(X-Mail-From|X-Rcpt-To|Received|X-Partnergate-Connector|Subject):' "$f" | sed 's/^/  /'
 done
+echo
+gw_pod=$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway --field-selector "status.podIP=$gw" -o jsonpath='{.items[0].metadata.name}')
+e2e_log "kubectl -n $NS logs $gw_pod | tail -n 5 (served by the process kubelet's API)"
+kubectl -n "$NS" logs "$gw_pod" | tail -n 5
 cat <<MSG
 
 The system is still running. To explore:
@@ -65,7 +69,8 @@ The system is still running. To explore:
   curl -s http://$gw:8080/status                        # what a gateway has loaded
   swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\
         --tls-cert $PKI/contoso-mail.crt --tls-key $PKI/contoso-mail.key
-  logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log, $E2E_WORK/kubelet.log,
+  kubectl -n $NS logs -f $gw_pod                        # follow a gateway's JSON log lines
+  logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log (CRI format), $E2E_WORK/kubelet.log,
         $PARTNERGATE_CLUSTER_STATE/logs/cert-manager-controller.log
 Stop everything with: make cluster-down
 MSG

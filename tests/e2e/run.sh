@@ -171,6 +171,24 @@ pass "all ${#svc_ids[@]} messages sent to the Service are at the sink, matched t
 got=$(e2e_swaks "$SVC_IP:25" 127.0.0.22 alice@contoso.test bob@org.test "${CONTOSO_TLS[@]}")
 expect_reply "$got" "550 5.7.1" "Service $SVC_IP:25: contoso from 127.0.0.22 (outside senderIPRanges: the source IP survives the DNAT)"
 
+# --- kubectl logs of a gateway pod: the apiserver reads them from the process kubelet's API ---
+gw_pod=$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway --field-selector "status.podIP=${GW[0]}" -o jsonpath='{.items[0].metadata.name}')
+[ -n "$gw_pod" ] || e2e_fail "no gateway pod with IP ${GW[0]}"
+logs=$(kubectl -n "$NS" logs "$gw_pod" 2>&1) || e2e_fail "kubectl logs $gw_pod: $logs"
+decisions=$(grep -c '"target":"decision"' <<<"$logs" || true)
+grep '"target":"decision"' <<<"$logs" | grep -q '"client_ip":"127.0.0.20"' ||
+  e2e_fail "kubectl logs $gw_pod shows no decision line for 127.0.0.20: $(tail -n 3 <<<"$logs")"
+kubectl -n "$NS" logs -f --tail=0 "$gw_pod" >"$E2E_WORK/logs-follow.out" 2>&1 &
+follower=$!
+sleep 1 # kubectl has its stream open (--tail=0 prints nothing to wait for)
+got=$(e2e_swaks "${GW[0]}" 127.0.0.22 alice@contoso.test bob@org.test)
+followed() { grep '"target":"decision"' "$E2E_WORK/logs-follow.out" | grep -q '"client_ip":"127.0.0.22"'; }
+for _ in $(seq 40); do followed && break; sleep 0.5; done
+kill "$follower" 2>/dev/null || true
+wait "$follower" 2>/dev/null || true
+followed || e2e_fail "kubectl logs -f $gw_pod did not stream the decision for 127.0.0.22 ($got): $(cat "$E2E_WORK/logs-follow.out")"
+pass "kubectl logs $gw_pod: $decisions decision lines incl. 127.0.0.20's; kubectl logs -f streamed the new decision for 127.0.0.22 ($got)"
+
 # --- Contoso's real Postfix relays to the gateway with its client certificate ---
 e2e_postfix_up contoso 127.0.0.21 2628 "
 relayhost = [${GW[0]}]:2525
@@ -432,6 +450,11 @@ pass "during every control-plane fault: $total sessions through ${#GW[@]} gatewa
 # --- the chart's alerts and dashboard on a real Prometheus scraping these pods ---
 "$HERE/prometheus.sh" || e2e_fail "tests/e2e/prometheus.sh"
 pass "Prometheus scraping the gateway and operator pods: the chart's alerts and dashboard queries evaluate on real metrics; not-Ready and expiring-certificate alerts fire for connectors made to fail"
+
+# --- rolling upgrade under load: helm upgrade rolls the gateways while mail streams in ---
+"$HERE/rolling_upgrade.sh" || E2E_NO_DUMP=1 e2e_fail "rolling upgrade under load (see above)"
+pass "$(cat "$E2E_WORK/rolling-upgrade.txt")"
+mapfile -t GW < <(e2e_gateway_ips) # the pods were replaced
 
 # --- deleting the connector removes its rules ---
 kubectl -n mail delete partnerconnector contoso --wait=true >/dev/null

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Rolling upgrade under load (called by run.sh on its running cluster; needs the contoso
+# connector Ready and the peers' files in $E2E_WORK/pki).
+#
+# stream_sender.py streams STARTTLS partner mail (contoso's client certificate, from 127.0.0.20)
+# through the gateway Service's ClusterIP while `helm upgrade` changes a fleet setting, which
+# changes the pod template's checksum/fleet annotation and so rolls every gateway pod
+# (maxSurge 1, maxUnavailable 0: a new pod must be Ready before an old one is deleted; the old
+# one leaves the Service's endpoints, sleeps preStopSleepSeconds, then gets SIGTERM and drains).
+# Every message must end with 250; a refused/reset connection or a 4xx up to the reply to DATA
+# is retried by the sender; anything else fails. Every acknowledged message must be at the sink.
+# The figures go to $E2E_WORK/rolling-upgrade.txt (run.sh prints them); the sender's summary,
+# ledger and output stay in $E2E_WORK/rolling-upgrade/.
+#
+# Without Service routing (no kube-proxy on this cluster) the sender is pointed at the ready,
+# non-terminating gateway pods instead, re-read every 0.5 s: what the endpoints would hold.
+set -euo pipefail
+HERE=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=env.sh
+. "$HERE/env.sh"
+PKI=$E2E_WORK/pki
+RU=$E2E_WORK/rolling-upgrade
+rm -rf "$RU"
+mkdir -p "$RU"
+SVC=partnergate-gateway
+SEL=app.kubernetes.io/component=gateway
+WARMUP=${E2E_ROLL_WARMUP:-20}   # messages acknowledged before the upgrade starts
+AFTER=${E2E_ROLL_AFTER:-20}     # messages acknowledged after the last old pod is gone
+
+pods_line() { # name@ip of every gateway pod, sorted
+  kubectl -n "$NS" get pods -l "$SEL" -o jsonpath='{range .items[*]}{.metadata.name}@{.status.podIP}{"\n"}{end}' | sort | paste -sd' '
+}
+acked() { [ -f "$RU/ledger" ] && wc -l <"$RU/ledger" || echo 0; }
+wait_acked() { # N SECONDS: until the ledger holds N lines, or the sender died
+  local n=$1 deadline=$((SECONDS + $2))
+  until [ "$(acked)" -ge "$n" ]; do
+    kill -0 "$sender" 2>/dev/null || e2e_fail "the sender stopped early: $(cat "$RU/sender.out")"
+    [ $SECONDS -lt $deadline ] || e2e_fail "only $(acked) of $n messages acknowledged after $2 s: $(tail -n 3 "$RU/sender.out")"
+    sleep 0.2
+  done
+}
+
+svc_ip=$(kubectl -n "$NS" get svc "$SVC" -o jsonpath='{.spec.clusterIP}')
+svc_port=$(kubectl -n "$NS" get svc "$SVC" -o jsonpath='{.spec.ports[?(@.name=="smtp")].port}')
+[ -n "$svc_ip" ] && [ -n "$svc_port" ] || e2e_fail "no ClusterIP/smtp port on Service $NS/$SVC"
+target_args=()
+follower=
+# Routed means kube-proxy has programmed the ClusterIP (never probe it otherwise: without a rule
+# and without the substrate's unreachable routes, a SYN to it would follow the default route).
+if iptables -w 5 -t nat -S KUBE-SERVICES 2>/dev/null | grep -q -- "-d $svc_ip/32 .*--dport $svc_port "; then
+  mode="Service $SVC ($svc_ip:$svc_port)"
+  target_args=(--target "$svc_ip:$svc_port")
+else
+  mode="ready gateway pods on :2525 (Service $svc_ip:$svc_port is not routed on this cluster)"
+  (
+    while [ ! -e "$RU/stop" ]; do
+      kubectl -n "$NS" get pods -l "$SEL" -o json 2>/dev/null | python3 -c '
+import json, sys
+for p in json.load(sys.stdin)["items"]:
+    ready = any(c["type"] == "Ready" and c["status"] == "True" for c in p["status"].get("conditions", []))
+    if ready and not p["metadata"].get("deletionTimestamp") and p["status"].get("podIP"):
+        print(p["status"]["podIP"] + ":2525")' >"$RU/targets.tmp" && mv "$RU/targets.tmp" "$RU/targets"
+      sleep 0.5
+    done
+  ) &
+  follower=$!
+  target_args=(--targets-file "$RU/targets")
+fi
+cleanup_ru() {
+  touch "$RU/stop"
+  [ -n "${sender:-}" ] && kill "$sender" 2>/dev/null || true
+  [ -n "$follower" ] && kill "$follower" 2>/dev/null || true
+}
+trap cleanup_ru EXIT
+
+before=$(pods_line)
+hash_before=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.metadata.annotations.checksum/fleet}')
+prestop=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.spec.containers[0].lifecycle.preStop.sleep.seconds}')
+grace=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.spec.terminationGracePeriodSeconds}')
+e2e_log "rolling upgrade: streaming STARTTLS mail to $mode; pods before: $before"
+
+python3 "$HERE/stream_sender.py" send "${target_args[@]}" --source 127.0.0.20 \
+  --cert "$PKI/contoso-mail.crt" --key "$PKI/contoso-mail.key" --cafile "$PKI/org-ca.crt" \
+  --from alice@contoso.test --to bob@org.test --workers 4 --id-prefix roll \
+  --stop-file "$RU/stop" --ledger "$RU/ledger" --summary "$RU/summary.json" >"$RU/sender.out" 2>&1 &
+sender=$!
+wait_acked "$WARMUP" 60
+
+t0=$SECONDS
+helm upgrade partnergate "$REPO/charts/partnergate" -n "$NS" -f "$HERE/values-e2e.yaml" \
+  --set gateway.settings.limits.maxRecipients=99 --wait --timeout 180s >"$RU/helm.out" 2>&1 ||
+  e2e_fail "helm upgrade: $(cat "$RU/helm.out")"
+hash_after=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.metadata.annotations.checksum/fleet}')
+[ "$hash_after" != "$hash_before" ] || e2e_fail "helm upgrade did not change the pod template's checksum/fleet"
+# helm --wait returns when the new pods are Ready; the last old one may still be draining.
+old_names=$(tr ' ' '\n' <<<"$before" | cut -d@ -f1)
+old_gone() {
+  local n
+  for n in $old_names; do kubectl -n "$NS" get pod "$n" >/dev/null 2>&1 && return 1; done
+  return 0
+}
+deadline=$((SECONDS + 120))
+until old_gone; do
+  [ $SECONDS -lt $deadline ] || e2e_fail "old gateway pods still exist 120 s after helm upgrade: $(pods_line)"
+  sleep 0.5
+done
+roll_secs=$((SECONDS - t0))
+wait_acked $(($(acked) + AFTER)) 60
+touch "$RU/stop"
+rc=0
+wait "$sender" || rc=$?
+sender=
+after=$(pods_line)
+[ -s "$RU/summary.json" ] || e2e_fail "the sender wrote no summary: $(cat "$RU/sender.out")"
+[ "$rc" -eq 0 ] || e2e_fail "messages failed during the rolling upgrade: $(cat "$RU/summary.json")"
+for n in $old_names; do
+  grep -q "$n@" <<<"$after" && e2e_fail "old pod $n survived the upgrade"
+done
+[ "$(wc -w <<<"$after")" -eq "$(wc -w <<<"$before")" ] || e2e_fail "pods before: $before; after: $after"
+
+# Every acknowledged message at the sink (the gateway answers 250 only after the upstream did).
+python3 "$HERE/stream_sender.py" check --ledger "$RU/ledger" --sink "$E2E_WORK/sink" >"$RU/sink.json" ||
+  e2e_fail "acknowledged messages missing at the sink: $(cat "$RU/sink.json")"
+
+python3 - "$RU/summary.json" "$RU/sink.json" "$mode" "$before" "$after" "$roll_secs" "$prestop" "$grace" \
+  >"$E2E_WORK/rolling-upgrade.txt" <<'PY' # run.sh prints it
+import json, sys
+s, k = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
+mode, before, after, roll, prestop, grace = sys.argv[3:9]
+codes = ", ".join(f"{c} x{n}" for c, n in s["replies"].items())
+print(f"rolling upgrade through {mode}: {s['messages']} messages in {s['seconds']} s "
+      f"({s['per_second']}/s, 4 senders), {s['acked']} x 250, {s['retried']} retried, "
+      f"{s['failed'] + s['gave_up']} failed; attempts by reply: {codes}; "
+      f"at the sink: {k['found']} of {k['acked']} ({k['missing']} missing, {k['duplicates']} duplicated); "
+      f"rollout (helm upgrade to last old pod gone) {roll} s with preStop sleep {prestop or 0} s, "
+      f"grace {grace} s; pods before: {before}; after: {after}")
+PY
