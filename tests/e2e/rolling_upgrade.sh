@@ -66,10 +66,27 @@ for p in json.load(sys.stdin)["items"]:
   follower=$!
   target_args=(--targets-file "$RU/targets")
 fi
+# The routing set over time ("<epoch> ip ip ..."): the Service's ready endpoints, or in pod mode
+# the sender's targets; compared below with the time each old pod got SIGTERM.
+(
+  while [ ! -e "$RU/stop" ]; do
+    if [ -z "$follower" ]; then
+      ips=$(kubectl -n "$NS" get endpointslices -l "kubernetes.io/service-name=$SVC" \
+        -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{" "}{end}' 2>/dev/null) || ips=?
+    else
+      ips=$(sed 's/:2525$//' "$RU/targets" 2>/dev/null | paste -sd' ') || ips=?
+    fi
+    echo "$(date +%s.%N) $ips" >>"$RU/routes"
+    sleep 0.2
+  done
+) &
+router=$!
+loggers=()
 cleanup_ru() {
   touch "$RU/stop"
   [ -n "${sender:-}" ] && kill "$sender" 2>/dev/null || true
   [ -n "$follower" ] && kill "$follower" 2>/dev/null || true
+  kill "$router" "${loggers[@]}" 2>/dev/null || true
 }
 trap cleanup_ru EXIT
 
@@ -78,8 +95,14 @@ hash_before=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.me
 prestop=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.spec.containers[0].lifecycle.preStop.sleep.seconds}')
 grace=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.spec.terminationGracePeriodSeconds}')
 e2e_log "rolling upgrade: streaming STARTTLS mail to $mode; pods before: $before"
+# Each old pod's log, with the kubelet's time of every line, until the pod is gone: when
+# SIGTERM arrived ("shutting down") and when the gateway finished draining ("stopped").
+for n in $(tr ' ' '\n' <<<"$before" | cut -d@ -f1); do
+  kubectl -n "$NS" logs -f --timestamps --tail=0 "$n" >"$RU/log-$n" 2>&1 &
+  loggers+=($!)
+done
 
-python3 "$HERE/stream_sender.py" send "${target_args[@]}" --source 127.0.0.20 \
+python3 "$HERE/stream_sender.py" send "${target_args[@]}" --source "${E2E_ROLL_SOURCE:-127.0.0.20}" \
   --cert "$PKI/contoso-mail.crt" --key "$PKI/contoso-mail.key" --cafile "$PKI/org-ca.crt" \
   --from alice@contoso.test --to bob@org.test --workers 4 --id-prefix roll \
   --stop-file "$RU/stop" --ledger "$RU/ledger" --summary "$RU/summary.json" >"$RU/sender.out" 2>&1 &
@@ -122,16 +145,56 @@ done
 python3 "$HERE/stream_sender.py" check --ledger "$RU/ledger" --sink "$E2E_WORK/sink" >"$RU/sink.json" ||
   e2e_fail "acknowledged messages missing at the sink: $(cat "$RU/sink.json")"
 
-python3 - "$RU/summary.json" "$RU/sink.json" "$mode" "$before" "$after" "$roll_secs" "$prestop" "$grace" \
+kill "$router" "${loggers[@]}" 2>/dev/null || true
+python3 - "$RU/summary.json" "$RU/sink.json" "$mode" "$before" "$after" "$roll_secs" "$prestop" "$grace" "$RU" \
   >"$E2E_WORK/rolling-upgrade.txt" <<'PY' # run.sh prints it
 import json, sys
 s, k = json.load(open(sys.argv[1])), json.load(open(sys.argv[2]))
-mode, before, after, roll, prestop, grace = sys.argv[3:9]
+mode, before, after, roll, prestop, grace, ru = sys.argv[3:10]
+from datetime import datetime
+
+
+def epoch(ts):  # kubectl --timestamps: RFC 3339 with up to 9 fractional digits
+    ts = ts.rstrip("Z")
+    if "." in ts:
+        a, b = ts.split(".")
+        ts = a + "." + b[:6]
+    return datetime.fromisoformat(ts + "+00:00").timestamp()
+
+
+routes = []
+for line in open(f"{ru}/routes"):
+    parts = line.split()
+    if len(parts) >= 1 and "?" not in parts[1:]:
+        routes.append((float(parts[0]), set(parts[1:])))
+timeline = []
+for pod in before.split():
+    name, ip = pod.split("@")
+    seen, out = False, None
+    for t, ips in routes:
+        if ip in ips:
+            seen = True
+        elif seen:
+            out = t
+            break
+    term = stopped = None
+    try:
+        for line in open(f"{ru}/log-{name}"):
+            ts, _, rest = line.partition(" ")
+            if term is None and "shutting down" in rest:
+                term = epoch(ts)
+            if "\"stopped\"" in rest:
+                stopped = epoch(ts)
+    except OSError:
+        pass
+    fmt = lambda a, b: f"{b - a:+.1f} s" if a is not None and b is not None else "?"
+    timeline.append(f"{name}: SIGTERM {fmt(out, term)} after it left the endpoints, "
+                    f"stopped {fmt(term, stopped)} after SIGTERM")
 codes = ", ".join(f"{c} x{n}" for c, n in s["replies"].items())
 print(f"rolling upgrade through {mode}: {s['messages']} messages in {s['seconds']} s "
       f"({s['per_second']}/s, 4 senders), {s['acked']} x 250, {s['retried']} retried, "
       f"{s['failed'] + s['gave_up']} failed; attempts by reply: {codes}; "
       f"at the sink: {k['found']} of {k['acked']} ({k['missing']} missing, {k['duplicates']} duplicated); "
       f"rollout (helm upgrade to last old pod gone) {roll} s with preStop sleep {prestop or 0} s, "
-      f"grace {grace} s; pods before: {before}; after: {after}")
+      f"grace {grace} s; pods before: {before}; after: {after}; " + "; ".join(timeline))
 PY

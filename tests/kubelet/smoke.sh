@@ -319,11 +319,20 @@ ok "nginx Pending: $(kn get events --field-selector involvedObject.name=nginx,re
 step "deleting pod echo stops its process"
 PID=$(kn get pod echo -o jsonpath='{.status.containerStatuses[0].containerID}'); PID=${PID#process://}
 kill -0 "$PID" 2>/dev/null || die "echo process $PID not alive before delete"
+kn logs -f --tail=0 echo >"$WORK/final.out" 2>&1 &
+FPID=$!
+sleep 1 # the stream is open (--tail=0 prints nothing to wait for)
 kn delete pod echo --timeout=60s >/dev/null
 ! kn get pod echo >/dev/null 2>&1 || die "pod echo still exists"
 gone() { ! kill -0 "$PID" 2>/dev/null; }
 wait_until "process $PID gone" 10 gone
 wait_until "pod state dir removed" 10 test ! -e "$PODDIR"
+# The kubelet removes the pod dir right after the process exits; the follower must still
+# deliver the last line and then end by itself.
+follower_done() { ! kill -0 "$FPID" 2>/dev/null; }
+wait_until "kubectl logs -f ends with the pod" 10 follower_done
+grep -qxF "got SIGTERM" "$WORK/final.out" || die "kubectl logs -f lost the last line: $(cat "$WORK/final.out")"
+ok "kubectl logs -f delivered the SIGTERM line and ended with the pod"
 ! curl -fsS --max-time 2 "http://$IP:8080/readyz" >/dev/null 2>&1 || die "something still serves on $IP:8080"
 ! ip -4 -o addr show dev lo | grep -qF " $IP/32 " || die "pod IP $IP still on lo after the pod was deleted"
 ok "pod IP $IP removed from lo"

@@ -34,7 +34,7 @@ use rustls::ServerConfig;
 use rustls::server::WebPkiClientVerifier;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+use tokio::io::AsyncReadExt as _;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
@@ -379,8 +379,10 @@ async fn container_logs(
         );
     }
     let path = dir.join(format!("{container}.log"));
-    let (asm, used) = match logs::read_file(&path) {
-        Ok(x) => x,
+    // The handle stays open while following: the kubelet removes the pod dir right after the
+    // process exits, and the last lines (the shutdown) must still be read from it.
+    let mut file = match std::fs::File::open(&path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return text(
                 StatusCode::BAD_REQUEST,
@@ -389,6 +391,15 @@ async fn container_logs(
                 ),
             );
         }
+        Err(e) => {
+            return text(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{}: {e}", path.display()),
+            );
+        }
+    };
+    let (asm, rest) = match logs::read_to_end(&mut file) {
+        Ok(x) => x,
         Err(e) => {
             return text(
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -424,7 +435,8 @@ async fn container_logs(
         &mut limit,
     );
     let (tx, rx) = mpsc::channel::<Bytes>(16);
-    tokio::spawn(follow(path, asm, used, upto, q, limit, first, tx));
+    let file = tokio::fs::File::from_std(file);
+    tokio::spawn(follow(path, file, asm, rest, upto, q, limit, first, tx));
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -479,8 +491,9 @@ fn wanted(l: &Line, q: &Query) -> bool {
 #[allow(clippy::too_many_arguments)]
 async fn follow(
     path: PathBuf,
+    mut file: tokio::fs::File,
     mut asm: Assembler,
-    mut offset: u64,
+    mut pending: Vec<u8>,
     mut next: usize,
     q: Query,
     mut limit: Limit,
@@ -490,7 +503,6 @@ async fn follow(
     if !first.is_empty() && tx.send(Bytes::from(first)).await.is_err() {
         return;
     }
-    let mut pending: Vec<u8> = Vec::new();
     loop {
         if limit.exhausted() {
             return;
@@ -499,13 +511,11 @@ async fn follow(
             _ = tx.closed() => return,
             _ = tokio::time::sleep(FOLLOW_POLL) => {}
         }
-        let (grown, gone) = match read_from(&path, offset).await {
-            Ok(b) => (b, false),
-            Err(_) => (Vec::new(), true),
-        };
-        offset += grown.len() as u64;
-        pending.extend_from_slice(&grown);
-        let mut ended = gone;
+        // Checked before the read, so whatever was written before the removal is still read.
+        let mut ended = !path.exists();
+        if file.read_to_end(&mut pending).await.is_err() {
+            ended = true;
+        }
         let mut out = Vec::new();
         if let Some(end) = pending.iter().rposition(|&b| b == b'\n') {
             for line in pending[..end].split(|&b| b == b'\n') {
@@ -538,14 +548,6 @@ async fn follow(
             return;
         }
     }
-}
-
-async fn read_from(path: &Path, offset: u64) -> std::io::Result<Vec<u8>> {
-    let mut f = tokio::fs::File::open(path).await?;
-    f.seek(std::io::SeekFrom::Start(offset)).await?;
-    let mut buf = Vec::new();
-    f.read_to_end(&mut buf).await?;
-    Ok(buf)
 }
 
 /// Reads the CA files named on the command line.
@@ -603,6 +605,54 @@ mod tests {
         assert!(l.exhausted());
         let mut l = Limit(None);
         assert_eq!(l.take(b"abc".to_vec()), b"abc");
+    }
+
+    /// The kubelet removes the pod dir right after the process exits: what the process wrote
+    /// last (its shutdown lines) must still reach a follower, which then ends.
+    #[tokio::test]
+    async fn follow_delivers_what_was_written_just_before_the_pod_dir_went() {
+        use std::io::Write as _;
+        let dir = std::env::temp_dir().join(format!("pg-kubelet-follow-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.log");
+        std::fs::write(
+            &path,
+            "=== process-kubelet 2026-12-01T10:00:00Z start #0: x\n\
+             2026-12-01T10:00:01Z stdout F first\n",
+        )
+        .unwrap();
+        let mut f = std::fs::File::open(&path).unwrap();
+        let (asm, rest) = logs::read_to_end(&mut f).unwrap();
+        assert_eq!(asm.current.len(), 1);
+        let (tx, mut rx) = mpsc::channel(16);
+        let task = tokio::spawn(follow(
+            path.clone(),
+            tokio::fs::File::from_std(f),
+            asm,
+            rest,
+            1,
+            Query {
+                follow: true,
+                ..Default::default()
+            },
+            Limit(None),
+            Vec::new(),
+            tx,
+        ));
+        // Written and removed within one poll interval, as when a process exits on SIGTERM.
+        let mut w = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        w.write_all(b"2026-12-01T10:00:02Z stdout F got SIGTERM\n")
+            .unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        let mut got = Vec::new();
+        while let Some(b) = rx.recv().await {
+            got.extend_from_slice(&b);
+        }
+        task.await.unwrap();
+        assert_eq!(String::from_utf8(got).unwrap(), "got SIGTERM\n");
     }
 
     #[test]

@@ -14,7 +14,6 @@
 
 use std::fs::File;
 use std::io::Write as _;
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use jiff::Timestamp;
@@ -232,12 +231,14 @@ pub fn select<'a>(lines: &'a [Line], q: &Query, with_partial: bool) -> Vec<&'a L
     v
 }
 
-/// Reads the whole file, returning the assembler and how many bytes were consumed.
-pub fn read_file(path: &Path) -> std::io::Result<(Assembler, u64)> {
-    let data = std::fs::read(path)?;
+/// Reads an open log file to its end, returning the assembled lines and the bytes after the
+/// last `\n` (a record still being written), which a follower feeds again with what comes next.
+pub fn read_to_end(f: &mut impl std::io::Read) -> std::io::Result<(Assembler, Vec<u8>)> {
+    let mut data = Vec::new();
+    f.read_to_end(&mut data)?;
     let mut a = Assembler::default();
     let used = a.feed(&data);
-    Ok((a, used as u64))
+    Ok((a, data.split_off(used)))
 }
 
 #[cfg(test)]
@@ -340,9 +341,9 @@ mod tests {
         let f = Arc::new(Mutex::new(File::create(&path).unwrap()));
         let input: &[u8] = b"alpha\nbeta\ngam";
         copy_stream(input, "stderr", f).await;
-        let (a, used) = read_file(&path).unwrap();
+        let (a, rest) = read_to_end(&mut File::open(&path).unwrap()).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
-        assert!(used > 0);
+        assert!(rest.is_empty());
         let lines = select(&a.current, &Query::default(), true);
         assert_eq!(texts(&lines), ["alpha", "beta", "gam"]);
         assert!(lines.iter().all(|l| l.stream == Stream::Stderr));

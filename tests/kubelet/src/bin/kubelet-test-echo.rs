@@ -4,7 +4,8 @@
 //! content of `--file` at start, then serves HTTP on `$PARTNERGATE_BIND_IP:N` (default 8080):
 //! `/readyz` and `/healthz` (200), `/args`, `/env`, `/file` (current content of `--file`),
 //! `/say/WORD` (prints `said WORD` on stdout and `warned WORD` on stderr, for `kubectl logs`),
-//! `/exit?code=N` (exits with N, to test restarts). Exits on SIGTERM (default disposition).
+//! `/exit?code=N` (exits with N, to test restarts). On SIGTERM it prints `got SIGTERM` on stdout
+//! and exits 0 (the last line `kubectl logs -f` must still deliver when the pod is deleted).
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::{TcpListener, TcpStream};
@@ -22,7 +23,23 @@ fn respond(mut s: TcpStream, code: u16, body: &str) {
     );
 }
 
+extern "C" fn on_sigterm(_: libc::c_int) {
+    const MSG: &[u8] = b"got SIGTERM\n";
+    // SAFETY: write(2) and _exit(2) are async-signal-safe; MSG is a static buffer.
+    unsafe {
+        libc::write(1, MSG.as_ptr().cast(), MSG.len());
+        libc::_exit(0);
+    }
+}
+
 fn main() {
+    // SAFETY: installs a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(
+            libc::SIGTERM,
+            on_sigterm as extern "C" fn(libc::c_int) as libc::sighandler_t,
+        );
+    }
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut port = 8080u16;
     let mut file: Option<String> = None;
