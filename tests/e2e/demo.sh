@@ -69,7 +69,7 @@ The system is still running. To explore:
   curl -s http://$gw:8080/status                        # what a gateway has loaded
   swaks --server $gw:2525 --local-interface 127.0.0.20 --from a@contoso.test --to b@org.test --tls \\
         --tls-cert $PKI/contoso-mail.crt --tls-key $PKI/contoso-mail.key
-  kubectl -n $NS logs -f $gw_pod                        # follow a gateway's JSON log lines
+  kubectl -n $NS logs -f $gw_pod   # follow a gateway's JSON log lines (kubectl logs works here)
   logs: $PARTNERGATE_CLUSTER_STATE/kubelet/pods/*/*.log (CRI format), $E2E_WORK/kubelet.log,
         $PARTNERGATE_CLUSTER_STATE/logs/cert-manager-controller.log
 Stop everything with: make cluster-down
