@@ -11,6 +11,7 @@
 # is retried by the sender; anything else fails. Every acknowledged message must be at the sink.
 # The figures go to $E2E_WORK/rolling-upgrade.txt (run.sh prints them); the sender's summary,
 # ledger and output stay in $E2E_WORK/rolling-upgrade/.
+# E2E_ROLL_SOURCE (default 127.0.0.20) is the senders' address (in contoso's senderIPRanges).
 #
 # Without Service routing (no kube-proxy on this cluster) the sender is pointed at the ready,
 # non-terminating gateway pods instead, re-read every 0.5 s: what the endpoints would hold.
@@ -26,6 +27,19 @@ SVC=partnergate-gateway
 SEL=app.kubernetes.io/component=gateway
 WARMUP=${E2E_ROLL_WARMUP:-20}   # messages acknowledged before the upgrade starts
 AFTER=${E2E_ROLL_AFTER:-20}     # messages acknowledged after the last old pod is gone
+# E2E_ROLL_PRESTOP=N: first (without load) roll the pods to preStopSleepSeconds N, to measure
+# what another setting does to the loaded roll (docs/operations.md has the comparison with 0).
+PRESTOP_SET=()
+if [ -n "${E2E_ROLL_PRESTOP:-}" ]; then
+  PRESTOP_SET=(--set "gateway.preStopSleepSeconds=$E2E_ROLL_PRESTOP")
+  helm upgrade partnergate "$REPO/charts/partnergate" -n "$NS" -f "$HERE/values-e2e.yaml" "${PRESTOP_SET[@]}" \
+    --wait --timeout 180s >"$RU/helm-prestop.out" 2>&1 || e2e_fail "helm upgrade (preStop): $(cat "$RU/helm-prestop.out")"
+  deadline=$((SECONDS + 120))
+  until [ "$(kubectl -n "$NS" get pods -l app.kubernetes.io/component=gateway --no-headers 2>/dev/null | wc -l)" -eq 2 ]; do
+    [ $SECONDS -lt $deadline ] || e2e_fail "gateway pods did not settle after the preStop roll"
+    sleep 0.5
+  done
+fi
 
 pods_line() { # name@ip of every gateway pod, sorted
   kubectl -n "$NS" get pods -l "$SEL" -o jsonpath='{range .items[*]}{.metadata.name}@{.status.podIP}{"\n"}{end}' | sort | paste -sd' '
@@ -111,7 +125,7 @@ wait_acked "$WARMUP" 60
 
 t0=$SECONDS
 helm upgrade partnergate "$REPO/charts/partnergate" -n "$NS" -f "$HERE/values-e2e.yaml" \
-  --set gateway.settings.limits.maxRecipients=99 --wait --timeout 180s >"$RU/helm.out" 2>&1 ||
+  "${PRESTOP_SET[@]}" --set gateway.settings.limits.maxRecipients=99 --wait --timeout 180s >"$RU/helm.out" 2>&1 ||
   e2e_fail "helm upgrade: $(cat "$RU/helm.out")"
 hash_after=$(kubectl -n "$NS" get deploy "$SVC" -o jsonpath='{.spec.template.metadata.annotations.checksum/fleet}')
 [ "$hash_after" != "$hash_before" ] || e2e_fail "helm upgrade did not change the pod template's checksum/fleet"
