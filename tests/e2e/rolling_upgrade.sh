@@ -201,9 +201,14 @@ for pod in before.split():
                 stopped = epoch(ts)
     except OSError:
         pass
-    fmt = lambda a, b: f"{b - a:+.1f} s" if a is not None and b is not None else "?"
-    timeline.append(f"{name}: SIGTERM {fmt(out, term)} after it left the endpoints, "
-                    f"stopped {fmt(term, stopped)} after SIGTERM")
+    if out is None or term is None:
+        when = "SIGTERM at ? (no endpoint change or no shutdown line seen)"
+    elif term >= out:
+        when = f"SIGTERM {term - out:.1f} s after it left the endpoints"
+    else:
+        when = f"SIGTERM {out - term:.1f} s BEFORE it left the endpoints"
+    done = f"{stopped - term:.1f} s" if term is not None and stopped is not None else "?"
+    timeline.append(f"{name}: {when}, stopped {done} after SIGTERM")
 codes = ", ".join(f"{c} x{n}" for c, n in s["replies"].items())
 print(f"rolling upgrade through {mode}: {s['messages']} messages in {s['seconds']} s "
       f"({s['per_second']}/s, 4 senders), {s['acked']} x 250, {s['retried']} retried, "

@@ -246,9 +246,9 @@ fn unsupported(op: &str) -> Response<Body> {
     text(
         StatusCode::NOT_IMPLEMENTED,
         format!(
-            "{op} is not supported by the process kubelet: pods are host processes without \
-             their own filesystem, so there is nothing to {op} into that the host shell does \
-             not already reach (see tests/kubelet/README.md)"
+            "{op} is not supported by the process kubelet: its pods are host processes, with \
+             no container to enter or attach to and no network namespace to forward into \
+             (see tests/kubelet/README.md)"
         ),
     )
 }
