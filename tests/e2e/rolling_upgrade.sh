@@ -13,8 +13,8 @@
 # ledger and output stay in $E2E_WORK/rolling-upgrade/.
 # E2E_ROLL_SOURCE (default 127.0.0.20) is the senders' address (in contoso's senderIPRanges).
 #
-# Without Service routing (no kube-proxy on this cluster) the sender is pointed at the ready,
-# non-terminating gateway pods instead, re-read every 0.5 s: what the endpoints would hold.
+# On a cluster without kube-proxy (no SERVICES=1 in cluster.env) the sender is pointed at the
+# ready, non-terminating gateway pods instead, re-read every 0.5 s: what the endpoints would hold.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 # shellcheck source=env.sh
@@ -61,7 +61,16 @@ target_args=()
 follower=
 # Routed means kube-proxy has programmed the ClusterIP (never probe it otherwise: without a rule
 # and without the substrate's unreachable routes, a SYN to it would follow the default route).
-if iptables -w 5 -t nat -S KUBE-SERVICES 2>/dev/null | grep -q -- "-d $svc_ip/32 .*--dport $svc_port "; then
+# A cluster that runs kube-proxy (SERVICES=1 in cluster.env) must route it.
+routed() { iptables -w 5 -t nat -S KUBE-SERVICES 2>/dev/null | grep -q -- "-d $svc_ip/32 .*--dport $svc_port "; }
+if grep -qx 'SERVICES=1' "$PARTNERGATE_CLUSTER_STATE/cluster.env" 2>/dev/null; then
+  deadline=$((SECONDS + 30))
+  until routed; do
+    [ $SECONDS -lt $deadline ] || e2e_fail "kube-proxy runs but has no rule for $SVC $svc_ip:$svc_port after 30 s"
+    sleep 0.5
+  done
+fi
+if routed; then
   mode="Service $SVC ($svc_ip:$svc_port)"
   target_args=(--target "$svc_ip:$svc_port")
 else
