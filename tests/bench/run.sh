@@ -9,8 +9,8 @@
 #   BENCH_SECS=8            seconds per throughput / latency / session-rate run
 #   BENCH_IDLE_SESSIONS=10000
 #   BENCH_CONNECTORS=1000   connectors in the gateway config (throughput rows and reload)
-#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway limit postfix-proxy postfix
-#                           haraka maddy latency sessions idle reload scale operator)
+#   BENCH_SKIP="postfix idle ..."  rows to skip (validate sink gateway dkim limit postfix-proxy
+#                           postfix haraka maddy latency sessions idle reload scale operator)
 #   BENCH_SCALE="10 1000 10000"  connector counts of the scale rows (gateway CPU and reload)
 #   BENCH_PROFILE=1         perf record the first run of each throughput row (tests/bench/profile.sh)
 #   BENCH_GW=FILE           the gateway binary (default: the release build)
@@ -23,7 +23,8 @@
 #
 # Loopback only, never port 25: load generator 127.0.0.10, sink 127.0.0.11, gateway 127.0.0.12,
 # Postfix 127.0.0.13 (queue) and 127.0.0.15 (proxy), tls-baseline 127.0.0.14, starttls-forwarder
-# 127.0.0.16, Haraka 127.0.0.17, maddy 127.0.0.18 (peer configs: tests/bench/peers/).
+# 127.0.0.16, Haraka 127.0.0.17, maddy 127.0.0.18 (peer configs: tests/bench/peers/), Knot DNS
+# 127.0.0.19 port 2719 (the dkim row's DKIM key).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
@@ -48,6 +49,7 @@ PFP_IP=127.0.0.15 PFP_PORT=2715
 FW_IP=127.0.0.16 FW_PORT=2716
 HK_IP=127.0.0.17 HK_PORT=2717
 MD_IP=127.0.0.18 MD_PORT=2718
+DNS_IP=127.0.0.19 DNS_PORT=2719
 SCALE=${BENCH_SCALE:-10 1000 10000}
 GW_BEFORE=${BENCH_GW_BEFORE:-}
 
@@ -61,6 +63,14 @@ for t in smtp-sink smtp-source postfix openssl python3 curl; do
   }
 done
 export PATH="$PATH:/usr/sbin"
+if ! skip dkim; then
+  for t in knotd dkimsign dig; do
+    command -v "$t" >/dev/null || {
+      echo "bench: $t not found (make deps), or BENCH_SKIP=dkim" >&2
+      exit 1
+    }
+  done
+fi
 
 if [ "${BENCH_BUILD:-1}" = 1 ]; then
   say "building (release): partnergate-gateway, partnergate-bench"
@@ -109,7 +119,7 @@ port_free() {
   fi
 }
 for a in $SINK_IP:$SINK_PORT $GW_IP:$GW_PORT $GW_IP:$GW_ADMIN $PF_IP:$PF_PORT $TB_IP:$TB_PORT \
-  $PFP_IP:$PFP_PORT $FW_IP:$FW_PORT $HK_IP:$HK_PORT $MD_IP:$MD_PORT; do
+  $PFP_IP:$PFP_PORT $FW_IP:$FW_PORT $HK_IP:$HK_PORT $MD_IP:$MD_PORT $DNS_IP:$DNS_PORT; do
   port_free "${a%:*}" "${a#*:}"
 done
 
@@ -145,10 +155,10 @@ cat >"$W/gw/fleet.json" <<EOF
   "limits": {"maxConnections": 30000, "maxConnectionsPerIp": 30000}
 }
 EOF
-connectors() { # generation n > file
-  python3 - "$1" "$2" <<'PY'
+connectors() { # generation n [senderAuthentication of partners/bench] > file
+  python3 - "$1" "$2" "${3:-None}" <<'PY'
 import json, sys
-gen, n = int(sys.argv[1]), int(sys.argv[2])
+gen, n, auth = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 inbound = []
 for i in range(n - 1):
     c = {"name": f"partners/p{i:04d}", "generation": gen, "domains": [f"p{i:04d}.test", f"*.p{i:04d}.test"]}
@@ -159,7 +169,10 @@ for i in range(n - 1):
     elif i % 4 == 3:
         c.update(minTlsVersion="1.3")
     inbound.append(c)
-inbound.append({"name": "partners/bench", "generation": gen, "domains": ["partner.test"], "requireTls": True, "minTlsVersion": "1.3"})
+bench = {"name": "partners/bench", "generation": gen, "domains": ["partner.test"], "requireTls": True, "minTlsVersion": "1.3"}
+if auth != "None":
+    bench["senderAuthentication"] = auth
+inbound.append(bench)
 print(json.dumps({"inbound": inbound, "outbound": []}, indent=1))
 PY
 }
@@ -168,10 +181,11 @@ connectors 1 "$NCONN" >"$W/gw/connectors.json"
 
 GW_PID=
 GW_LOG=${BENCH_GW_LOG:-$W/gateway.log}
+GW_CONF=$W/gw # the config directory start_gateway uses (the dkim row has its own)
 start_gateway() { # [binary]
   # The log stays out of the config directory: the gateway watches that directory (inotify), and
   # every log write there would be an event for it to read and discard.
-  "${1:-$GW}" --fleet "$W/gw/fleet.json" --connectors "$W/gw/connectors.json" 2>>"$GW_LOG" &
+  "${1:-$GW}" --fleet "$GW_CONF/fleet.json" --connectors "$GW_CONF/connectors.json" 2>>"$GW_LOG" &
   GW_PID=$!
   PIDS+=("$GW_PID")
   local i
@@ -323,6 +337,7 @@ row() { ROWS+=("| $1 | $2 | $3 | $4 | \`$5\` |"); }
 # the same STARTTLS load; CPU of the whole process tree per message (ticks over the run plus the
 # optional drain, e.g. Postfix's queue), PSS of the tree after the runs, load average per run.
 declare -A P_RATE P_P50 P_P99 P_CPU P_RSS P_LOAD P_ERR P_CMD
+LG_EXTRA=() # extra generator options of the row being measured (the dkim row's signed message)
 peer_bench() { # name root-pid ip:port [command run after each load, before the CPU sample]
   local name=$1 pid=$2 server=$3 after=${4:-} i c0 c1
   : >"$W/runs/$name-cpu.txt"
@@ -335,7 +350,7 @@ peer_bench() { # name root-pid ip:port [command run after each load, before the 
       perf_pid=$!
     fi
     c0=$(cpu_ticks "$pid")
-    lg "$name" --server "$server" "${TLS[@]}" "${COMMON[@]}" >/dev/null
+    lg "$name" --server "$server" "${TLS[@]}" "${COMMON[@]}" "${LG_EXTRA[@]}" >/dev/null
     if [ -n "$perf_pid" ]; then
       wait "$perf_pid" || true
       perf report -i "$W/perf-$name.data" --no-children --sort dso,symbol --stdio 2>/dev/null |
@@ -422,6 +437,149 @@ if ! skip gateway; then
   GW_CPU=${P_CPU[gateway]}
   row "partnergate gateway (release) → sink, STARTTLS TLS 1.3, 50 sessions, 10 KiB, $NCONN connectors" \
     "$(peer_measured gateway)" "CPU ≤ 100 µs/message" "$(verdict "$GW_CPU <= 100")" "${P_CMD[gateway]}"
+fi
+
+# ---- 2b. gateway -> sink with DKIM verification (issue 16) ----------------------------------
+# The same load and connectors, but partners/bench requires `senderAuthentication: DKIM`: every
+# message carries a real RSA-2048 signature (dkimpy's dkimsign, relaxed/relaxed, d=partner.test,
+# signed once: the generator sends those bytes every time) and the key is served by a private
+# Knot on $DNS_IP:$DNS_PORT, the fleet's dnsResolver. The row fails unless the gateway's
+# /metrics counted dkim=pass once per accepted message: a run that silently skipped or failed
+# verification would measure nothing.
+BENCH_FAILED=
+dkim_setup() {
+  local d=$W/dkim
+  mkdir -p "$d/db" "$W/gw-dkim"
+  openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out "$d/sel.pem" 2>/dev/null
+  local pub
+  pub=$(openssl pkey -pubout -outform DER -in "$d/sel.pem" | openssl base64 -A)
+  # TXT strings are at most 255 octets: the key is split into strings of 200.
+  python3 - "$pub" "$DNS_IP" >"$d/partner.test.zone" <<'PY'
+import sys
+key, ip = sys.argv[1], sys.argv[2]
+rec = f"v=DKIM1; k=rsa; p={key}"
+txt = " ".join(f'"{rec[i:i + 200]}"' for i in range(0, len(rec), 200))
+print(f"""$ORIGIN partner.test.
+$TTL 300
+@ IN SOA ns hostmaster.ns 1 3600 600 86400 300
+@ IN NS ns
+ns IN A {ip}
+sel._domainkey IN TXT {txt}""")
+PY
+  # As gateway/tests/it/support/dns.rs: zone file served as it is, never written back, no
+  # journal.
+  cat >"$d/knot.conf" <<KNOT
+server:
+    rundir: "$d"
+    listen: $DNS_IP@$DNS_PORT
+database:
+    storage: "$d/db"
+log:
+  - target: stderr
+    any: info
+template:
+  - id: default
+    storage: "$d"
+    semantic-checks: off
+    zonefile-sync: -1
+    zonefile-load: whole
+    journal-content: none
+zone:
+  - domain: partner.test
+    file: "$d/partner.test.zone"
+KNOT
+  knotd -c "$d/knot.conf" >"$d/knotd.log" 2>&1 &
+  DNS_PID=$!
+  PIDS+=("$DNS_PID")
+  local i
+  for i in $(seq 100); do
+    dig @$DNS_IP -p $DNS_PORT +norecurse +tries=1 +time=1 +short sel._domainkey.partner.test TXT \
+      2>/dev/null | grep -q 'v=DKIM1' && break
+    [ "$i" = 100 ] && { echo "bench: knotd does not serve the DKIM key (see $d/knotd.log)" >&2; return 1; }
+    sleep 0.1
+  done
+  # The message pg-loadgen would generate (same shape as build_message in tests/bench/src),
+  # signed; built twice so that with its DKIM-Signature it is SIZE octets on the wire.
+  python3 - "$SIZE" "$d/sel.pem" "$d/message.eml" >"$d/message.len" <<'PY'
+import subprocess, sys
+size, pem, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+LINE = b"The quick brown fox jumps over the lazy dog; 0123456789 abcdefghijklmnopqrstuvw"
+def build(n):
+    m = (b"From: <bench@partner.test>\r\nTo: <rcpt0@example.test>\r\nSubject: partnergate benchmark\r\n"
+         b"Date: Sat, 28 Nov 2026 10:00:00 +0000\r\nMessage-ID: <bench@loadgen.test>\r\n\r\n")
+    while len(m) + 2 < n:
+        m += LINE[:min(n - len(m) - 2, len(LINE))] + b"\r\n"
+    return m
+def sign(m):
+    s = subprocess.run(["dkimsign", "--hcanon", "relaxed", "--bcanon", "relaxed", "sel",
+                        "partner.test", pem], input=m, capture_output=True, check=True).stdout
+    assert s.startswith(b"DKIM-Signature:"), s[:200]
+    # dkimsign folds its header with bare LF; the wire has CRLF (as pg-loadgen sends it).
+    return s.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+signed = sign(build(size))
+signed = sign(build(size - (len(signed) - size)))
+open(out, "wb").write(signed)
+print(len(signed))
+PY
+  jq --arg r "$DNS_IP:$DNS_PORT" '.dnsResolver = $r' "$W/gw/fleet.json" >"$W/gw-dkim/fleet.json"
+  cp "$W/gw/ca.pem" "$W/gw-dkim/ca.pem"
+  connectors 1 "$NCONN" DKIM >"$W/gw-dkim/connectors.json"
+  "$GW" check --fleet "$W/gw-dkim/fleet.json" --connectors "$W/gw-dkim/connectors.json" >>"$LOG"
+}
+sender_auth() { # dkim pass|other: partnergate_sender_auth_total summed over connectors
+  curl -sf "http://$GW_IP:$GW_ADMIN/metrics" | python3 -c '
+import re, sys
+mech, want = sys.argv[1], sys.argv[2]
+n = 0
+for line in sys.stdin:
+    m = re.match(r"partnergate_sender_auth_total\{(.*)\} (\S+)$", line.strip())
+    if not m:
+        continue
+    labels = dict(re.findall(r"(\w+)=\"([^\"]*)\"", m.group(1)))
+    if labels.get("mechanism") != mech:
+        continue
+    if (labels.get("result") == "pass") == (want == "pass"):
+        n += float(m.group(2))
+print(int(n))' "$1" "$2"
+}
+if ! skip dkim; then
+  say "gateway -> sink with DKIM verification (STARTTLS TLS 1.3, $RUNS x ${SECS}s)"
+  dkim_setup # not in a subshell: it starts knotd (DNS_PID, PIDS)
+  MSG_LEN=$(cat "$W/dkim/message.len")
+  stop_gateway
+  GW_CONF=$W/gw-dkim
+  start_gateway
+  PASS0=$(sender_auth dkim pass)
+  OTHER0=$(sender_auth dkim other)
+  LG_EXTRA=(--message-file "$W/dkim/message.eml")
+  K0=$(cpu_ticks "$DNS_PID")
+  peer_bench dkim "$GW_PID" $GW_IP:$GW_PORT
+  K1=$(cpu_ticks "$DNS_PID")
+  LG_EXTRA=()
+  PASSED=$(($(sender_auth dkim pass) - PASS0))
+  OTHER=$(($(sender_auth dkim other) - OTHER0))
+  SENT=$(jget "$W/runs/dkim.jsonl" 'r["ok"]' | sumv)
+  # Knot's CPU is not in the row's (the gateway's alone); shown so that a resolver that stopped
+  # caching the key would be seen.
+  KNOT_US=$(calc "round(($K1 - $K0) * 1000000 / $TCK / max($SENT, 1), 2)")
+  stop_gateway
+  GW_CONF=$W/gw
+  start_gateway
+  kill "$DNS_PID" 2>/dev/null || true
+  DK_CPU=${P_CPU[dkim]}
+  VS="no plain gateway row in this run"
+  if [ -n "$GW_RATE" ]; then
+    VS="vs $GW_CPU µs/message without DKIM: +$(calc "round($DK_CPU - $GW_CPU, 1)") µs ($(calc "round(100 * ($DK_CPU - $GW_CPU) / max($GW_CPU, 1), 1)") %); $(calc "round(${P_RATE[dkim]} / $GW_RATE * 100, 1)") % of its msg/s"
+  fi
+  if [ "$SENT" -gt 0 ] && [ "$PASSED" = "$SENT" ] && [ "$OTHER" = 0 ] && [ "${P_ERR[dkim]}" = 0 ]; then
+    DV=met
+  else
+    DV="FAILED: dkim=pass $PASSED, other DKIM results $OTHER, for $SENT accepted and ${P_ERR[dkim]} failed messages"
+    BENCH_FAILED=1
+  fi
+  row "partnergate gateway (release) → sink with DKIM verification (partners/bench: senderAuthentication DKIM; RSA-2048 relaxed/relaxed, dkimsign; key from Knot, the fleet dnsResolver), same load, $MSG_LEN-octet signed message, $NCONN connectors" \
+    "$(peer_measured dkim); CPU $DK_CPU µs/message $VS; dkim=pass counted (/metrics) for $PASSED of $SENT messages; knotd $KNOT_US µs/message" \
+    "every message dkim=pass" "$DV" "${P_CMD[dkim]}"
 fi
 
 # ---- 3. latency added by the gateway at 50 % of its max rate ---------------------------------
@@ -746,3 +904,7 @@ fi
   echo "|---|---|---|---|---|"
   printf '%s\n' "${ROWS[@]}"
 } | tee "$W/results.md"
+if [ -n "$BENCH_FAILED" ]; then
+  echo "bench: the dkim row did not verify every message (see its verdict)" >&2
+  exit 1
+fi

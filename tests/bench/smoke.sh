@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Smoke run of pg-loadgen (part of `make test`, < 30 s): Postfix's smtp-sink on loopback,
-# plaintext, 2 sessions x 5 messages; asserts 10 messages accepted and the JSON line parses.
+# plaintext, 2 sessions x 5 messages; asserts 10 messages accepted and the JSON line parses;
+# then 6 messages read from a file (--message-file, the dkim row's signed message).
 # Then the same through starttls-forwarder (the bench's limit row) with STARTTLS TLS 1.3, so the
 # limit's setup is exercised too. The other peers (Postfix proxy, Haraka, maddy) need installs
 # and run only in `make bench`.
@@ -50,6 +51,19 @@ assert r["errors"] == {}, r
 assert r["msg_per_s"] > 0 and r["latency_ms"]["count"] == 10, r
 assert r["sessions_opened"] == 2, r
 print(f"smoke: ok, 10 messages, {r['msg_per_s']} msg/s, p99 {r['latency_ms']['p99']} ms")
+PY
+
+# --message-file (the bench's dkim row sends a signed message this way): a file with bare-LF
+# line ends and a line starting with a dot is accepted as every message.
+printf 'From: <bench@partner.test>\nTo: <rcpt0@example.test>\nSubject: smoke\n\n.dot line\nend\n' \
+  >"$work/message.eml"
+"$BIN" --server "$ADDR:$PORT" --sessions 2 --messages 3 --message-file "$work/message.eml" \
+  --label smoke-file --timeout 10 >"$work/file.json"
+python3 - "$work/file.json" <<'PY'
+import json, sys
+r = json.loads(open(sys.argv[1]).read())
+assert r["ok"] == 6 and r["failed"] == 0 and r["errors"] == {}, r
+print("smoke: ok, 6 messages from --message-file")
 PY
 
 # The limit row's forwarder: STARTTLS, handshake, then bytes copied to the sink.

@@ -227,6 +227,32 @@ pub fn build_message(size: usize, from: &str, to: &str) -> Vec<u8> {
     m
 }
 
+/// The DATA payload for a message read from a file, sent byte for byte otherwise: every line
+/// end becomes CRLF (signers such as `dkimsign` write bare LF; relaxed and simple DKIM
+/// canonicalization both see CRLF, so the signature still verifies), lines starting with a dot
+/// are dot-stuffed (RFC 5321 4.5.2: the receiver removes it again), then the end-of-data line.
+pub fn data_from_file(file: &[u8]) -> Vec<u8> {
+    let mut m = Vec::with_capacity(file.len() + file.len() / 40 + 8);
+    let mut at_line_start = true;
+    let mut prev = 0u8;
+    for &b in file {
+        if at_line_start && b == b'.' {
+            m.push(b'.');
+        }
+        if b == b'\n' && prev != b'\r' {
+            m.push(b'\r');
+        }
+        m.push(b);
+        at_line_start = b == b'\n';
+        prev = b;
+    }
+    if !m.is_empty() && !m.ends_with(b"\r\n") {
+        m.extend_from_slice(b"\r\n");
+    }
+    m.extend_from_slice(b".\r\n");
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +289,15 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn data_from_file_crlf_and_dot_stuffing() {
+        assert_eq!(
+            data_from_file(b"A: 1\n\n.x\r\nbody\r\n..\nend"),
+            b"A: 1\r\n\r\n..x\r\nbody\r\n...\r\nend\r\n.\r\n"
+        );
+        assert_eq!(data_from_file(b"a\r\n"), b"a\r\n.\r\n");
+        assert_eq!(data_from_file(b""), b".\r\n");
     }
 }

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use partnergate_bench::{Summary, build_message, client_config, summarize};
+use partnergate_bench::{Summary, build_message, client_config, data_from_file, summarize};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -71,6 +71,11 @@ struct Args {
     /// Message size in octets, headers included
     #[arg(long, default_value_t = 10240)]
     size: usize,
+    /// Send this file's bytes as every message instead of a generated one (e.g. a message
+    /// signed once with dkimpy's `dkimsign`; line ends become CRLF, lines are dot-stuffed;
+    /// --size is then ignored)
+    #[arg(long)]
+    message_file: Option<PathBuf>,
     /// Recipients per message
     #[arg(long, default_value_t = 1)]
     rcpts: usize,
@@ -741,12 +746,18 @@ async fn run(args: Args) -> Result<()> {
     let rcpts = (0..args.rcpts)
         .map(|i| format!("RCPT TO:<rcpt{i}@{}>\r\n", args.rcpt_domain).into_bytes())
         .collect();
-    let client = Arc::new(Client {
-        message: build_message(
+    let message = match &args.message_file {
+        Some(path) => data_from_file(
+            &std::fs::read(path).with_context(|| format!("--message-file {}", path.display()))?,
+        ),
+        None => build_message(
             args.size,
             &args.from,
             &format!("rcpt0@{}", args.rcpt_domain),
         ),
+    };
+    let client = Arc::new(Client {
+        message,
         mail: format!("MAIL FROM:<{}>\r\n", args.from).into_bytes(),
         rcpts,
         ehlo: format!("EHLO {}\r\n", args.helo).into_bytes(),
