@@ -186,8 +186,13 @@ impl std::fmt::Debug for MxResolver {
     }
 }
 
+/// Tries per DNS query of every resolver [`build`] makes.
+pub(crate) const DNS_ATTEMPTS: u32 = 2;
+
+/// The gateway's one way to build a resolver (MX/TLSA lookups here, sender authentication in
+/// `auth::resolver`): `server` alone or the system resolver, `timeout` per query, two attempts.
 /// `dnssec`: `Some(anchors)` builds a validating resolver.
-fn build(
+pub(crate) fn build(
     server: Option<SocketAddr>,
     timeout: Duration,
     dnssec: Option<Arc<hickory_resolver::proto::dnssec::TrustAnchors>>,
@@ -216,7 +221,7 @@ fn build(
     }
     let opts = builder.options_mut();
     opts.timeout = timeout;
-    opts.attempts = 2;
+    opts.attempts = DNS_ATTEMPTS as usize;
     opts.ip_strategy = LookupIpStrategy::Ipv4AndIpv6;
     builder
         .build()

@@ -7,13 +7,7 @@ use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use hickory_resolver::TokioResolver;
-use hickory_resolver::config::{ConnectionConfig, NameServerConfig, ResolveHosts, ResolverConfig};
-use hickory_resolver::net::runtime::TokioRuntimeProvider;
 use mail_auth::MessageAuthenticator;
-
-/// Tries per DNS query.
-const ATTEMPTS: u32 = 2;
 
 /// Below the 20 s after which `mail-auth`'s SPF lookup limit reports `permerror` (a refusal
 /// for good), so a slow DNS server gives `temperror` first.
@@ -40,7 +34,7 @@ impl AuthResolver {
         AuthResolver {
             server,
             timeout,
-            deadline: (timeout * ATTEMPTS).min(MAX_DEADLINE),
+            deadline: (timeout * crate::mx::DNS_ATTEMPTS).min(MAX_DEADLINE),
             inner: OnceLock::new(),
         }
     }
@@ -53,36 +47,10 @@ impl AuthResolver {
 
     pub fn get(&self) -> Result<&MessageAuthenticator, String> {
         self.inner
-            .get_or_init(|| build(self.server, self.timeout).map(MessageAuthenticator))
+            .get_or_init(|| {
+                crate::mx::build(self.server, self.timeout, None).map(MessageAuthenticator)
+            })
             .as_ref()
             .map_err(Clone::clone)
     }
-}
-
-fn build(server: Option<SocketAddr>, timeout: Duration) -> Result<TokioResolver, String> {
-    let provider = TokioRuntimeProvider::default();
-    let mut builder = match server {
-        Some(addr) => {
-            let mut udp = ConnectionConfig::udp();
-            udp.port = addr.port();
-            let mut tcp = ConnectionConfig::tcp();
-            tcp.port = addr.port();
-            let ns = NameServerConfig::new(addr.ip(), true, vec![udp, tcp]);
-            let mut b = TokioResolver::builder_with_config(
-                ResolverConfig::from_parts(None, vec![], vec![ns]),
-                provider,
-            );
-            // An explicit DNS server is the only source of answers.
-            b.options_mut().use_hosts_file = ResolveHosts::Never;
-            b
-        }
-        None => TokioResolver::builder(provider)
-            .map_err(|e| format!("cannot read the system resolver configuration: {e}"))?,
-    };
-    let opts = builder.options_mut();
-    opts.timeout = timeout;
-    opts.attempts = ATTEMPTS as usize;
-    builder
-        .build()
-        .map_err(|e| format!("cannot build the DNS resolver: {e}"))
 }

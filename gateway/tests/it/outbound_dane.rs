@@ -6,26 +6,12 @@
 
 use serde_json::json;
 
-use crate::outbound_support::PartnerPki;
 use crate::outbound_support::tls_policy::{
-    fleet, partner_mx, policy_count, tlsa_ee_spki, tlsa_ta_cert, with_chain,
+    fleet, partner_mx, policy_count, received_from, tlsa_ee_spki, tlsa_ta_cert, with_chain,
 };
+use crate::outbound_support::{PartnerPki, send};
 use crate::support::dns::{DnsServer, Zone};
-use crate::support::{
-    Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SinkOptions, SmtpConn, message,
-};
-
-fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
-    let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
-    c.cmd("EHLO relay.example.org");
-    let t = c.send_mail(from, &[to], &message(from, to, "dane", &[]));
-    c.quit();
-    t
-}
-
-fn received_from(pf: &Postfix, from: &str) -> bool {
-    pf.maillog().contains(&format!("from=<{from}>"))
-}
+use crate::support::{Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions};
 
 #[test]
 fn dane_ee_ta_mismatch_bogus_and_unsigned_per_mode() {

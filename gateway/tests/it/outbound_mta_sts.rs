@@ -7,24 +7,12 @@
 
 use serde_json::json;
 
-use crate::outbound_support::PartnerPki;
-use crate::outbound_support::tls_policy::{PolicyServer, fleet, partner_mx, policy_count};
-use crate::support::dns::{DnsServer, Zone};
-use crate::support::{
-    Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SinkOptions, SmtpConn, message,
+use crate::outbound_support::tls_policy::{
+    PolicyServer, fleet, partner_mx, policy_count, received_from,
 };
-
-fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
-    let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
-    c.cmd("EHLO relay.example.org");
-    let t = c.send_mail(from, &[to], &message(from, to, "mta-sts", &[]));
-    c.quit();
-    t
-}
-
-fn received_from(pf: &Postfix, from: &str) -> bool {
-    pf.maillog().contains(&format!("from=<{from}>"))
-}
+use crate::outbound_support::{PartnerPki, send};
+use crate::support::dns::{DnsServer, Zone};
+use crate::support::{Gateway, GatewaySpec, Net, Pki, Sink, SinkOptions};
 
 fn policy(mode: &str, mx: &[&str]) -> String {
     let mut p = format!("version: STSv1\r\nmode: {mode}\r\n");

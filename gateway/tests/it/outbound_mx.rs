@@ -8,18 +8,10 @@
 
 use std::time::Duration;
 
-use crate::outbound_support::{DnsServer, PartnerPki};
+use crate::outbound_support::{DnsServer, PartnerPki, send};
 use crate::support::postfix::ReceiverOptions;
 use crate::support::{Gateway, GatewaySpec, Net, Pki, Postfix, Sink, SmtpConn, message, wait_for};
 use serde_json::{Value, json};
-
-fn send(gw: &Gateway, net: &Net, from: &str, to: &str) -> crate::support::Transcript {
-    let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
-    c.cmd("EHLO relay.example.org");
-    let t = c.send_mail(from, &[to], &message(from, to, "mx", &[]));
-    c.quit();
-    t
-}
 
 fn validation_entry(gw: &Gateway, host: &str) -> Value {
     wait_for(

@@ -221,3 +221,22 @@ impl Drop for DnsServer {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+/// One message from `from` to `to`, sent by an internal client (`net.client(0)`) over a fresh
+/// connection: the transcript of MAIL, RCPT and DATA.
+pub fn send(
+    gw: &crate::support::Gateway,
+    net: &crate::support::Net,
+    from: &str,
+    to: &str,
+) -> crate::support::Transcript {
+    let (mut c, _) = crate::support::SmtpConn::connect(gw.smtp, Some(net.client(0)));
+    c.cmd("EHLO relay.example.org");
+    let t = c.send_mail(
+        from,
+        &[to],
+        &crate::support::message(from, to, "outbound", &[]),
+    );
+    c.quit();
+    t
+}

@@ -17,6 +17,11 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use crate::support::postfix::ReceiverOptions;
 use crate::support::{CertPair, Gateway, Postfix, require_tool, wait_for};
 
+/// Whether the partner's Postfix logged a message from `from`.
+pub fn received_from(pf: &Postfix, from: &str) -> bool {
+    pf.maillog().contains(&format!("from=<{from}>"))
+}
+
 fn first_der(pem_file: &Path) -> CertificateDer<'static> {
     CertificateDer::pem_file_iter(pem_file)
         .expect("read PEM")
