@@ -106,15 +106,18 @@ chart-cluster-test:
 .PHONY: bench bench-smoke bench-peers bench-profile
 
 bench:
+	@tests/scripts/install-deps.sh --bench
 	tests/bench/run.sh
 
 bench-smoke:
 	tests/bench/smoke.sh
 
 bench-peers:
+	@tests/scripts/install-deps.sh --bench
 	tests/bench/peers.sh haraka maddy
 
 bench-profile:
+	@tests/scripts/install-deps.sh --bench
 	tests/bench/profile.sh
 
 # --- relay model ---

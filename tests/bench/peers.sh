@@ -2,7 +2,7 @@
 # Installs (once, cached) the peers of `make bench` that Debian does not package, and prints
 # where they are. Used by tests/bench/run.sh; a peer that cannot be installed is skipped with
 # the reason, never failing the bench.
-#   Haraka  npm package Haraka@$HARAKA_VERSION (needs node and npm, `make deps`)
+#   Haraka  npm package Haraka@$HARAKA_VERSION (needs node with its npm: `make bench` installs them)
 #   maddy   Go module github.com/foxcpp/maddy@$MADDY_VERSION, built like tests/cluster/build.sh
 #           (CGO off, -trimpath, the machine's Go); its sqlite storage is not needed for relaying
 # Cache: ${PARTNERGATE_CACHE:-$HOME/.cache/partnergate}/{haraka,maddy}-<version>/
@@ -19,7 +19,7 @@ haraka() {
   local dir=$CACHE/haraka-$HARAKA_VERSION bin
   bin=$dir/node_modules/Haraka/bin/haraka
   if [ ! -x "$bin" ]; then
-    command -v npm >/dev/null || { echo "haraka skip npm not found (make deps)"; return; }
+    command -v npm >/dev/null || { echo "haraka skip npm not found (tests/scripts/install-deps.sh --bench installs node)"; return; }
     mkdir -p "$dir"
     echo "peers: npm install Haraka@$HARAKA_VERSION into $dir" >&2
     (cd "$dir" && npm install --no-audit --no-fund --omit=optional "Haraka@$HARAKA_VERSION" >&2) || {

@@ -13,6 +13,11 @@ packages=(postfix swaks libnet-ssleay-perl libio-socket-ssl-perl openssl stunnel
   # The libraries of exim4-daemon-light and opensmtpd (see below).
   libgnutls-dane0 libgnutls30 libidn12 libidn2-0 libpcre2-8-0 libcrypt1 libdb5.3 libnsl2
   libevent-2.1-7 libpam0g libssl3 zlib1g)
+# `make bench` (--bench): perf for the profile rows, node (with its npm) for Haraka. maddy is
+# built with the machine's Go by tests/bench/peers.sh (Debian's golang is older than it needs).
+if [ "${1:-}" = --bench ]; then
+  packages+=(linux-perf nodejs)
+fi
 # Exim 4 and OpenSMTPD play partner MTAs next to Postfix (gateway/tests/it/interop.rs). The
 # three packages all provide and conflict with mail-transport-agent, so dpkg cannot install
 # them together; their .debs are unpacked under $peers instead (never configured, no system
