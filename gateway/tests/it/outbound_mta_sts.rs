@@ -406,3 +406,198 @@ fn mta_sts_hosted_mx_and_testing_failures() {
     }
     assert!(org.messages().is_empty(), "nothing went upstream");
 }
+
+/// Several recipients in one transaction, on routes whose MTA-STS outcomes differ (the relay
+/// contract's invariants under a TLS policy): a recipient the policy defers pins nothing, so a
+/// later recipient of another route is still accepted; once a route is pinned, recipients of
+/// other routes get `452 4.5.3` before any policy work; a recipient whose MX failed the policy
+/// at the handshake is never carried by another route's connection. The MX must receive each
+/// message for exactly the recipients the gateway acknowledged.
+#[test]
+fn recipients_of_one_transaction_under_different_policies() {
+    let net = Net::new();
+    let pki = Pki::generate();
+    let partner = PartnerPki::generate();
+    let org = Sink::start(net.sink_ip());
+    let (ip_mx, ip_https) = (net.ip(30), net.ip(40));
+    let dns = DnsServer::start(net.ip(53), zone(ip_mx, ip_https, 1));
+    // Every MX host but mx.badcert.sts.test is named by the certificate.
+    let mx_cert = partner.server(
+        "mx",
+        &[
+            "mx.enf.sts.test",
+            "mx.notlisted.sts.test",
+            "mx.testing.sts.test",
+            "mx.nopolicy.sts.test",
+        ],
+    );
+    let all: Vec<String> = DOMAINS
+        .iter()
+        .chain(["nopolicy"].iter())
+        .map(|d| format!("{d}.sts.test"))
+        .collect();
+    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+    let mx = partner_mx(ip_mx, "mx.enf.sts.test", &all_refs, mx_cert);
+    let web = PolicyServer::start(
+        ip_https,
+        &partner.server(
+            "mta-sts",
+            &[
+                "mta-sts.enf.sts.test",
+                "mta-sts.notlisted.sts.test",
+                "mta-sts.badcert.sts.test",
+                "mta-sts.testing.sts.test",
+            ],
+        ),
+    );
+    web.set_policy("enf.sts.test", &policy("enforce", &["mx.enf.sts.test"]));
+    web.set_policy(
+        "notlisted.sts.test",
+        &policy("enforce", &["mx9.notlisted.sts.test"]),
+    );
+    web.set_policy(
+        "badcert.sts.test",
+        &policy("enforce", &["*.badcert.sts.test"]),
+    );
+    web.set_policy(
+        "testing.sts.test",
+        &policy("testing", &["other.testing.sts.test"]),
+    );
+    let gw = Gateway::start(
+        net.gateway_ip(),
+        &pki,
+        GatewaySpec::new(
+            org.addr,
+            json!({"inbound": [], "outbound": [
+                {"name": "partners/sts", "generation": 1,
+                 "domains": all[..DOMAINS.len()],
+                 "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Opportunistic"},
+                {"name": "partners/sts-mandatory", "generation": 1,
+                 "domains": ["nopolicy.sts.test"],
+                 "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Mandatory"},
+            ]}),
+        )
+        .fleet(fleet(
+            &net.cidr(),
+            &dns,
+            pki.ca.parent().expect("pki dir"),
+            Some(&partner.ca),
+        )),
+    );
+
+    let (mut c, _) = crate::support::SmtpConn::connect(gw.smtp, Some(net.client(0)));
+    c.cmd("EHLO relay.example.org");
+    let rcpt_replies = |t: &crate::support::Transcript| -> Vec<String> {
+        t.replies_to("RCPT TO")
+            .iter()
+            .map(|r| {
+                r.summary()
+                    .split_whitespace()
+                    .take(2)
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect()
+    };
+    let body = |from: &str| crate::support::message(from, "list@sts.test", "several", &[]);
+
+    // 1. Deferred by the policy (MX not listed), then two of a route the policy accepts, then
+    //    a route of the same connector and one of another connector: pinned, 452.
+    let t = c.send_mail(
+        "t1@example.org",
+        &[
+            "a@notlisted.sts.test",
+            "b@enf.sts.test",
+            "c@badcert.sts.test",
+            "d@enf.sts.test",
+            "e@nopolicy.sts.test",
+        ],
+        &body("t1@example.org"),
+    );
+    assert_eq!(
+        rcpt_replies(&t),
+        [
+            "451 4.7.5",
+            "250 2.1.5",
+            "452 4.5.3",
+            "250 2.1.5",
+            "452 4.5.3"
+        ],
+        "{}",
+        t.raw
+    );
+    assert_eq!(t.data_end().map(|r| r.code), Some(250), "{}", t.raw);
+    assert_eq!(
+        mx.wait_recipients("t1@example.org", 2),
+        ["b@enf.sts.test", "d@enf.sts.test"]
+    );
+
+    // 2. Refused at the handshake (the certificate does not name the MX host), then a testing
+    //    domain on the same MX address: delivered over a connection of its own.
+    let t = c.send_mail(
+        "t2@example.org",
+        &["c@badcert.sts.test", "f@testing.sts.test"],
+        &body("t2@example.org"),
+    );
+    assert_eq!(rcpt_replies(&t), ["451 4.7.5", "250 2.1.5"], "{}", t.raw);
+    assert_eq!(t.data_end().map(|r| r.code), Some(250), "{}", t.raw);
+    assert_eq!(
+        mx.wait_recipients("t2@example.org", 1),
+        ["f@testing.sts.test"]
+    );
+
+    // 3. Mandatory without a published policy: deferred; then the enforce route again (the
+    //    session's parked connection may be reused only for its own route).
+    let t = c.send_mail(
+        "t3@example.org",
+        &[
+            "g@nopolicy.sts.test",
+            "h@enf.sts.test",
+            "i@testing.sts.test",
+        ],
+        &body("t3@example.org"),
+    );
+    assert_eq!(
+        rcpt_replies(&t),
+        ["451 4.7.5", "250 2.1.5", "452 4.5.3"],
+        "{}",
+        t.raw
+    );
+    assert_eq!(t.data_end().map(|r| r.code), Some(250), "{}", t.raw);
+    assert_eq!(mx.wait_recipients("t3@example.org", 1), ["h@enf.sts.test"]);
+    c.quit();
+
+    // Exactly those recipients, once each, and nothing else reached the MX or went upstream.
+    let mut got: Vec<(String, Vec<String>)> = mx
+        .received()
+        .into_iter()
+        .map(|r| {
+            let mut v = r.recipients;
+            v.sort();
+            (r.from, v)
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "t1@example.org".to_string(),
+                vec!["b@enf.sts.test".to_string(), "d@enf.sts.test".to_string()]
+            ),
+            (
+                "t2@example.org".to_string(),
+                vec!["f@testing.sts.test".to_string()]
+            ),
+            (
+                "t3@example.org".to_string(),
+                vec!["h@enf.sts.test".to_string()]
+            ),
+        ]
+    );
+    assert_eq!(
+        policy_count(&gw, "partners/sts", "mta-sts", "testing_failure"),
+        1
+    );
+    assert!(org.messages().is_empty(), "nothing went upstream");
+}

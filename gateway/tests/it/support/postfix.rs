@@ -386,6 +386,8 @@ pub struct Received {
     pub tls_trust: Option<String>,
     /// `discard` delivery logged `status=sent`.
     pub delivered: bool,
+    /// The recipients `discard` logged `status=sent` for, in log order.
+    pub recipients: Vec<String>,
 }
 
 impl Postfix {
@@ -490,18 +492,41 @@ biff = no
                             tls: trust.is_some(),
                             tls_trust: trust,
                             delivered: false,
+                            recipients: Vec::new(),
                         });
                     }
                 }
             } else if prog.contains("/discard[")
                 && rest.contains("status=sent")
-                && let Some((qid, _)) = rest.split_once(": to=<")
+                && let Some((qid, after)) = rest.split_once(": to=<")
                 && let Some(r) = out.iter_mut().find(|r| r.queue_id == qid)
             {
                 r.delivered = true;
+                r.recipients
+                    .push(after.split('>').next().unwrap_or("").to_string());
             }
         }
         out
+    }
+
+    /// Waits (guard: 30 s) until the message from `from` was delivered to `n` recipients and
+    /// returns them, sorted.
+    pub fn wait_recipients(&self, from: &str, n: usize) -> Vec<String> {
+        wait_for(
+            Duration::from_secs(30),
+            &format!("partner postfix delivered mail from <{from}> to {n} recipient(s)"),
+            || {
+                self.received()
+                    .into_iter()
+                    .filter(|r| r.from == from)
+                    .find(|r| r.recipients.len() >= n)
+                    .map(|r| {
+                        let mut v = r.recipients;
+                        v.sort();
+                        v
+                    })
+            },
+        )
     }
 
     /// Waits (guard: 30 s) until the message from `from` was accepted and discarded (`sent`).

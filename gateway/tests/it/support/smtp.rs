@@ -239,6 +239,9 @@ pub struct SmtpConn {
     pub transcript: Transcript,
     /// TLS version negotiated, after [`SmtpConn::starttls`].
     pub tls_version: Option<String>,
+    /// Why the last read gave up ("EOF", or the error and how long the read waited), for
+    /// failure messages.
+    last_read_end: Option<String>,
 }
 
 /// Connects from `local` (a 127.x address) when given.
@@ -270,6 +273,7 @@ impl SmtpConn {
             buf: Vec::new(),
             transcript: Transcript::default(),
             tls_version: None,
+            last_read_end: None,
         }
     }
 
@@ -318,8 +322,20 @@ impl SmtpConn {
                 return Some(String::from_utf8_lossy(&line).into_owned());
             }
             let mut chunk = [0u8; 4096];
+            let started = std::time::Instant::now();
             match self.stream.as_mut()?.read(&mut chunk) {
-                Ok(0) | Err(_) => return None,
+                Ok(0) => {
+                    self.last_read_end = Some(format!("EOF after {:?}", started.elapsed()));
+                    return None;
+                }
+                Err(e) => {
+                    self.last_read_end = Some(format!(
+                        "read error {:?} ({e}) after {:?}",
+                        e.kind(),
+                        started.elapsed()
+                    ));
+                    return None;
+                }
                 Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
             }
         }
@@ -346,12 +362,20 @@ impl SmtpConn {
 
     /// Sends one command line (CRLF added) and reads its reply.
     pub fn cmd(&mut self, line: &str) -> Reply {
-        self.try_cmd(line)
-            .unwrap_or_else(|| panic!("no reply to {line:?}; transcript: {:?}", self.transcript))
+        self.try_cmd(line).unwrap_or_else(|| {
+            panic!(
+                "no reply to {line:?} ({}); transcript: {:?}",
+                self.last_read_end.as_deref().unwrap_or("?"),
+                self.transcript
+            )
+        })
     }
 
     pub fn try_cmd(&mut self, line: &str) -> Option<Reply> {
-        self.send_raw(format!("{line}\r\n").as_bytes()).ok()?;
+        if let Err(e) = self.send_raw(format!("{line}\r\n").as_bytes()) {
+            self.last_read_end = Some(format!("sending it failed: {:?} ({e})", e.kind()));
+            return None;
+        }
         let r = self.read_reply()?;
         self.transcript.steps.push((line.to_string(), r.clone()));
         Some(r)
