@@ -218,10 +218,20 @@ impl Stream {
             Stream::Tls(s) => &s.sock,
         }
     }
+    /// A read, retried when interrupted: with a read timeout set (`SO_RCVTIMEO`) the kernel
+    /// never restarts `recv` after a signal or a stop/continue, even for `SA_RESTART`
+    /// handlers, and a loaded CI box made it fail with EINTR ~200 ms into a wait for a reply
+    /// the gateway had sent ("no reply to RCPT", once in about 100 runs).
     pub(super) fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        match self {
-            Stream::Plain(s) => s.read(buf),
-            Stream::Tls(s) => s.read(buf),
+        loop {
+            let r = match self {
+                Stream::Plain(s) => s.read(buf),
+                Stream::Tls(s) => s.read(buf),
+            };
+            match r {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => return r,
+            }
         }
     }
     pub(super) fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
@@ -420,8 +430,10 @@ impl SmtpConn {
         let mut conn =
             rustls::ClientConnection::new(Arc::new(tls.config()), name).expect("client conn");
         while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut tcp) {
-                return Err(format!("TLS handshake failed: {e}"));
+            match conn.complete_io(&mut tcp) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(format!("TLS handshake failed: {e}")),
+                Ok(_) => {}
             }
         }
         self.tls_version = conn.protocol_version().map(|v| format!("{v:?}"));
@@ -488,4 +500,42 @@ pub fn inject(
     assert_eq!(end.code, 250, "{mta} queued the message: {end}");
     c.quit();
     end
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait for a reply that the process being stopped and continued interrupts (EINTR:
+    /// the socket has a read timeout) still gets the reply. Before `Stream::read` retried,
+    /// `read_reply` gave `None` here ("no reply").
+    #[test]
+    fn a_read_interrupted_by_stop_and_continue_still_gets_the_reply() {
+        let net = super::super::Net::new();
+        let listener = std::net::TcpListener::bind((net.ip(1), 0)).expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().expect("accept");
+            std::thread::sleep(Duration::from_millis(1500));
+            s.write_all(b"220 late but here\r\n").expect("write");
+            std::thread::sleep(Duration::from_millis(200));
+        });
+        let mut c = SmtpConn::connect_raw(addr, Some(net.client(0)));
+        // Stop and continue this whole process while the client waits in recv.
+        let pid = std::process::id();
+        let mut kicker = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("sleep 0.5; kill -STOP {pid}; kill -CONT {pid}"))
+            .spawn()
+            .expect("spawn sh");
+        let reply = c.read_reply();
+        kicker.wait().expect("wait sh");
+        server.join().expect("server thread");
+        assert_eq!(
+            reply.map(|r| r.summary()),
+            Some("220 late but here".to_string()),
+            "{:?}",
+            c.last_read_end
+        );
+    }
 }

@@ -185,9 +185,14 @@ impl Wire {
         let mut conn =
             rustls::ClientConnection::new(Arc::new(tls.config()), name).expect("client conn");
         while conn.is_handshaking() {
-            if let Err(e) = conn.complete_io(&mut tcp) {
-                self.eof = true;
-                return Err(format!("TLS handshake failed: {e}"));
+            match conn.complete_io(&mut tcp) {
+                // Not an error (see `Stream::read`).
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    self.eof = true;
+                    return Err(format!("TLS handshake failed: {e}"));
+                }
+                Ok(_) => {}
             }
         }
         self.stream = Some(Stream::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))));
