@@ -194,7 +194,10 @@ async fn handle(
         client_ip: client,
         admission: ticket,
     };
-    let session = Session::new(proxy::Guard::new(tcp, client), ctx).run();
+    // A local, not moved into `run`: an async fn's by-value argument would take the session's
+    // room twice in this task.
+    let mut session = Session::new(proxy::Guard::new(tcp, client), ctx);
+    let session = session.serve();
     tokio::select! {
         _ = session => {}
         _ = async { shed.await; tokio::time::sleep(SHED_GRACE).await } => {

@@ -66,7 +66,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     sender,
                     host: &rt.fleet.hostname,
                 };
-                let out = evaluate::spf(&rt.auth, &env).await;
+                // Boxed: DNS lookups make a large future, only needed when SPF is evaluated.
+                let out = Box::pin(evaluate::spf(&rt.auth, &env)).await;
                 self.spf_cache = Some(SpfCache {
                     sender: sender.to_string(),
                     helo: helo.clone(),

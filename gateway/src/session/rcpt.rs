@@ -48,10 +48,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 return Flow::Continue;
             }
         };
-        let reply = tx
-            .relay
-            .recipient(&rt, &mut self.pool, &route, &to.address)
-            .await;
+        // Boxed: the next-hop dialogue (connect, TLS, RCPT) is a large future; inline it would
+        // be part of every idle session's task.
+        let reply = Box::pin(tx.relay.recipient(&rt, &mut self.pool, &route, &to.address)).await;
         let counted = self.route_connector(&tx.decision, &route);
         let tls_policy = tx.relay.tls_policy();
         self.tx = Some(tx);

@@ -50,7 +50,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         let acceptor = tokio_rustls::TlsAcceptor::from(self.rt.server_tls.clone());
         let secs = Duration::from_secs(self.rt.fleet.timeouts.tls_handshake_secs);
-        let tls = match timeout(secs, acceptor.accept(plain)).await {
+        // Boxed: the handshake future holds a whole rustls connection; inline it would be part
+        // of every session's task for its whole life. Once per session.
+        let tls = match Box::pin(timeout(secs, acceptor.accept(plain))).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 self.ctx.metrics.tls("unknown", "failure");
