@@ -3,10 +3,11 @@
 //! every write the command timeout: a client that stops reading cannot hold its slot past it.
 //!
 //! Reads go straight into the session's buffer (no zeroed scratch array, no copy). Its spare
-//! room starts at [`MIN_READ`] and doubles whenever a read fills it, up to [`MAX_READ`]: an
-//! idle or command-only session keeps about 1 KiB, a session that sends messages reads them in
-//! a few large reads.
+//! room starts at [`MIN_READ`] and doubles whenever a read fills it, up to [`MAX_READ`]: a
+//! session that sends messages reads them in a few large reads. Between transactions, a read
+//! that has to wait gives the empty read and reply buffers back: an idle session holds none.
 
+use std::future::Future;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -81,6 +82,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
 
     /// Reads more bytes into the buffer, honouring the timeout and the shutdown deadline.
     pub(super) async fn fill(&mut self, secs: u64) -> Result<(), ReadError> {
+        self.fill_as(secs, false).await
+    }
+
+    /// [`Session::fill`]; with `release`, a read that has to wait gives back the (empty) read
+    /// and reply buffers until bytes arrive: a session waiting for its next transaction holds
+    /// no buffer of its own. The read buffer comes back with the room it had, so a session
+    /// that sends messages keeps reading them in large reads.
+    async fn fill_as(&mut self, secs: u64, release: bool) -> Result<(), ReadError> {
         if self.rpos > 0 && self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
@@ -94,12 +103,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             self.rbuf.reserve(MIN_READ);
         }
         let room = self.rbuf.capacity() - self.rbuf.len();
+        let release = release && self.rbuf.is_empty() && self.out.is_empty();
         let mut deadline = self.ctx.deadline.clone();
         let interrupted = self.ctx.admission.interrupted();
-        let read = timeout(
-            Duration::from_secs(secs),
-            self.conn.read_buf(&mut self.rbuf),
-        );
+        let (conn, rbuf, out) = (&mut self.conn, &mut self.rbuf, &mut self.out);
+        let read = std::future::poll_fn(|cx| {
+            if rbuf.capacity() == 0 {
+                rbuf.reserve(room);
+            }
+            let r = std::pin::pin!(conn.read_buf(&mut *rbuf)).poll(cx);
+            if release && r.is_pending() {
+                *rbuf = Vec::new();
+                *out = Vec::new();
+            }
+            r
+        });
+        let read = timeout(Duration::from_secs(secs), read);
         tokio::select! {
             r = read => match r {
                 Ok(Ok(0)) | Ok(Err(_)) => Err(ReadError::Closed),
@@ -153,7 +172,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             let configured = Duration::from_secs(self.rt.fleet.timeouts.command_secs);
             let secs = self.ctx.admission.command_timeout(configured).as_secs();
-            self.fill(secs).await?;
+            self.fill_as(secs, self.tx.is_none()).await?;
         }
     }
 }

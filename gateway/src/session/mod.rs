@@ -423,6 +423,34 @@ mod tests {
         assert!(size <= 4096, "the session's future is {size} bytes");
     }
 
+    /// Between transactions, a session waiting for its next command holds no buffer: the read
+    /// and reply buffers are given back while the read waits, and come back when bytes arrive.
+    #[tokio::test]
+    async fn idle_session_gives_its_buffers_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_tx, deadline) = watch::channel(false);
+        let (mut client, server) = tokio::io::duplex(4096);
+        let mut session = Session::new(server, ctx(dir.path(), deadline));
+        client.write_all(b"EHLO c.test\r\n").await.unwrap();
+        let line = session.next_command().await.ok().flatten().unwrap();
+        assert!(matches!(session.command(&line).await, Flow::Continue));
+        {
+            let mut next = std::pin::pin!(session.next_command());
+            let pending = std::future::poll_fn(|cx| {
+                std::task::Poll::Ready(next.as_mut().poll(cx).is_pending())
+            })
+            .await;
+            assert!(pending, "no command was sent yet");
+        }
+        assert_eq!((session.rbuf.capacity(), session.out.capacity()), (0, 0));
+        client.write_all(b"NOOP\r\n").await.unwrap();
+        let line = session.next_command().await.ok().flatten().unwrap();
+        assert_eq!(line, b"NOOP\r\n");
+        let mut reply = [0u8; 9];
+        client.read_exact(&mut reply).await.unwrap();
+        assert_eq!(&reply, b"250-gw.te");
+    }
+
     fn codes(replies: &[String]) -> Vec<&str> {
         replies.iter().map(|r| &r[..r.len().min(9)]).collect()
     }
