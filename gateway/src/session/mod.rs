@@ -6,6 +6,10 @@
 //! This file holds the session state and the command dispatch. The session decides (policy)
 //! and replies; everything that goes to a next hop goes through the transaction's
 //! [`RelayTransaction`] and the session's [`IdlePool`], never a connection of its own.
+//!
+//! A session mostly waits (issue 17: RSS per idle session): the large futures that run only now
+//! and then (DATA, the next-hop dialogue and its reset, the TLS handshake, SPF) are boxed where
+//! they are awaited, so an idle session's task holds the session and its wait, nothing more.
 
 mod data;
 mod ehlo;
