@@ -20,7 +20,8 @@ pub struct Programming {
     pub lagging: Vec<String>,
 }
 
-/// Counts the ready gateway pods that list `name` with generation ≥ `generation`.
+/// Counts the ready gateway pods that list `name` with generation ≥ `generation`. Each pod's
+/// `connectors` are sorted by name, as `gateway::fetch_status` returns them.
 pub fn programming(snapshot: &GatewaySnapshot, name: &str, generation: i64) -> Programming {
     let mut p = Programming {
         ready: 0,
@@ -31,7 +32,12 @@ pub fn programming(snapshot: &GatewaySnapshot, name: &str, generation: i64) -> P
         p.ready += 1;
         match &pod.status {
             Ok(st) => {
-                let found = st.connectors.iter().find(|c| c.name == name);
+                // sorted by name (gateway::fetch_status)
+                let found = st
+                    .connectors
+                    .binary_search_by(|c| c.name.as_str().cmp(name))
+                    .ok()
+                    .map(|i| &st.connectors[i]);
                 match found {
                     Some(c) if c.generation >= generation => p.programmed += 1,
                     Some(c) => p.lagging.push(format!(
@@ -372,14 +378,19 @@ mod tests {
             ip: "127.0.0.1".into(),
             status: Ok(GatewayStatus {
                 config_hash: "abcdef0123456789".into(),
-                connectors: conns
-                    .iter()
-                    .map(|(n, g)| StatusConnector {
-                        name: n.to_string(),
-                        direction: "Inbound".into(),
-                        generation: *g,
-                    })
-                    .collect(),
+                // sorted by name, as gateway::fetch_status hands them over
+                connectors: {
+                    let mut c: Vec<StatusConnector> = conns
+                        .iter()
+                        .map(|(n, g)| StatusConnector {
+                            name: n.to_string(),
+                            direction: "Inbound".into(),
+                            generation: *g,
+                        })
+                        .collect();
+                    c.sort_by(|a, b| a.name.cmp(&b.name));
+                    c
+                },
                 ..GatewayStatus::default()
             }),
         }

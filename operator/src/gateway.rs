@@ -133,10 +133,15 @@ fn dechunk(mut body: &[u8]) -> Result<Vec<u8>, String> {
     }
 }
 
-/// Reads one pod's `/status`.
+/// Reads one pod's `/status`, its `connectors` sorted by name (what
+/// [`crate::conditions::programming`] binary-searches: it runs for every connector on every
+/// "reconcile all", and a scan was connectors² per round).
 pub async fn fetch_status(ip: &str, port: u16, timeout: Duration) -> Result<GatewayStatus, String> {
     let body = http_get(ip, port, "/status", timeout).await?;
-    serde_json::from_slice(&body).map_err(|e| format!("/status is not the expected JSON: {e}"))
+    let mut status: GatewayStatus = serde_json::from_slice(&body)
+        .map_err(|e| format!("/status is not the expected JSON: {e}"))?;
+    status.connectors.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(status)
 }
 
 /// Reads every pod's `/status` concurrently. `pods` is (name, ip).
@@ -174,12 +179,14 @@ mod tests {
 
     #[tokio::test]
     async fn reads_status() {
-        let port = serve_once("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"configHash\":\"abc\",\"connectors\":[{\"name\":\"mail/c\",\"direction\":\"Inbound\",\"generation\":3}],\"extra\":1}\n").await;
+        let port = serve_once("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"configHash\":\"abc\",\"connectors\":[{\"name\":\"mail/c\",\"direction\":\"Inbound\",\"generation\":3},{\"name\":\"mail/b\",\"direction\":\"Outbound\",\"generation\":1}],\"extra\":1}\n").await;
         let st = fetch_status("127.0.0.1", port, Duration::from_secs(2))
             .await
             .unwrap();
         assert_eq!(st.config_hash, "abc");
-        assert_eq!(st.connectors[0].generation, 3);
+        let names: Vec<&str> = st.connectors.iter().map(|c| c.name.as_str()).collect();
+        assert_eq!(names, ["mail/b", "mail/c"], "sorted by name");
+        assert_eq!(st.connectors[1].generation, 3);
     }
 
     #[tokio::test]

@@ -23,8 +23,13 @@
 //!   connectors do not all fit, the oldest are kept (the same order as conflicts, so a
 //!   connector never loses its place to a younger one) and the others are left out with
 //!   [`Outcome::left_out`] saying why (Programmed=False/ConfigTooLarge), rather than a file the
-//!   API server refuses, which would leave every change unserved.
+//!   API server refuses, which would leave every change unserved;
+//! - the same holds for the TLS material (trust bundles, client certificates and keys): its
+//!   files (keys and bytes) never add up to more than [`MAX_MATERIAL_BYTES`] (a Secret holds at
+//!   most 1 MiB); a connector whose new files would not fit is left out the same way, with a
+//!   message naming the material Secret, and [`Rendered::over_limit`] says which limit bit.
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
@@ -169,6 +174,17 @@ pub struct Rendered {
     pub material: BTreeMap<String, Vec<u8>>,
     /// Outcome by connector key (`namespace/name`).
     pub outcomes: BTreeMap<String, Outcome>,
+    /// The limits that left connectors out, if any (for the log line naming the object).
+    pub over_limit: Vec<Limit>,
+}
+
+/// A size limit of a rendered object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// The connectors file, [`MAX_CONNECTORS_FILE_BYTES`] (its ConfigMap).
+    ConnectorsFile,
+    /// The material files, [`MAX_MATERIAL_BYTES`] (its Secret).
+    Material,
 }
 
 /// The API server refuses a ConfigMap whose data (keys and values together) exceeds 1 MiB.
@@ -176,6 +192,23 @@ pub const CONFIGMAP_DATA_LIMIT: usize = 1024 * 1024;
 /// Largest connectors file rendered: the ConfigMap's limit less room for its key, the only
 /// other thing in that ConfigMap's data.
 pub const MAX_CONNECTORS_FILE_BYTES: usize = CONFIGMAP_DATA_LIMIT - 1024;
+
+/// The API server refuses a Secret whose data (keys and values, before base64) exceeds 1 MiB.
+pub const SECRET_DATA_LIMIT: usize = 1024 * 1024;
+/// Largest material bundle rendered, keys and bytes counted: the material Secret holds nothing
+/// else.
+pub const MAX_MATERIAL_BYTES: usize = SECRET_DATA_LIMIT;
+
+/// Material files by name.
+type Files = BTreeMap<String, Vec<u8>>;
+
+/// How the message of a connector left out for the material's limit begins.
+pub const MATERIAL_LEFT_OUT: &str = "the gateway's TLS material Secret";
+
+/// Bytes a set of files takes in a Secret's or ConfigMap's data.
+pub fn data_size(files: &BTreeMap<String, Vec<u8>>) -> usize {
+    files.iter().map(|(k, v)| k.len() + v.len()).sum()
+}
 
 /// Days before expiry that give a Warning.
 pub const EXPIRY_WARNING_DAYS: i64 = 14;
@@ -513,18 +546,35 @@ fn age_order(pc: &PartnerConnector) -> impl Ord {
 
 /// Renders the connector set. Deterministic: the same input gives the same bytes, whatever
 /// the order of `connectors`.
-pub fn render(connectors: &[PartnerConnector], objects: &Objects, now: OffsetDateTime) -> Rendered {
+/// `connectors` may be the objects or what points at them (the controller passes its store's
+/// `Arc`s: no copy of every connector per render).
+pub fn render<C: Borrow<PartnerConnector>>(
+    connectors: &[C],
+    objects: &Objects,
+    now: OffsetDateTime,
+) -> Rendered {
     render_within(connectors, objects, now, MAX_CONNECTORS_FILE_BYTES)
 }
 
 /// [`render`] with the largest file allowed as a parameter (tests use a small one).
-pub fn render_within(
-    connectors: &[PartnerConnector],
+pub fn render_within<C: Borrow<PartnerConnector>>(
+    connectors: &[C],
     objects: &Objects,
     now: OffsetDateTime,
     max_bytes: usize,
 ) -> Rendered {
-    let mut sorted: Vec<&PartnerConnector> = connectors.iter().collect();
+    render_with_limits(connectors, objects, now, max_bytes, MAX_MATERIAL_BYTES)
+}
+
+/// [`render`] with both limits as parameters.
+pub fn render_with_limits<C: Borrow<PartnerConnector>>(
+    connectors: &[C],
+    objects: &Objects,
+    now: OffsetDateTime,
+    max_bytes: usize,
+    max_material: usize,
+) -> Rendered {
+    let mut sorted: Vec<&PartnerConnector> = connectors.iter().map(Borrow::borrow).collect();
     sorted.sort_by_cached_key(|pc| age_order(pc));
 
     let mut outcomes = BTreeMap::new();
@@ -639,7 +689,7 @@ pub fn render_within(
         }
     }
 
-    fit(&mut file, &by_age, &mut outcomes, max_bytes);
+    let over_limit = fit(&mut file, &by_age, &mut outcomes, max_bytes, max_material);
     let mut material = BTreeMap::new();
     for (name, files) in &by_age {
         if outcomes.get(name).is_some_and(|o| o.included) {
@@ -655,17 +705,21 @@ pub fn render_within(
         hash,
         material,
         outcomes,
+        over_limit,
     }
 }
 
-/// Keeps the connectors file within `max_bytes`: the included connectors are taken oldest
-/// first (`by_age`), each kept when it still fits; the others are left out with a message.
+/// Keeps the connectors file within `max_bytes` and the material within `max_material`: the
+/// included connectors are taken oldest first (`by_age`), each kept when its entry and the
+/// material files it adds (files are content-addressed, so shared ones count once) still fit;
+/// the others are left out with a message. Returns the limits that left some out.
 fn fit(
     file: &mut gw::ConnectorsFile,
     by_age: &[(String, BTreeMap<String, Vec<u8>>)],
     outcomes: &mut BTreeMap<String, Outcome>,
     max_bytes: usize,
-) {
+    max_material: usize,
+) -> Vec<Limit> {
     // Compact JSON: the frame, each connector and a comma before all but the first of each
     // list (counted for every one: an upper bound), and the trailing newline.
     const FRAME: usize = r#"{"inbound":[],"outbound":[]}"#.len() + 1;
@@ -682,36 +736,71 @@ fn fit(
             serde_json::to_vec(c).map_or(usize::MAX / 4, |v| v.len()) + 1,
         );
     }
+    // dropped by the whole-file validation: neither in the file nor in the material
+    let candidates: Vec<(&str, usize, &Files)> = by_age
+        .iter()
+        .filter_map(|(name, files)| sizes.get(name.as_str()).map(|&s| (name.as_str(), s, files)))
+        .collect();
     let needed = FRAME + sizes.values().sum::<usize>();
-    if needed <= max_bytes {
-        return;
+    let needed_material = {
+        let mut all = BTreeMap::new();
+        for (_, _, files) in &candidates {
+            all.extend(files.iter().map(|(k, v)| (k.as_str(), v.len())));
+        }
+        all.iter().map(|(k, v)| k.len() + v).sum::<usize>()
+    };
+    if needed <= max_bytes && needed_material <= max_material {
+        return vec![];
     }
-    let mut used = FRAME;
-    let mut left_out: BTreeMap<String, usize> = BTreeMap::new();
-    for (name, _) in by_age {
-        let Some(&size) = sizes.get(name.as_str()) else {
-            continue; // dropped by the whole-file validation
-        };
-        if used + size <= max_bytes {
-            used += size;
+    let (mut used, mut used_material) = (FRAME, 0);
+    let mut kept_files: BTreeSet<&str> = BTreeSet::new();
+    // name → (its entry's size, the material it would add, which limit it did not fit)
+    let mut left_out: BTreeMap<String, (usize, usize, Limit)> = BTreeMap::new();
+    for &(name, size, files) in &candidates {
+        let adds: usize = files
+            .iter()
+            .filter(|(k, _)| !kept_files.contains(k.as_str()))
+            .map(|(k, v)| k.len() + v.len())
+            .sum();
+        if used + size > max_bytes {
+            left_out.insert(name.to_string(), (size, adds, Limit::ConnectorsFile));
+        } else if used_material + adds > max_material {
+            left_out.insert(name.to_string(), (size, adds, Limit::Material));
         } else {
-            left_out.insert(name.clone(), size);
+            used += size;
+            used_material += adds;
+            kept_files.extend(files.keys().map(String::as_str));
         }
     }
-    let (kept, total) = (sizes.len() - left_out.len(), sizes.len());
+    let (kept, total) = (candidates.len() - left_out.len(), candidates.len());
     file.inbound.retain(|c| !left_out.contains_key(&c.name));
     file.outbound.retain(|c| !left_out.contains_key(&c.name));
-    for (name, size) in left_out {
+    let mut hit = vec![];
+    for (name, (size, adds, limit)) in left_out {
+        if !hit.contains(&limit) {
+            hit.push(limit);
+        }
         if let Some(o) = outcomes.get_mut(&name) {
             o.included = false;
-            o.left_out = Some(format!(
-                "the gateway's connectors file would be {needed} bytes with every accepted \
-                 connector, over the {max_bytes}-byte limit (a ConfigMap holds at most \
-                 {CONFIGMAP_DATA_LIMIT} bytes); the oldest {kept} of {total} connectors are \
-                 served and this one ({size} bytes) is left out until older ones are removed"
-            ));
+            o.left_out = Some(match limit {
+                Limit::ConnectorsFile => format!(
+                    "the gateway's connectors file would be {needed} bytes with every accepted \
+                     connector, over the {max_bytes}-byte limit (a ConfigMap holds at most \
+                     {CONFIGMAP_DATA_LIMIT} bytes); the oldest {kept} of {total} connectors are \
+                     served and this one ({size} bytes) is left out until older ones are removed"
+                ),
+                Limit::Material => format!(
+                    "{MATERIAL_LEFT_OUT} would hold {needed_material} bytes of \
+                     certificates and keys with every accepted connector, over the \
+                     {max_material}-byte limit (a Secret holds at most {SECRET_DATA_LIMIT} \
+                     bytes); the oldest {kept} of {total} connectors are served and this one \
+                     ({adds} bytes of material) is left out until older ones are removed"
+                ),
+            });
         }
     }
+    hit.sort_by_key(|l| *l as u8);
+    hit
 }
 
 #[cfg(test)]
@@ -782,7 +871,7 @@ mod tests {
         assert_eq!(file.inbound.len(), 2);
         assert_eq!(file.outbound.len(), 1);
         // an empty set renders too
-        let empty = render(&[], &Objects::new(), now());
+        let empty = render::<PartnerConnector>(&[], &Objects::new(), now());
         assert_eq!(
             serde_json::from_slice::<gw::ConnectorsFile>(&empty.connectors_json).unwrap(),
             gw::ConnectorsFile::default()
@@ -1066,6 +1155,111 @@ mod tests {
         // deterministic whatever the input order
         pcs.reverse();
         assert_eq!(render_within(&pcs, &Objects::new(), now(), limit), r);
+    }
+
+    /// The TLS material Secret is bound by the API server's 1 MiB like the ConfigMap: 80
+    /// connectors with a 17 KiB trust bundle each (1.3 MiB) get the oldest served and the others
+    /// left out saying why, not a Secret the API server refuses (which left every later change
+    /// unserved). Written to compile against the render before the guard, to fail there.
+    #[test]
+    fn material_over_the_secret_limit_keeps_the_oldest_and_the_rest_say_why() {
+        let valid =
+            |cn: &str| self_signed(cn, now() - Duration::days(1), now() + Duration::days(365)).0;
+        let filler = valid("Filler CA").repeat(30);
+        let mut objects = Objects::new();
+        let mut pcs = vec![];
+        for i in 0..80 {
+            let name = format!("p{i:02}");
+            let secret = format!("{name}-ca");
+            let mut pc = inbound_cert(
+                "partners",
+                &name,
+                1,
+                &format!("mail.{name}.test"),
+                Some(&secret),
+            );
+            pc.spec.domains = vec![format!("{name}.test")];
+            crate::fixtures::created(&mut pc, 1_700_000_000 + i);
+            let bundle = format!("{}{filler}", valid(&format!("Partner {i} CA")));
+            objects.insert(
+                ObjectKey::secret("partners", &secret),
+                BTreeMap::from([("ca.crt".to_string(), bundle.into_bytes())]),
+            );
+            pcs.push(pc);
+        }
+        let r = render(&pcs, &objects, now());
+        let size: usize = r.material.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(
+            size <= 1024 * 1024,
+            "material of {size} bytes is over a Secret's 1 MiB"
+        );
+
+        let file: gw::ConnectorsFile = serde_json::from_slice(&r.connectors_json).unwrap();
+        let served: Vec<&str> = file.inbound.iter().map(|c| c.name.as_str()).collect();
+        assert!(served.len() >= 40 && served.len() < 80, "{served:?}");
+        // p00, p01, ... are the oldest: the first ones are served, every one with its file
+        for (i, (name, o)) in r.outcomes.iter().enumerate() {
+            if i < served.len() {
+                assert_eq!(served[i], name);
+                assert!(o.included && o.left_out.is_none(), "{name}");
+                let bundle = file.inbound[i]
+                    .certificate
+                    .as_ref()
+                    .unwrap()
+                    .trust_bundle_file
+                    .as_ref();
+                let bundle = bundle.unwrap().to_str().unwrap();
+                assert!(r.material.contains_key(bundle), "{name}: {bundle} missing");
+            } else {
+                assert_eq!(o.acceptance, Acceptance::Accepted, "{name}");
+                assert!(!o.included, "{name}");
+                let m = o.left_out.as_deref().unwrap_or_default();
+                assert!(m.contains("TLS material Secret"), "{name}: {m:?}");
+                assert!(m.contains("1048576 bytes"), "{m}");
+                assert!(
+                    m.contains(&format!("the oldest {} of 80", served.len())),
+                    "{m}"
+                );
+            }
+        }
+        // deterministic whatever the input order
+        pcs.reverse();
+        assert_eq!(render(&pcs, &objects, now()), r);
+    }
+
+    /// Both limits at once: each connector is kept only when it fits both, and over_limit
+    /// names the limits that left some out.
+    #[test]
+    fn over_limit_names_the_limits_that_left_connectors_out() {
+        let pcs = bench_connectors(5);
+        let r = render(&pcs, &Objects::new(), now());
+        assert!(r.over_limit.is_empty());
+        let r = render_within(&pcs, &Objects::new(), now(), r.connectors_json.len() - 10);
+        assert_eq!(r.over_limit, [Limit::ConnectorsFile]);
+        let (ca, _) = self_signed(
+            "Partner CA",
+            now() - Duration::days(1),
+            now() + Duration::days(365),
+        );
+        let pc = inbound_cert("mail", "contoso", 1, "mail.contoso.com", Some("contoso-ca"));
+        let objects = objects_with_ca("mail", "contoso-ca", "ca.crt", &ca);
+        let r = render_with_limits(
+            std::slice::from_ref(&pc),
+            &objects,
+            now(),
+            MAX_CONNECTORS_FILE_BYTES,
+            ca.len(),
+        );
+        assert_eq!(r.over_limit, [Limit::Material], "the key counts too");
+        assert!(r.material.is_empty());
+        let r = render_with_limits(
+            std::slice::from_ref(&pc),
+            &objects,
+            now(),
+            MAX_CONNECTORS_FILE_BYTES,
+            ca.len() + 20,
+        );
+        assert!(r.over_limit.is_empty() && r.outcomes["mail/contoso"].included);
     }
 
     #[test]

@@ -118,11 +118,14 @@ done
 PROG_S=$(since "$t0")
 GWN=$(curl -s "http://$GW_IP:$GW_ADMIN/status" | jq '.connectors | length')
 RSS_NC=$(rss)
+RSS_PEAK=$(awk '/^VmHWM:/ {print $2}' "/proc/$OP_PID/status" 2>/dev/null || echo 0)
+# the box is shared: the load average next to the figures says how busy it was
+LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 jq -cn --argjson secrets "$COUNT" --argjson before "$BEFORE" --argjson after "$AFTER" \
   --argjson secrets_s "$SECRETS_S" --argjson nc "$NC" --argjson prog "$PROG" \
   --argjson created_s "$CREATED_S" --argjson prog_s "$PROG_S" --argjson gwn "$GWN" \
-  --argjson rss_nc "$RSS_NC" --arg bin "$OP" \
+  --argjson rss_nc "$RSS_NC" --argjson rss_peak "${RSS_PEAK:-0}" --arg load "$LOAD" --arg bin "$OP" \
   '{mode: "operator", secrets: $secrets, rss_kib_before: $before, rss_kib_after: $after,
     secrets_create_s: $secrets_s, connectors: $nc, programmed: $prog, create_s: $created_s,
     all_programmed_s: $prog_s, gateway_connectors: $gwn, rss_kib_with_connectors: $rss_nc,
-    binary: $bin}'
+    rss_kib_peak: $rss_peak, loadavg: $load, binary: $bin}'

@@ -40,17 +40,23 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Client;
+use kube::ResourceExt;
 use kube::api::{Api, PartialObjectMeta};
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector::{self, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, Store, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
 use partnergate_crds::PartnerConnector;
 use tokio::sync::{Notify, watch};
 
 use crate::gateway::GatewaySnapshot;
 use crate::metrics::Metrics;
 use crate::render::{Outcome, RefKind};
+
+/// Reconciles at once. Most reconciles write nothing (the status is unchanged or the render
+/// has not seen the connector yet); the rest wait on the API server, which is what bounds how
+/// fast thousands of new connectors get their status, so more of them in flight than cores.
+const RECONCILE_CONCURRENCY: u16 = 64;
 
 /// Field manager of every write.
 pub const FIELD_MANAGER: &str = "partnergate-operator";
@@ -221,10 +227,21 @@ pub async fn run(
     let controllers: Vec<Controller<PartnerConnector>> = scopes
         .into_iter()
         .map(|api| {
-            Controller::new(api, watcher::Config::default().any_semantic()).with_config(
+            // The store keeps every connector for the life of the process: without their
+            // managedFields (what kube-rs recommends for memory), which nothing here reads and
+            // which are most of a small object's metadata once its status has been applied.
+            let (reader, writer) = reflector::store();
+            let stream = reflector(
+                writer,
+                watcher(api, watcher::Config::default().any_semantic()).modify(|pc| {
+                    pc.managed_fields_mut().clear();
+                }),
+            )
+            .applied_objects();
+            Controller::for_stream(stream, reader).with_config(
                 kube::runtime::controller::Config::default()
                     .debounce(Duration::from_millis(200))
-                    .concurrency(16),
+                    .concurrency(RECONCILE_CONCURRENCY),
             )
         })
         .collect();

@@ -9,10 +9,13 @@
 //!   woken and the connector looked at again in 2 s), nor before the first gateway poll (1 s):
 //!   a status is never written only to be taken back a moment later (e.g. NoGateways);
 //! - the status is written only when it differs from the live one, and Events about the status
-//!   (one ValidationFailed Warning per newly failing probe, then one per condition that changed
-//!   status or reason) only come with such a write;
-//! - a condition transition to True is Normal, to False a Warning, except Programmed=False/
-//!   Pending (and Ready following it), which is the normal path to Ready;
+//!   (one ValidationFailed Warning per newly failing probe, then at most one per condition that
+//!   changed status or reason) only come with such a write;
+//! - a condition transition to False is a Warning, except Programmed=False/Pending (and Ready
+//!   following it), the normal path to Ready, which gives no Event; a transition to True is a
+//!   Normal Event for Ready, and for another condition only when it was False with a
+//!   failure reason before (a recovery): the normal path of a new connector or generation is
+//!   one `Ready` Event, not one per condition;
 //! - CertificateExpiring is a Warning given once per connector uid and message, whatever the
 //!   status does;
 //! - an included connector that is not programmed yet is looked at again in 2 s, anything else
@@ -78,6 +81,25 @@ impl Plan {
     }
 }
 
+/// Whether a condition transition gives an Event, and of which type; `before` is the
+/// condition's (status, reason) before it, `None` when the status did not have it yet.
+///
+/// A failure is always a Warning. The normal path of a connector (conditions appearing True,
+/// Programmed=False/Pending while the gateways load it) is one Normal `Ready` Event when it
+/// becomes Ready: an Event per condition on that path told nothing the status does not, and at
+/// thousands of connectors those writes are most of the API server's work. A condition that
+/// comes back True after a failure is a Normal Event, the answer to its Warning.
+fn event_type(t: &conditions::Transition, before: Option<(&str, &str)>) -> Option<EventType> {
+    if t.reason == reason::PENDING {
+        return None;
+    }
+    if t.status != "True" {
+        return Some(EventType::Warning);
+    }
+    let recovered = before.is_some_and(|(status, r)| status != "True" && r != reason::PENDING);
+    (t.type_ == condition::READY || recovered).then_some(EventType::Normal)
+}
+
 /// The key under which an expiry warning is remembered in `warned`.
 pub fn warned_key(pc: &PartnerConnector, message: &str) -> String {
     format!(
@@ -128,11 +150,11 @@ pub fn plan(
             });
         }
         for t in conditions::transitions(old, &status) {
-            // Programmed=False/Pending is the normal path to Ready: not worth a Warning.
-            let type_ = if t.status == "True" || t.reason == reason::PENDING {
-                EventType::Normal
-            } else {
-                EventType::Warning
+            let before = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == t.type_));
+            let Some(type_) =
+                event_type(&t, before.map(|c| (c.status.as_str(), c.reason.as_str())))
+            else {
+                continue;
             };
             events.push(PlannedEvent {
                 type_,
@@ -350,12 +372,35 @@ mod tests {
                 ..Row::default()
             },
             Row {
-                contract: "a new connector gets its status and one Normal event per True condition",
+                contract: "a new connector gets its status and one Normal Ready event, not one \
+                           per condition (issue 17)",
+                gateways: Some(live()),
+                writes_status: true,
+                events: vec![(Normal, reason::READY, "Ready is True")],
+                ..Row::default()
+            },
+            Row {
+                contract: "a new connector the gateways have not loaded yet: status written, \
+                           no event (the normal path), 2 s",
+                gateways: Some(lagging()),
+                writes_status: true,
+                requeue: Some(REQUEUE_PROGRAMMING),
+                ..Row::default()
+            },
+            Row {
+                contract: "Pending then programmed: one Normal Ready event",
+                pc: written(fab(), &accepted(), &lagging()),
+                gateways: Some(live()),
+                writes_status: true,
+                events: vec![(Normal, reason::READY, "Ready is True")],
+                ..Row::default()
+            },
+            Row {
+                contract: "a condition back to True after a failure is a Normal event, with Ready",
+                pc: written(fab(), &accepted(), &gateways(vec![])),
                 gateways: Some(live()),
                 writes_status: true,
                 events: vec![
-                    (Normal, reason::ACCEPTED, "Accepted is True"),
-                    (Normal, reason::RESOLVED_REFS, "ResolvedRefs is True"),
                     (
                         Normal,
                         reason::PROGRAMMED,
@@ -372,18 +417,11 @@ mod tests {
                 ..Row::default()
             },
             Row {
-                contract: "Programmed=False/Pending is Normal, not Warning; included but not programmed: 2 s",
+                contract: "Programmed=False/Pending is no event, not a Warning; included but \
+                           not programmed: 2 s",
                 pc: written(fab(), &accepted(), &live()),
                 gateways: Some(lagging()),
                 writes_status: true,
-                events: vec![
-                    (
-                        Normal,
-                        reason::PENDING,
-                        "Programmed is False: generation 2 is live on 0 of 1",
-                    ),
-                    (Normal, reason::PENDING, "Ready is False"),
-                ],
                 requeue: Some(REQUEUE_PROGRAMMING),
                 ..Row::default()
             },
@@ -404,6 +442,18 @@ mod tests {
                 ..Row::default()
             },
             Row {
+                contract: "a Secret found again: ResolvedRefs and Ready events, Programmed \
+                           (Pending before) none",
+                pc: written(fab(), &not_found, &live()),
+                gateways: Some(live()),
+                writes_status: true,
+                events: vec![
+                    (Normal, reason::RESOLVED_REFS, "ResolvedRefs is True"),
+                    (Normal, reason::READY, "Ready is True"),
+                ],
+                ..Row::default()
+            },
+            Row {
                 contract: "a failing condition is a Warning; left out of the config: 300 s",
                 render: rendered(&fab(), not_found),
                 pc: written(fab(), &accepted(), &live()),
@@ -414,11 +464,6 @@ mod tests {
                         Warning,
                         reason::SECRET_NOT_FOUND,
                         "ResolvedRefs is False: Secret mail/ca not found",
-                    ),
-                    (
-                        Normal,
-                        reason::PENDING,
-                        "Programmed is False: not in the gateway config",
                     ),
                     (Warning, reason::SECRET_NOT_FOUND, "Ready is False"),
                 ],

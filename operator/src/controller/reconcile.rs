@@ -280,23 +280,48 @@ mod tests {
             .collect();
         assert_eq!(
             kinds,
-            [
-                ("Warning", "ValidationFailed"),
-                ("Normal", "Accepted"),
-                ("Normal", "ResolvedRefs"),
-                ("Normal", "Programmed"),
-                ("Normal", "Ready"),
-            ]
+            [("Warning", "ValidationFailed"), ("Normal", "Ready"),]
         );
         assert_eq!(
             events[0].2,
             "validation of next hop smtp.fabrikam.com:25 failed: certificate name mismatch"
         );
-        assert!(
-            events[3].2.starts_with("Programmed is True: generation 2"),
-            "{}",
-            events[3].2
-        );
+        assert!(events[1].2.starts_with("Ready is True"), "{}", events[1].2);
+        assert_eq!(action, Action::requeue(Duration::from_secs(300)));
+    }
+
+    /// `live(false)` but the pod still runs generation 1: generation 2 is not programmed yet.
+    fn lagging() -> GatewaySnapshot {
+        let mut snap = live(false);
+        if let Ok(s) = &mut snap.pods[0].status {
+            s.connectors[0].generation = 1;
+        }
+        snap
+    }
+
+    #[tokio::test]
+    async fn the_normal_path_of_a_new_connector_is_two_status_writes_and_one_event() {
+        // created, rendered, not loaded by the gateway yet: the status, no Event
+        let (action, calls) = reconcile_on_mock(&fab(), accepted(&[]), lagging()).await;
+        assert_eq!(calls.len(), 1, "{calls:?}");
+        assert_eq!(calls[0].path, STATUS_PATH);
+        let pending: PartnerConnectorStatus =
+            serde_json::from_value(calls[0].body["status"].clone()).unwrap();
+        assert_eq!(action, Action::requeue(Duration::from_secs(2)));
+
+        // the same state again: nothing at all
+        let mut pc = fab();
+        pc.status = Some(pending);
+        let (_, calls) = reconcile_on_mock(&pc, accepted(&[]), lagging()).await;
+        assert!(calls.is_empty(), "{calls:?}");
+
+        // loaded: the status and one Normal Ready Event
+        let (action, calls) = reconcile_on_mock(&pc, accepted(&[]), live(false)).await;
+        assert_eq!(calls.len(), 2, "{calls:?}");
+        assert_eq!(calls[0].path, STATUS_PATH);
+        let (type_, reason, note) = event(&calls[1]);
+        assert_eq!((type_.as_str(), reason.as_str()), ("Normal", "Ready"));
+        assert!(note.starts_with("Ready is True"), "{note}");
         assert_eq!(action, Action::requeue(Duration::from_secs(300)));
     }
 

@@ -41,9 +41,12 @@ impl References {
     pub(super) async fn read(
         &self,
         client: &Client,
-        connectors: &[PartnerConnector],
+        connectors: &[Arc<PartnerConnector>],
     ) -> Result<Objects, Error> {
-        let refs: HashSet<ObjectKey> = connectors.iter().flat_map(render::references).collect();
+        let refs: HashSet<ObjectKey> = connectors
+            .iter()
+            .flat_map(|pc| render::references(pc))
+            .collect();
         if let Ok(mut idx) = self.index.write() {
             idx.clone_from(&refs);
         }

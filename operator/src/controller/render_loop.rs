@@ -7,13 +7,16 @@
 //! - a burst of changes is one render (debounce); a full re-read of every referenced object at
 //!   least every `resync`;
 //! - the Secret (material) is applied before the ConfigMap that names its files, and the
-//!   material of the previous round is kept one more round, so a gateway never loads a config
-//!   whose files are missing;
+//!   material of the previous round is kept one more round (while both fit one Secret), so a
+//!   gateway never loads a config whose files are missing;
 //! - nothing is written when the live ConfigMap and Secret already carry the rendered hash;
 //! - outcomes are published even when the apply failed (Accepted/ResolvedRefs are still right
 //!   and Programmed will say the gateways don't have it), and a change of them triggers
 //!   "reconcile all" and a gateway poll;
-//! - connectors the render left out for room (ConfigTooLarge) are logged once per change.
+//! - connectors the render left out for room (ConfigTooLarge) are logged once per change,
+//!   naming the ConfigMap or the material Secret whose limit left them out;
+//! - the applied Secret never exceeds the API server's 1 MiB: the previous round's material is
+//!   kept only while it fits with this one.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -100,8 +103,7 @@ pub(super) async fn render_loop(ctx: Arc<Context>) {
 
 /// Renders, applies when needed, publishes. Ok(true) when something was written.
 async fn render_once(ctx: &Context) -> Result<bool, Error> {
-    let connectors: Vec<PartnerConnector> =
-        ctx.connectors().iter().map(|pc| (**pc).clone()).collect();
+    let connectors = ctx.connectors();
     let objects = ctx.references.read(&ctx.client, &connectors).await?;
 
     let rendered = render::render(&connectors, &objects, OffsetDateTime::now_utc());
@@ -122,7 +124,7 @@ async fn render_once(ctx: &Context) -> Result<bool, Error> {
     };
     let changed = {
         let prev = ctx.render_state();
-        warn_left_out(ctx, &prev.outcomes, &state.outcomes);
+        warn_left_out(ctx, &prev.outcomes, &state.outcomes, &rendered.over_limit);
         prev.hash != state.hash || prev.seen != state.seen || prev.outcomes != state.outcomes
     };
     if let Ok(mut g) = ctx.render_state.write() {
@@ -136,12 +138,14 @@ async fn render_once(ctx: &Context) -> Result<bool, Error> {
 }
 
 /// Says, once per change of the set, that connectors were left out because the connectors
-/// file would not fit its ConfigMap: the API server's 1 MiB limit is not a setting of ours, so
-/// the way out is fewer (or smaller) connectors.
+/// file would not fit its ConfigMap or the material its Secret, naming the object: the API
+/// server's 1 MiB limits are not settings of ours, so the way out is fewer (or smaller)
+/// connectors or certificates.
 fn warn_left_out(
     ctx: &Context,
     prev: &BTreeMap<String, render::Outcome>,
     now: &BTreeMap<String, render::Outcome>,
+    over_limit: &[render::Limit],
 ) {
     let left = |o: &BTreeMap<String, render::Outcome>| -> Vec<String> {
         o.iter()
@@ -153,20 +157,41 @@ fn warn_left_out(
     if before == after {
         return;
     }
-    if let Some(message) = after
-        .first()
-        .and_then(|k| now.get(k))
-        .and_then(|o| o.left_out.as_ref())
-    {
-        tracing::warn!(
-            left_out = after.len(),
-            configmap = %ctx.settings.connectors_configmap,
-            limit_bytes = render::MAX_CONNECTORS_FILE_BYTES,
-            first = %after[0],
-            %message,
-            "connectors left out of the gateway config: the connectors file would exceed the \
-             ConfigMap size limit (Programmed=False, reason ConfigTooLarge)"
-        );
+    let s = &ctx.settings;
+    if !after.is_empty() {
+        let first_of = |limit: render::Limit| {
+            after.iter().find_map(|k| {
+                let m = now.get(k)?.left_out.as_ref()?;
+                let material = m.starts_with(render::MATERIAL_LEFT_OUT);
+                (material == (limit == render::Limit::Material)).then_some((k.as_str(), m.as_str()))
+            })
+        };
+        for limit in over_limit {
+            let Some((first, message)) = first_of(*limit) else {
+                continue;
+            };
+            match limit {
+                render::Limit::ConnectorsFile => tracing::warn!(
+                    left_out = after.len(),
+                    configmap = %format!("{}/{}", s.gateway_namespace, s.connectors_configmap),
+                    limit_bytes = render::MAX_CONNECTORS_FILE_BYTES,
+                    first,
+                    message,
+                    "connectors left out of the gateway config: the connectors file would \
+                     exceed the ConfigMap size limit (Programmed=False, reason ConfigTooLarge)"
+                ),
+                render::Limit::Material => tracing::warn!(
+                    left_out = after.len(),
+                    secret = %format!("{}/{}", s.gateway_namespace, s.material_secret),
+                    limit_bytes = render::MAX_MATERIAL_BYTES,
+                    first,
+                    message,
+                    "connectors left out of the gateway config: their TLS material would exceed \
+                     the size limit of the material Secret (Programmed=False, reason \
+                     ConfigTooLarge)"
+                ),
+            }
+        }
     } else {
         tracing::info!(
             configmap = %ctx.settings.connectors_configmap,
@@ -193,14 +218,19 @@ async fn apply_rendered(ctx: &Context, rendered: &render::Rendered) -> Result<bo
     let s = &ctx.settings;
     let cms: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &s.gateway_namespace);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &s.gateway_namespace);
-    let live_cm = cms.get_opt(&s.connectors_configmap).await?;
+    // metadata only: the hash annotation is all that is compared, and the data is up to 1 MiB
+    let live_cm = cms.get_metadata_opt(&s.connectors_configmap).await?;
     let live_secret = secrets.get_metadata_opt(&s.material_secret).await?;
     let live_hash = |meta: Option<&ObjectMeta>| {
         meta.and_then(|m| m.annotations.as_ref())
             .and_then(|a| a.get(HASH_ANNOTATION))
             .cloned()
     };
-    let cm_hash = live_hash(live_cm.as_ref().map(|c| &c.metadata));
+    let cm_hash = live_hash(
+        live_cm
+            .as_ref()
+            .map(|m: &PartialObjectMeta<ConfigMap>| &m.metadata),
+    );
     let secret_hash = live_hash(
         live_secret
             .as_ref()
@@ -215,12 +245,24 @@ async fn apply_rendered(ctx: &Context, rendered: &render::Rendered) -> Result<bo
     }
 
     let annotations = BTreeMap::from([(HASH_ANNOTATION.to_string(), rendered.hash.clone())]);
-    let mut material = ctx
-        .previous_material
-        .lock()
-        .map(|p| p.clone())
-        .unwrap_or_default();
-    material.extend(rendered.material.clone());
+    let material = {
+        let previous = ctx
+            .previous_material
+            .lock()
+            .map(|p| p.clone())
+            .unwrap_or_default();
+        let (material, kept_previous) = material_to_apply(&previous, &rendered.material);
+        if !kept_previous {
+            tracing::warn!(
+                secret = %format!("{}/{}", s.gateway_namespace, s.material_secret),
+                limit_bytes = render::SECRET_DATA_LIMIT,
+                "the previous round's material does not fit the material Secret with this one: \
+                 applying this round's alone (a gateway still loading the previous config may \
+                 miss files and keep its current one until it loads this)"
+            );
+        }
+        material
+    };
     let secret = Secret {
         metadata: ObjectMeta {
             name: Some(s.material_secret.clone()),
@@ -269,4 +311,54 @@ async fn apply_rendered(ctx: &Context, rendered: &render::Rendered) -> Result<bo
     }
     tracing::info!(config_hash = %rendered.hash, configmap = %s.connectors_configmap, secret = %s.material_secret, "applied rendered gateway config");
     Ok(true)
+}
+
+/// The material to apply: this render's files plus the previous round's, so a gateway still
+/// loading the previous config finds its files, as long as the two fit one Secret; past the
+/// limit this render's alone (the render kept it within the limit). The flag says whether the
+/// previous round's files were kept.
+fn material_to_apply(
+    previous: &BTreeMap<String, Vec<u8>>,
+    current: &BTreeMap<String, Vec<u8>>,
+) -> (BTreeMap<String, Vec<u8>>, bool) {
+    let mut both = previous.clone();
+    both.extend(current.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if render::data_size(&both) <= render::SECRET_DATA_LIMIT {
+        (both, true)
+    } else {
+        (current.clone(), false)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn files(names: &[&str], size: usize) -> BTreeMap<String, Vec<u8>> {
+        names
+            .iter()
+            .map(|n| (n.to_string(), vec![b'x'; size]))
+            .collect()
+    }
+
+    #[test]
+    fn the_previous_material_is_kept_one_round_while_both_fit_one_secret() {
+        let previous = files(&["a.pem", "b.pem"], 1000);
+        let current = files(&["b.pem", "c.pem"], 1000);
+        let (m, kept) = material_to_apply(&previous, &current);
+        assert!(kept);
+        assert_eq!(m.keys().collect::<Vec<_>>(), ["a.pem", "b.pem", "c.pem"]);
+    }
+
+    #[test]
+    fn past_the_secret_limit_only_this_rounds_material_is_applied() {
+        // each half of the limit: together they would be refused by the API server
+        let half = render::SECRET_DATA_LIMIT / 2;
+        let previous = files(&["a.pem"], half);
+        let current = files(&["c.pem"], half);
+        let (m, kept) = material_to_apply(&previous, &current);
+        assert!(!kept);
+        assert_eq!(m, current);
+        assert!(render::data_size(&m) <= render::SECRET_DATA_LIMIT);
+    }
 }
