@@ -160,7 +160,21 @@ fn reload_poll_interval() -> Result<Duration, String> {
 }
 
 fn run(paths: ConfigPaths) -> ExitCode {
-    telemetry::init();
+    let log = match telemetry::init() {
+        Ok(guard) => guard,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = run_logged(paths);
+    // After the runtime is gone (every session ended or cut off): the log writer drains its
+    // queue, so the decision lines of the last messages before a SIGTERM reach stderr.
+    drop(log);
+    code
+}
+
+fn run_logged(paths: ConfigPaths) -> ExitCode {
     let reload_poll = match reload_poll_interval() {
         Ok(d) => d,
         Err(e) => {

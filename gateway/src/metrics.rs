@@ -5,7 +5,9 @@
 //! charts/partnergate/dashboards/) query these names; tests/chart/prometheus_e2e.py fails when
 //! they name one that is not registered here, so rename both together.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -69,6 +71,24 @@ pub struct SenderAuthLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabels {
     pub secret: String,
+}
+
+/// Log lines the non-blocking writer dropped ([`crate::telemetry::dropped_lines`]), read at
+/// scrape time: the count lives in the writer, not in a counter of ours.
+#[derive(Debug)]
+struct LogLinesDropped;
+
+impl Collector for LogLinesDropped {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counter = ConstCounter::new(crate::telemetry::dropped_lines());
+        let metric = encoder.encode_descriptor(
+            "partnergate_log_lines_dropped",
+            "Log lines dropped because stderr's reader fell behind (the log queue was full)",
+            None,
+            counter.metric_type(),
+        )?;
+        counter.encode(metric)
+    }
 }
 
 pub struct Metrics {
@@ -214,6 +234,7 @@ impl Metrics {
             "Sender authentication results (SPF, DKIM, DMARC) by connector, mechanism and result",
             sender_auth.clone(),
         );
+        registry.register_collector(Box::new(LogLinesDropped));
         // Every label set that can occur starts at 0, so `rate()`/`increase()` in alerts see a
         // series before the first flood rather than nothing.
         for class in ["general", "priority"] {
@@ -391,6 +412,8 @@ mod tests {
             "# TYPE partnergate_relay_duration_seconds histogram",
             "partnergate_sessions_shed_total{class=\"general\"} 1",
             "partnergate_connections_refused_total{rule=\"maxConnectionsPerIp\",class=\"general\"} 1",
+            "# TYPE partnergate_log_lines_dropped counter",
+            "partnergate_log_lines_dropped_total 0",
         ] {
             assert!(text.contains(name), "{name} missing in\n{text}");
         }

@@ -17,6 +17,7 @@ mod harness;
 mod hostile_corpus;
 mod inbound_rules;
 mod interop;
+mod logging;
 mod no_loss;
 mod open_relay;
 mod outbound_dane;

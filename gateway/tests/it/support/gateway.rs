@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -31,6 +31,8 @@ pub struct GatewaySpec {
     /// Seconds between the periodic config checks (`PARTNERGATE_RELOAD_POLL_SECS`); `None`
     /// keeps the gateway's default.
     pub reload_poll_secs: Option<u64>,
+    /// Lines the log queue holds (`PARTNERGATE_LOG_BUFFER_LINES`); `None` keeps the default.
+    pub log_buffer_lines: Option<usize>,
 }
 
 impl GatewaySpec {
@@ -41,6 +43,7 @@ impl GatewaySpec {
             kubelet_layout: false,
             upstream,
             reload_poll_secs: None,
+            log_buffer_lines: None,
         }
     }
 
@@ -52,6 +55,11 @@ impl GatewaySpec {
 
     pub fn fleet(mut self, patch: Value) -> GatewaySpec {
         super::merge_json(&mut self.fleet, &patch);
+        self
+    }
+
+    pub fn log_buffer_lines(mut self, lines: usize) -> GatewaySpec {
+        self.log_buffer_lines = Some(lines);
         self
     }
 
@@ -68,6 +76,8 @@ pub struct Gateway {
     dir: TempDir,
     child: Child,
     logs: Arc<Mutex<Vec<String>>>,
+    /// While true the test stops reading the gateway's output, as a stalled log collector.
+    logs_paused: Arc<(Mutex<bool>, Condvar)>,
     pub fleet_path: PathBuf,
     pub connectors_path: PathBuf,
     connectors_bytes: Vec<u8>,
@@ -172,18 +182,24 @@ impl Gateway {
         }
 
         let logs = Arc::new(Mutex::new(Vec::new()));
+        let logs_paused = Arc::new((Mutex::new(false), Condvar::new()));
         let env: Vec<(&'static str, String)> = spec
             .reload_poll_secs
             .map(|s| ("PARTNERGATE_RELOAD_POLL_SECS", s.to_string()))
             .into_iter()
+            .chain(
+                spec.log_buffer_lines
+                    .map(|n| ("PARTNERGATE_LOG_BUFFER_LINES", n.to_string())),
+            )
             .collect();
-        let child = spawn_gateway(&fleet_path, &connectors_path, &logs, &env);
+        let child = spawn_gateway(&fleet_path, &connectors_path, &logs, &logs_paused, &env);
         let mut gw = Gateway {
             smtp: SocketAddr::from((ip, port)),
             admin: SocketAddr::from((ip, admin_port)),
             dir,
             child,
             logs,
+            logs_paused,
             fleet_path,
             connectors_path,
             connectors_bytes: bytes,
@@ -208,6 +224,7 @@ impl Gateway {
             &self.fleet_path,
             &self.connectors_path,
             &self.logs,
+            &self.logs_paused,
             &self.env,
         );
         self.wait_ready();
@@ -249,6 +266,24 @@ impl Gateway {
     /// Everything the gateway printed so far (JSON log lines).
     pub fn logs(&self) -> Vec<String> {
         self.logs.lock().expect("lock").clone()
+    }
+
+    /// Stops reading the gateway's stdout and stderr (a stalled log collector): once the pipes
+    /// are full, its writes to them block.
+    pub fn pause_logs(&self) {
+        *self.logs_paused.0.lock().expect("lock") = true;
+    }
+
+    pub fn resume_logs(&self) {
+        *self.logs_paused.0.lock().expect("lock") = false;
+        self.logs_paused.1.notify_all();
+    }
+
+    /// Waits (guard: 60 s) for the process to exit.
+    pub fn wait_exit(&mut self) -> std::process::ExitStatus {
+        super::wait_for(Duration::from_secs(60), "the gateway to exit", || {
+            self.child.try_wait().ok().flatten()
+        })
     }
 
     /// Log lines containing every one of `needles`.
@@ -373,6 +408,7 @@ fn spawn_gateway(
     fleet: &Path,
     connectors: &Path,
     logs: &Arc<Mutex<Vec<String>>>,
+    paused: &Arc<(Mutex<bool>, Condvar)>,
     env: &[(&'static str, String)],
 ) -> Child {
     let mut child = Command::new(BIN)
@@ -393,10 +429,16 @@ fn spawn_gateway(
         Box::new(child.stderr.take().expect("stderr")),
     ] {
         let logs = logs.clone();
+        let paused = paused.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(pipe).lines() {
                 let Ok(line) = line else { break };
                 logs.lock().expect("lock").push(line);
+                let (flag, resumed) = &*paused;
+                let mut p = flag.lock().expect("lock");
+                while *p {
+                    p = resumed.wait(p).expect("lock");
+                }
             }
         });
     }
