@@ -12,6 +12,14 @@
 //! way as a bare LF: no final dot at the next hop. SPF that is evaluated but not required is
 //! looked up here, before 354 (see `session::mail`). DATA lines are borrowed from the read
 //! buffer, never copied; the header section is held once ([`HeaderBlock`]).
+//!
+//! Forwarding: the filter still judges every line, but consecutive forwarded lines of one read
+//! are one contiguous range of the read buffer, handed to the next hop in one write (a dropped
+//! line or the end of the read ends the range). The next hop receives exactly the bytes it got
+//! when each line was written on its own, however the client's bytes were split into reads
+//! (`tests::every_read_split_forwards_the_same_bytes`).
+
+use std::ops::Range;
 
 use std::time::Instant;
 
@@ -27,6 +35,21 @@ use crate::data::{Action, DataError, DataFilter};
 use crate::policy::{Route, SenderDecision, tls_str};
 use crate::relay::route_label;
 use crate::reply::{Reply, fixed};
+
+/// Adds the forwarded line at `line` (a range of the read buffer) to `run`, the forwarded bytes
+/// not yet written. Returns the previous run when the line does not follow it (a dropped line
+/// lies between): that run must be written first.
+fn join(run: &mut Range<usize>, line: Range<usize>) -> Option<Range<usize>> {
+    if (*run).is_empty() {
+        *run = line;
+        None
+    } else if run.end == line.start {
+        run.end = line.end;
+        None
+    } else {
+        Some(std::mem::replace(run, line))
+    }
+}
 
 /// Keeps only characters that are safe inside a Received: header comment.
 fn header_safe(s: &str) -> String {
@@ -299,6 +322,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let mut results: Option<MessageResults> = None;
         // A required check failed: nothing more goes to the next hop, which gets no final dot.
         let mut auth_refusal: Option<Refusal> = None;
+        // Forwarded lines of the current read not yet written (see the file's header).
+        let mut run: Range<usize> = 0..0;
         loop {
             let pending = &self.rbuf[self.rpos..];
             if let Some(i) = pending.iter().position(|b| *b == b'\n') {
@@ -313,6 +338,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     Action::Forward => {}
                 }
                 if let Some(mut block) = held.take() {
+                    debug_assert!(
+                        run.is_empty(),
+                        "nothing is forwarded while headers are held"
+                    );
                     let ends = was_headers && !filter.in_headers();
                     if !ends && block.push(line) {
                         held = Some(block);
@@ -330,7 +359,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         for piece in block.wire_pieces() {
                             transfer.write(piece).await;
                         }
-                        transfer.write(line).await;
+                        run = start..self.rpos;
                     }
                     if ends {
                         hashes = Some(BodyHashes::new(r.slots.iter().copied()));
@@ -346,8 +375,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     // The body as the next hop stores it: one leading dot removed.
                     h.write(line.strip_prefix(b".").unwrap_or(line));
                 }
-                transfer.write(line).await;
+                if let Some(before) = join(&mut run, start..self.rpos) {
+                    transfer.write(&self.rbuf[before]).await;
+                }
                 continue;
+            }
+            // The read buffer may move or be reused by the next read.
+            let done = std::mem::replace(&mut run, 0..0);
+            if !done.is_empty() {
+                transfer.write(&self.rbuf[done]).await;
             }
             if pending.len() > max_line {
                 // A trailing CR stays buffered: its LF may come with the next read, and the
@@ -367,6 +403,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 }
                 return Flow::Close;
             }
+        }
+        if filter.error.is_none() && !run.is_empty() {
+            transfer.write(&self.rbuf[run]).await;
         }
         let log_refusal = |this: &Self, rule: &str, reply: &Reply, auth: Option<&str>| {
             let d = Decision {
@@ -463,5 +502,318 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.log_decision(d, "message done");
         self.reply(&reply);
         Flow::Continue
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The DATA path against the line-at-a-time reference: one in-memory session per way of
+    //! splitting the client's bytes into reads, relaying to a recording next hop on loopback.
+
+    use std::collections::VecDeque;
+    use std::pin::Pin;
+    use std::sync::{Arc, Mutex};
+    use std::task::{Context, Poll};
+
+    use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
+    use tokio::sync::watch;
+
+    use super::super::{Session, SessionCtx};
+    use crate::data::{Action, DataFilter};
+    use crate::live_config::{ConfigPaths, LiveConfig, load};
+    use crate::metrics::Metrics;
+
+    /// The client: every read returns (at most) the next chunk, so the chunks are the
+    /// session's read boundaries; replies are kept.
+    struct Chunked {
+        chunks: VecDeque<Vec<u8>>,
+        replies: Arc<Mutex<Vec<u8>>>,
+    }
+
+    impl AsyncRead for Chunked {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(chunk) = self.chunks.front_mut() {
+                let n = chunk.len().min(buf.remaining());
+                buf.put_slice(&chunk[..n]);
+                chunk.drain(..n);
+                if chunk.is_empty() {
+                    self.chunks.pop_front();
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Chunked {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.replies.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// A next hop that accepts everything and records each message's DATA bytes (wire form,
+    /// without the final dot) once it is terminated.
+    async fn next_hop() -> (std::net::SocketAddr, Arc<Mutex<Vec<Vec<u8>>>>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let messages = got.clone();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                let messages = messages.clone();
+                tokio::spawn(async move {
+                    let (r, mut w) = s.into_split();
+                    let mut r = BufReader::new(r);
+                    let _ = w.write_all(b"220 hop\r\n").await;
+                    let mut line = Vec::new();
+                    loop {
+                        line.clear();
+                        if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        let reply: &[u8] = match &line[..4.min(line.len())] {
+                            b"EHLO" => b"250-hop\r\n250 8BITMIME\r\n",
+                            b"QUIT" => b"221 bye\r\n",
+                            b"DATA" => {
+                                let _ = w.write_all(b"354 go\r\n").await;
+                                let mut data = Vec::new();
+                                loop {
+                                    line.clear();
+                                    if r.read_until(b'\n', &mut line).await.unwrap_or(0) == 0 {
+                                        return;
+                                    }
+                                    if line == b".\r\n" {
+                                        break;
+                                    }
+                                    data.extend_from_slice(&line);
+                                }
+                                messages.lock().unwrap().push(data);
+                                b"250 2.0.0 queued\r\n"
+                            }
+                            _ => b"250 ok\r\n",
+                        };
+                        if w.write_all(reply).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        (addr, got)
+    }
+
+    fn config(dir: &std::path::Path, hop: std::net::SocketAddr) -> Arc<LiveConfig> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
+        let fleet = serde_json::json!({
+            "hostname": "gw.test",
+            "serverCertificate": {"certFile": "c.pem", "keyFile": "k.pem"},
+            "acceptedDomains": ["example.org"],
+            "upstream": {"host": hop.ip().to_string(), "port": hop.port(), "tls": "None"},
+        });
+        std::fs::write(dir.join("fleet.json"), fleet.to_string()).unwrap();
+        std::fs::write(dir.join("connectors.json"), "{}").unwrap();
+        Arc::new(
+            load(&ConfigPaths {
+                fleet: dir.join("fleet.json"),
+                connectors: dir.join("connectors.json"),
+            })
+            .unwrap(),
+        )
+    }
+
+    const PRELUDE: &[u8] =
+        b"EHLO c.test\r\nMAIL FROM:<a@b.org>\r\nRCPT TO:<x@example.org>\r\nDATA\r\n";
+
+    /// Runs one session whose DATA part (`data`: message, final dot, QUIT) arrives in reads
+    /// cut at `cuts` (offsets into `data`). Returns the first line of every reply and what
+    /// the next hop recorded in this session (`None`: nothing terminated).
+    async fn session(
+        rt: &Arc<LiveConfig>,
+        hop: &Arc<Mutex<Vec<Vec<u8>>>>,
+        data: &[u8],
+        cuts: &[usize],
+    ) -> (Vec<String>, Option<Vec<u8>>) {
+        let mut chunks = VecDeque::from([PRELUDE.to_vec()]);
+        let mut at = 0;
+        for &c in cuts.iter().chain([&data.len()]) {
+            if c > at {
+                chunks.push_back(data[at..c].to_vec());
+                at = c;
+            }
+        }
+        let replies = Arc::new(Mutex::new(Vec::new()));
+        let client = Chunked {
+            chunks,
+            replies: replies.clone(),
+        };
+        let (_tx, deadline) = watch::channel(false);
+        let ctx = SessionCtx {
+            config: rt.clone(),
+            metrics: Arc::new(Metrics::new()),
+            deadline,
+            client_ip: "192.0.2.1".parse().unwrap(),
+            admission: crate::admission::Ticket::detached(),
+        };
+        let before = hop.lock().unwrap().len();
+        Session::new(client, ctx).run().await;
+        let recorded = hop.lock().unwrap();
+        assert!(recorded.len() <= before + 1);
+        let relayed = recorded.get(before).cloned();
+        let text = String::from_utf8_lossy(&replies.lock().unwrap()).into_owned();
+        let firsts = text
+            .lines()
+            .filter(|l| l.as_bytes().get(3) != Some(&b'-'))
+            .map(|l| l[..l.len().min(9)].to_string())
+            .collect();
+        (firsts, relayed)
+    }
+
+    /// The reference: the filter fed the whole message one line at a time, each forwarded
+    /// line appended on its own (what the DATA path did before lines were forwarded in runs).
+    fn line_at_a_time(rt: &LiveConfig, message: &[u8]) -> Vec<u8> {
+        let l = &rt.fleet.limits;
+        let mut f =
+            DataFilter::new(l.max_message_size, l.max_text_line).with_authserv_id("gw.test");
+        let mut out = Vec::new();
+        for line in message.split_inclusive(|b| *b == b'\n') {
+            match f.push_line(line) {
+                Action::Forward => out.extend_from_slice(line),
+                Action::Drop => {}
+                Action::End => return out,
+            }
+        }
+        panic!("the message has no final dot");
+    }
+
+    /// What the next hop got after our own trace headers (Received, X-Partnergate-Connector).
+    fn after_trace_headers(relayed: &[u8]) -> &[u8] {
+        let ours = b"X-Partnergate-Connector: ";
+        let at = relayed
+            .windows(ours.len())
+            .position(|w| w == ours)
+            .expect("our connector header");
+        let end = at + relayed[at..].iter().position(|b| *b == b'\n').unwrap() + 1;
+        &relayed[end..]
+    }
+
+    /// A small PRNG (xorshift) so the random splits are the same on every run.
+    fn cuts(seed: &mut u64, len: usize) -> Vec<usize> {
+        let mut next = || {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            *seed
+        };
+        let n = next() % 24;
+        let mut v: Vec<usize> = (0..n).map(|_| (next() % len as u64) as usize).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[tokio::test]
+    async fn every_read_split_forwards_the_same_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, hop) = next_hop().await;
+        let rt = config(dir.path(), addr);
+        // Lines the filter drops in the middle of forwarded ones (our header and its
+        // continuation, an Authentication-Results claiming our authserv-id, dot-stuffed
+        // spellings of both), dot-stuffed body lines, a line close to the limit, empty lines.
+        let mut message = b"Subject: runs\r\nX-Partnergate-Connector: forged\r\n\tcontinued\r\nFrom: a@b.org\r\nAuthentication-Results: gw.test; dkim=pass\r\n.X-Partnergate-Connector: dotted\r\nTo: x@example.org\r\n\r\n..leading dot\r\n..\r\n\r\nX-Partnergate-Connector: in the body stays\r\n".to_vec();
+        message.extend_from_slice(&[b'x'; 990]);
+        message.extend_from_slice(b"\r\n.. \r\nend\r\n.\r\n");
+        let reference = line_at_a_time(&rt, &message);
+        let mut data = message.clone();
+        data.extend_from_slice(b"QUIT\r\n");
+        let want = [
+            "220 gw.te",
+            "250 START",
+            "250 2.1.0",
+            "250 2.1.5",
+            "354 Start",
+            "250 2.0.0",
+            "221 2.0.0",
+        ];
+        let check = |cuts: &[usize], replies: Vec<String>, relayed: Option<Vec<u8>>| {
+            assert_eq!(replies, want, "cuts {cuts:?}");
+            let relayed = relayed.unwrap_or_else(|| panic!("cuts {cuts:?}: nothing relayed"));
+            let got = after_trace_headers(&relayed);
+            assert!(
+                got == reference.as_slice(),
+                "cuts {cuts:?}: the next hop got\n{}\ninstead of\n{}",
+                String::from_utf8_lossy(got),
+                String::from_utf8_lossy(&reference)
+            );
+        };
+        // Every single read boundary, then seeded random sets of up to 23 boundaries.
+        for cut in 0..data.len() {
+            let (replies, relayed) = session(&rt, &hop, &data, &[cut]).await;
+            check(&[cut], replies, relayed);
+        }
+        let mut seed = 0x5eed_0017_u64;
+        for _ in 0..300 {
+            let c = cuts(&mut seed, data.len());
+            let (replies, relayed) = session(&rt, &hop, &data, &c).await;
+            check(&c, replies, relayed);
+        }
+    }
+
+    #[tokio::test]
+    async fn refused_messages_are_refused_and_never_terminated_for_every_split() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, hop) = next_hop().await;
+        let rt = config(dir.path(), addr);
+        let long = [
+            b"Subject: long\r\n\r\n".as_slice(),
+            &[b'y'; 1500],
+            b"\r\n.\r\n",
+        ]
+        .concat();
+        for (message, code) in [
+            (
+                &b"Subject: bare\r\n\r\nok\r\nbare\nlf\r\nmore\r\n.\r\n"[..],
+                "550 5.6.1",
+            ),
+            (&b"Subject: cr\r\n\r\nbare\rcr\r\n.\r\n"[..], "550 5.6.1"),
+            (long.as_slice(), "552 5.3.4"),
+        ] {
+            let mut data = message.to_vec();
+            data.extend_from_slice(b"QUIT\r\n");
+            let mut seed = 0x0dd5_eed5_u64;
+            let mut all: Vec<Vec<usize>> = (0..data.len().min(200)).map(|c| vec![c]).collect();
+            all.extend((0..100).map(|_| cuts(&mut seed, data.len())));
+            for c in all {
+                let (replies, relayed) = session(&rt, &hop, &data, &c).await;
+                assert_eq!(
+                    replies.get(5).map(String::as_str),
+                    Some(code),
+                    "cuts {c:?}: {replies:?}"
+                );
+                assert_eq!(replies.last().map(String::as_str), Some("221 2.0.0"));
+                assert!(
+                    relayed.is_none(),
+                    "cuts {c:?}: a refused message was terminated"
+                );
+            }
+        }
     }
 }
