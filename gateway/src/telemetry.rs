@@ -10,10 +10,12 @@
 //!   `partnergate_log_lines_dropped_total`);
 //! - [`LogGuard`] lives as long as the process serves; dropping it drains the queue to stderr
 //!   (bounded by tracing-appender: about a second), so the lines of the last messages before a
-//!   SIGTERM are written before the process exits.
+//!   SIGTERM are written before the process exits;
+//! - the writer thread writes in batches (one `write` per batch, a 1 ms rest between batches).
 
 use std::io::Write;
 use std::sync::OnceLock;
+use std::time::Duration;
 
 use tracing_appender::non_blocking::{ErrorCounter, NonBlocking, NonBlockingBuilder, WorkerGuard};
 use tracing_subscriber::EnvFilter;
@@ -27,6 +29,31 @@ pub const BUFFER_LINES_ENV: &str = "PARTNERGATE_LOG_BUFFER_LINES";
 /// The writer thread flushes stderr after each batch it drains, so under load many lines share
 /// one write syscall and an idle gateway's line is written at once.
 const WRITE_BUFFER: usize = 64 * 1024;
+
+/// How long the writer thread rests after each batch (see [`Batched`]).
+const BATCH_PAUSE: Duration = Duration::from_millis(1);
+
+/// stderr as the writer thread sees it: buffered, and after each flush (the end of a batch) the
+/// thread rests for [`BATCH_PAUSE`]. Without the rest it drained the queue line by line under
+/// load: every line woke it (a futex wake from the session and a context switch), which cost
+/// more than the synchronous write it replaced. Resting, it finds the lines of the last
+/// millisecond waiting and writes them at once; sessions find it busy and need not wake it. A
+/// line waits at most about that millisecond longer.
+struct Batched<W: Write> {
+    out: std::io::BufWriter<W>,
+}
+
+impl<W: Write> Write for Batched<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.out.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let r = self.out.flush();
+        std::thread::sleep(BATCH_PAUSE);
+        r
+    }
+}
 
 static DROPPED: OnceLock<ErrorCounter> = OnceLock::new();
 
@@ -70,10 +97,10 @@ pub fn init() -> Result<LogGuard, String> {
     let lines = buffer_lines()?;
     let filter =
         EnvFilter::try_from_env("PARTNERGATE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, worker) = non_blocking(
-        std::io::BufWriter::with_capacity(WRITE_BUFFER, std::io::stderr()),
-        lines,
-    );
+    let out = Batched {
+        out: std::io::BufWriter::with_capacity(WRITE_BUFFER, std::io::stderr()),
+    };
+    let (writer, worker) = non_blocking(out, lines);
     let counter = writer.error_counter();
     let installed = tracing_subscriber::fmt()
         .json()
