@@ -37,11 +37,15 @@ impl Net {
             let net = Net { a, b };
             match TcpListener::bind((net.ip(CLAIM_HOST), CLAIM_PORT)) {
                 Ok(claim) => {
-                    CLAIMS.lock().expect("claims lock").push(claim);
+                    CLAIMS.lock().unwrap_or_else(|e| e.into_inner()).push(claim);
                     return net;
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && n < 50_000 => continue,
-                Err(e) => panic!("claim the address block {}: {e}", net.cidr()),
+                Err(e) => panic!(
+                    "claim the address block {} on port {CLAIM_PORT}: {e} (every block was \
+                     taken: does something listen on *:{CLAIM_PORT}?)",
+                    net.cidr()
+                ),
             }
         }
     }
@@ -75,7 +79,8 @@ impl Net {
 /// both its SMTP and admin listeners failed "address already in use".
 pub fn free_port(ip: Ipv4Addr) -> u16 {
     static GIVEN: Mutex<Vec<(Ipv4Addr, u16)>> = Mutex::new(Vec::new());
-    let mut given = GIVEN.lock().expect("ports lock");
+    // A panic elsewhere while holding it must not hide the real cause behind a poisoned lock.
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
     // Hold every candidate until one is new, so the kernel cannot offer the same one again.
     let mut held = Vec::new();
     loop {
