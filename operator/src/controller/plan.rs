@@ -12,7 +12,8 @@
 //!   (one ValidationFailed Warning per newly failing probe, then at most one per condition that
 //!   changed status or reason) only come with such a write;
 //! - a condition transition to False is a Warning, except Programmed=False/Pending (and Ready
-//!   following it), the normal path to Ready, which gives no Event; a transition to True is a
+//!   following it) on the normal path to Ready, which gives no Event — Pending after True at
+//!   the same generation is a regression and a Warning; a transition to True is a
 //!   Normal Event for Ready, and for another condition only when it was False with a
 //!   failure reason before (a recovery): the normal path of a new connector or generation is
 //!   one `Ready` Event, not one per condition;
@@ -82,16 +83,25 @@ impl Plan {
 }
 
 /// Whether a condition transition gives an Event, and of which type; `before` is the
-/// condition's (status, reason) before it, `None` when the status did not have it yet.
+/// condition's (status, reason) before it, `None` when the status did not have it yet, and
+/// `same_generation` says the old status was computed from the generation this one is and no
+/// condition other than Programmed and Ready is failing.
 ///
 /// A failure is always a Warning. The normal path of a connector (conditions appearing True,
 /// Programmed=False/Pending while the gateways load it) is one Normal `Ready` Event when it
 /// becomes Ready: an Event per condition on that path told nothing the status does not, and at
-/// thousands of connectors those writes are most of the API server's work. A condition that
-/// comes back True after a failure is a Normal Event, the answer to its Warning.
-fn event_type(t: &conditions::Transition, before: Option<(&str, &str)>) -> Option<EventType> {
+/// thousands of connectors those writes are most of the API server's work. Pending after True
+/// at the same generation is not that path but a regression (a gateway pod stopped serving
+/// what it served: a failed reload, a pod running an older config), so it is a Warning. A
+/// condition that comes back True after a failure is a Normal Event, the answer to its Warning.
+fn event_type(
+    t: &conditions::Transition,
+    before: Option<(&str, &str)>,
+    same_generation: bool,
+) -> Option<EventType> {
     if t.reason == reason::PENDING {
-        return None;
+        let was_true = before.is_some_and(|(status, _)| status == "True");
+        return (was_true && same_generation).then_some(EventType::Warning);
     }
     if t.status != "True" {
         return Some(EventType::Warning);
@@ -151,9 +161,21 @@ pub fn plan(
         }
         for t in conditions::transitions(old, &status) {
             let before = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == t.type_));
-            let Some(type_) =
-                event_type(&t, before.map(|c| (c.status.as_str(), c.reason.as_str())))
-            else {
+            // Pending is a regression of its own only when nothing else failed: a connector
+            // left out of the config for a failing condition has that condition's Warning.
+            let same_generation = old.is_some_and(|o| {
+                o.observed_generation.is_some()
+                    && o.observed_generation == status.observed_generation
+            }) && status.conditions.iter().all(|c| {
+                c.status == "True"
+                    || c.type_ == condition::PROGRAMMED
+                    || c.type_ == condition::READY
+            });
+            let Some(type_) = event_type(
+                &t,
+                before.map(|c| (c.status.as_str(), c.reason.as_str())),
+                same_generation,
+            ) else {
                 continue;
             };
             events.push(PlannedEvent {
@@ -417,9 +439,30 @@ mod tests {
                 ..Row::default()
             },
             Row {
-                contract: "Programmed=False/Pending is no event, not a Warning; included but \
-                           not programmed: 2 s",
+                contract: "Programmed True then Pending at the same generation (a gateway pod \
+                           stopped serving it) is a Warning, Ready too; not programmed: 2 s",
                 pc: written(fab(), &accepted(), &live()),
+                gateways: Some(lagging()),
+                writes_status: true,
+                events: vec![
+                    (
+                        Warning,
+                        reason::PENDING,
+                        "Programmed is False: generation 2 is live on 0 of 1",
+                    ),
+                    (Warning, reason::PENDING, "Ready is False"),
+                ],
+                requeue: Some(REQUEUE_PROGRAMMING),
+                ..Row::default()
+            },
+            Row {
+                contract: "a new generation not loaded yet (Pending after True at the old \
+                           generation) is the normal path: no event; 2 s",
+                pc: {
+                    let mut pc = fab();
+                    pc.status = written(fab_generation(1), &accepted(), &lagging()).status;
+                    pc
+                },
                 gateways: Some(lagging()),
                 writes_status: true,
                 requeue: Some(REQUEUE_PROGRAMMING),
