@@ -23,8 +23,13 @@ use tracing_subscriber::EnvFilter;
 /// Lines the queue holds before new ones are dropped; see docs/operations.md ("Logs").
 pub const DEFAULT_BUFFER_LINES: usize = 32 * 1024;
 
-/// Overrides [`DEFAULT_BUFFER_LINES`] (whole number ≥ 1).
+/// Overrides [`DEFAULT_BUFFER_LINES`] (whole number from 1 to [`MAX_BUFFER_LINES`]).
 pub const BUFFER_LINES_ENV: &str = "PARTNERGATE_LOG_BUFFER_LINES";
+
+/// The queue's slots are allocated up front (about 32 bytes each, the lines themselves only
+/// while queued): 1 Mi lines is 32 MiB before the first line, and a larger value is refused
+/// at start rather than taking the node's memory (or panicking in the channel).
+pub const MAX_BUFFER_LINES: usize = 1024 * 1024;
 
 /// The writer thread flushes stderr after each batch it drains, so under load many lines share
 /// one write syscall and an idle gateway's line is written at once.
@@ -80,12 +85,16 @@ fn non_blocking<W: Write + Send + 'static>(out: W, lines: usize) -> (NonBlocking
 }
 
 fn buffer_lines() -> Result<usize, String> {
-    match std::env::var_os(BUFFER_LINES_ENV) {
+    parse_buffer_lines(std::env::var_os(BUFFER_LINES_ENV))
+}
+
+fn parse_buffer_lines(value: Option<std::ffi::OsString>) -> Result<usize, String> {
+    match value {
         None => Ok(DEFAULT_BUFFER_LINES),
         Some(v) => match v.to_str().map(str::parse::<usize>) {
-            Some(Ok(n)) if n >= 1 => Ok(n),
+            Some(Ok(n)) if (1..=MAX_BUFFER_LINES).contains(&n) => Ok(n),
             _ => Err(format!(
-                "{BUFFER_LINES_ENV}: expected a whole number >= 1, got {v:?}"
+                "{BUFFER_LINES_ENV}: expected a whole number from 1 to {MAX_BUFFER_LINES}, got {v:?}"
             )),
         },
     }
@@ -123,6 +132,30 @@ pub fn init() -> Result<LogGuard, String> {
 #[cfg(test)]
 mod tests {
     use std::io::Write;
+
+    #[test]
+    fn buffer_lines_are_bounded_both_ways() {
+        let parse = |v: &str| super::parse_buffer_lines(Some(v.into()));
+        assert_eq!(
+            super::parse_buffer_lines(None),
+            Ok(super::DEFAULT_BUFFER_LINES)
+        );
+        assert_eq!(parse("1"), Ok(1));
+        assert_eq!(parse("1048576"), Ok(super::MAX_BUFFER_LINES));
+        // Over the bound: refused by name, not a 32 GB allocation or a panic in the channel.
+        for bad in [
+            "0",
+            "1048577",
+            "1000000000",
+            "18446744073709551615",
+            "-1",
+            "1e3",
+            "",
+        ] {
+            let e = parse(bad).expect_err(bad);
+            assert!(e.contains("PARTNERGATE_LOG_BUFFER_LINES"), "{e}");
+        }
+    }
     use std::sync::mpsc;
     use std::sync::{Arc, Mutex};
 

@@ -67,7 +67,8 @@ def check(cond, msg):
 # --- 1. registrations ------------------------------------------------------------------------
 
 def registrations(src, prefix=""):
-    """{family: type} from `registry.register("name", "help", field.clone())` and field types."""
+    """{family: type} from `registry.register("name", "help", field.clone())` and field types,
+    and from collectors' `encode_descriptor("name", …)` of a ConstCounter/ConstGauge."""
     text = src.read_text()
     types = {}
     for field, ty in re.findall(r"pub (\w+): (?:Family<\w+, )?(Counter|Gauge|Histogram)\b", text):
@@ -76,6 +77,10 @@ def registrations(src, prefix=""):
     for name, field in re.findall(r'register\(\s*"([a-z0-9_]+)",\s*"[^"]*",\s*(\w+)\.clone\(\)', text, re.S):
         check(field in types, f"{src}: cannot tell the type of {field} (registered as {name})")
         fams[prefix + name] = types[field]
+    # Collectors registered with `register_collector` encode their own descriptor (e.g. the
+    # log writer's dropped-lines count, read at scrape time).
+    for ty, name in re.findall(r'Const(Counter|Gauge)::new\(.*?encode_descriptor\(\s*"([a-z0-9_]+)"', text, re.S):
+        fams[name] = ty.lower()
     check(fams, f"{src}: no registrations found")
     return fams
 
