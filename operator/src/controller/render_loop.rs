@@ -166,13 +166,27 @@ fn warn_left_out(
                 (material == (limit == render::Limit::Material)).then_some((k.as_str(), m.as_str()))
             })
         };
+        // Each line counts the connectors its own limit left out.
+        let left_out_by = |limit: render::Limit| {
+            after
+                .iter()
+                .filter(|k| {
+                    now.get(*k)
+                        .and_then(|o| o.left_out.as_ref())
+                        .is_some_and(|m| {
+                            m.starts_with(render::MATERIAL_LEFT_OUT)
+                                == (limit == render::Limit::Material)
+                        })
+                })
+                .count()
+        };
         for limit in over_limit {
             let Some((first, message)) = first_of(*limit) else {
                 continue;
             };
             match limit {
                 render::Limit::ConnectorsFile => tracing::warn!(
-                    left_out = after.len(),
+                    left_out = left_out_by(render::Limit::ConnectorsFile),
                     configmap = %format!("{}/{}", s.gateway_namespace, s.connectors_configmap),
                     limit_bytes = render::MAX_CONNECTORS_FILE_BYTES,
                     first,
@@ -181,7 +195,7 @@ fn warn_left_out(
                      exceed the ConfigMap size limit (Programmed=False, reason ConfigTooLarge)"
                 ),
                 render::Limit::Material => tracing::warn!(
-                    left_out = after.len(),
+                    left_out = left_out_by(render::Limit::Material),
                     secret = %format!("{}/{}", s.gateway_namespace, s.material_secret),
                     limit_bytes = render::MAX_MATERIAL_BYTES,
                     first,
@@ -194,8 +208,9 @@ fn warn_left_out(
         }
     } else {
         tracing::info!(
-            configmap = %ctx.settings.connectors_configmap,
-            "every accepted connector fits the connectors file again"
+            configmap = %format!("{}/{}", s.gateway_namespace, s.connectors_configmap),
+            secret = %format!("{}/{}", s.gateway_namespace, s.material_secret),
+            "every accepted connector fits the connectors file and the material Secret again"
         );
     }
 }
