@@ -65,6 +65,8 @@ fn split_esc(text: &str) -> (Option<[u16; 3]>, &str) {
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Capabilities {
+    /// RFC 2920: MAIL and the first RCPT of a transaction go out in one write.
+    pub pipelining: bool,
     pub starttls: bool,
     pub size: bool,
     pub eightbit: bool,
@@ -459,6 +461,7 @@ impl HopConnection {
                 .unwrap_or("")
                 .to_ascii_uppercase();
             match kw.as_str() {
+                "PIPELINING" => caps.pipelining = true,
                 "STARTTLS" => caps.starttls = true,
                 "SIZE" => caps.size = true,
                 "8BITMIME" => caps.eightbit = true,
@@ -469,6 +472,11 @@ impl HopConnection {
         }
         self.caps = caps;
         Ok(())
+    }
+
+    /// Queues a command to go out with the next [`HopConnection::send`] or flush (RFC 2920).
+    pub fn queue(&mut self, bytes: &[u8]) {
+        self.wbuf.extend_from_slice(bytes);
     }
 
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {

@@ -102,8 +102,47 @@ enum Answer {
 
 /// Sends one command: `2xx` means go on for MAIL and RCPT, only `354` for DATA.
 async fn exchange(hop: &mut HopConnection, label: &str, cmd: &str, what: &str) -> Answer {
+    let reply = hop.command(cmd).await;
+    answer(reply, label, what)
+}
+
+/// MAIL, then the first RCPT on the same connection: in one write when the next hop offers
+/// PIPELINING (RFC 2920; the client's RCPT is answered with the next hop's RCPT reply, so only
+/// MAIL can go ahead of it), one after the other otherwise. `Ok` is the RCPT's answer, MAIL
+/// having been accepted; `Err` is MAIL's answer when it was not. A pipelined RCPT's reply is
+/// then read and dropped (the next hop refuses it for want of MAIL), so the connection stays in
+/// step for the caller's QUIT.
+async fn mail_then_rcpt(
+    hop: &mut HopConnection,
+    label: &str,
+    mail: &str,
+    rcpt: &str,
+) -> Result<Answer, Answer> {
+    if !hop.caps.pipelining {
+        return match exchange(hop, label, mail, "MAIL").await {
+            Answer::Accepted(_) => Ok(exchange(hop, label, rcpt, "RCPT").await),
+            other => Err(other),
+        };
+    }
+    hop.queue(mail.as_bytes());
+    let m = match hop.send(rcpt.as_bytes()).await {
+        Ok(()) => answer(hop.read_reply().await, label, "MAIL"),
+        Err(e) => answer(Err(e), label, "MAIL"),
+    };
+    match m {
+        Answer::Accepted(_) => Ok(answer(hop.read_reply().await, label, "RCPT")),
+        Answer::Refused(_) => {
+            let _ = hop.read_reply().await;
+            Err(m)
+        }
+        Answer::Protocol(_) | Answer::Lost(_) => Err(m),
+    }
+}
+
+/// A next hop's reply (or the failure to get one) as an [`Answer`] to `what`.
+fn answer(reply: std::io::Result<HopReply>, label: &str, what: &str) -> Answer {
     let data = what == "DATA";
-    match hop.command(cmd).await {
+    match reply {
         Ok(r) if !data && (200..300).contains(&r.code) => Answer::Accepted(r),
         Ok(r) if data && r.code == 354 => Answer::Accepted(r),
         // 421: the next hop is closing the connection. Passed on as 421 it would make the
@@ -318,6 +357,8 @@ impl RelayTransaction {
             // would drop the accepted recipients.
             return fixed::ROUTE_SPLIT;
         }
+        // The first recipient of a connection goes with its MAIL (pipelined when offered).
+        let mut first = None;
         if self.held.as_ref().is_none_or(|(r, _)| r != route) {
             // The pooled connection for this route is taken first, so parking a released one
             // cannot evict it. A held connection of another route exists only while unpinned
@@ -326,15 +367,22 @@ impl RelayTransaction {
             if let Some((held_route, hop)) = self.held.take() {
                 release(held_route, hop, pool).await;
             }
-            match self.open_with_mail(rt, pooled, route, &label).await {
-                Ok(hop) => self.held = Some((route.clone(), hop)),
+            match self.open_with_mail(rt, pooled, route, &label, rcpt).await {
+                Ok((hop, answer)) => {
+                    self.held = Some((route.clone(), hop));
+                    first = Some(answer);
+                }
                 Err(reply) => return reply,
             }
         }
         let Some((_, hop)) = self.held.as_mut() else {
             return unreachable(&label, "internal state error");
         };
-        let lost = match exchange(hop, &label, &rcpt_command(rcpt), "RCPT").await {
+        let answer = match first {
+            Some(a) => a,
+            None => exchange(hop, &label, &rcpt_command(rcpt), "RCPT").await,
+        };
+        let lost = match answer {
             Answer::Accepted(r) => return self.accept(route, rcpt, &r),
             Answer::Refused(r) => return r.mirror([1, 5]),
             Answer::Protocol(reply) | Answer::Lost(reply) => reply,
@@ -377,15 +425,17 @@ impl RelayTransaction {
         }
     }
 
-    /// A connection for `route` with MAIL accepted: the pooled one if it is for this route
-    /// (replaced once by a fresh one if it turns out dead), else a fresh one.
+    /// A connection for `route` with MAIL accepted and `rcpt` sent, with the next hop's answer
+    /// to it: the pooled one if it is for this route (replaced once by a fresh one if it turns
+    /// out dead at MAIL), else a fresh one.
     async fn open_with_mail(
         &self,
         rt: &LiveConfig,
         pooled: Option<HopConnection>,
         route: &Route,
         label: &str,
-    ) -> Result<HopConnection, Reply> {
+        rcpt: &str,
+    ) -> Result<(HopConnection, Answer), Reply> {
         // A pooled connection that cannot carry a REQUIRETLS message is closed; a fresh one
         // may reach another host that can.
         let pooled = match pooled {
@@ -395,19 +445,20 @@ impl RelayTransaction {
             }
             other => other,
         };
+        let rcpt = rcpt_command(rcpt);
         if let Some(mut hop) = pooled {
             let mail = mail_command(&self.envelope, &hop);
-            match exchange(&mut hop, label, &mail, "MAIL").await {
-                Answer::Accepted(_) => return Ok(hop),
-                Answer::Refused(r) => {
+            match mail_then_rcpt(&mut hop, label, &mail, &rcpt).await {
+                Ok(answer) => return Ok((hop, answer)),
+                Err(Answer::Refused(r)) => {
                     hop.quit().await;
                     return Err(r.mirror([1, 0]));
                 }
-                Answer::Protocol(reply) => {
+                Err(Answer::Protocol(reply)) => {
                     hop.abort();
                     return Err(reply);
                 }
-                Answer::Lost(_) => {
+                Err(Answer::Lost(_) | Answer::Accepted(_)) => {
                     // Closed while idle (timeout, restart, 421): replaced once, unnoticed.
                     tracing::debug!(next_hop = %label, "pooled connection found dead; opening a new one");
                     hop.abort();
@@ -425,20 +476,24 @@ impl RelayTransaction {
             }
         };
         let mail = mail_command(&self.envelope, &hop);
-        match exchange(&mut hop, label, &mail, "MAIL").await {
-            Answer::Accepted(_) => {
+        match mail_then_rcpt(&mut hop, label, &mail, &rcpt).await {
+            Ok(answer) => {
                 if self.envelope.requiretls {
                     crate::tls_policy::engine::count(label, "requiretls", "relayed");
                 }
-                Ok(hop)
+                Ok((hop, answer))
             }
-            Answer::Refused(r) => {
+            Err(Answer::Refused(r)) => {
                 hop.quit().await;
                 Err(r.mirror([1, 0]))
             }
-            Answer::Protocol(reply) | Answer::Lost(reply) => {
+            Err(Answer::Protocol(reply) | Answer::Lost(reply)) => {
                 hop.abort();
                 Err(reply)
+            }
+            Err(Answer::Accepted(_)) => {
+                hop.abort();
+                Err(unreachable(label, "internal state error"))
             }
         }
     }

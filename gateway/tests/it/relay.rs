@@ -8,6 +8,7 @@ use crate::support::{
     inbound, message,
 };
 use serde_json::json;
+use std::time::Duration;
 
 const ALICE: &str = "alice@contoso.com";
 const BOB: &str = "bob@example.org";
@@ -368,4 +369,171 @@ fn internal_sender_reaches_partner_smart_host_and_mixed_routes_get_452_453() {
         .to("dana@fabrikam.example")
         .run();
     t.assert_refused("550 5.7.1", "outsider relaying to a partner domain");
+}
+
+/// A bare next hop for the pipelining tests, on `listener` until `stop`: answers EHLO with or
+/// without PIPELINING and, after each MAIL, waits up to 300 ms for more bytes before answering,
+/// recording whether the RCPT was already there (only a pipelining client sends it before
+/// MAIL's reply). The first MAIL it sees gets `first_mail_reply`, later ones 250; a RCPT after a
+/// refused MAIL gets 503. Returns every command with that flag (false but for MAIL).
+fn pipelining_probe_hop(
+    listener: std::net::TcpListener,
+    pipelining: bool,
+    first_mail_reply: &'static str,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<Vec<(String, bool)>> {
+    use std::io::{BufRead, BufReader, Write};
+    use std::sync::atomic::Ordering;
+    std::thread::spawn(move || {
+        listener.set_nonblocking(true).expect("nonblocking");
+        let mut seen = Vec::new();
+        let mut first_mail = true;
+        while !stop.load(Ordering::SeqCst) {
+            let sock = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+            };
+            sock.set_nonblocking(false).expect("blocking");
+            let mut out = sock.try_clone().expect("clone");
+            let mut r = BufReader::new(sock);
+            let mut mail_ok = false;
+            let _ = out.write_all(b"220 hop.test\r\n");
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if r.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+                let cmd = line.trim_end().to_ascii_uppercase();
+                let mut ahead = false;
+                let reply = if cmd.starts_with("EHLO") {
+                    let p = if pipelining { "250-PIPELINING\r\n" } else { "" };
+                    format!("250-hop.test\r\n{p}250 8BITMIME\r\n")
+                } else if cmd.starts_with("MAIL") {
+                    let sock = r.get_ref();
+                    let _ = sock.set_read_timeout(Some(Duration::from_millis(300)));
+                    ahead = !r.buffer().is_empty() || r.fill_buf().is_ok_and(|b| !b.is_empty());
+                    let _ = r.get_ref().set_read_timeout(None);
+                    let reply = if first_mail {
+                        first_mail_reply
+                    } else {
+                        "250 2.1.0 Ok"
+                    };
+                    first_mail = false;
+                    mail_ok = reply.starts_with('2');
+                    format!("{reply}\r\n")
+                } else if cmd.starts_with("RCPT") {
+                    let ok = if mail_ok {
+                        "250 2.1.5 Ok"
+                    } else {
+                        "503 5.5.1 MAIL first"
+                    };
+                    format!("{ok}\r\n")
+                } else if cmd == "DATA" {
+                    let _ = out.write_all(b"354 go\r\n");
+                    loop {
+                        line.clear();
+                        if r.read_line(&mut line).unwrap_or(0) == 0 || line == ".\r\n" {
+                            break;
+                        }
+                    }
+                    line = "DATA".into();
+                    "250 2.0.0 queued\r\n".to_string()
+                } else if cmd == "QUIT" {
+                    "221 bye\r\n".to_string()
+                } else {
+                    "250 2.0.0 Ok\r\n".to_string()
+                };
+                seen.push((line.trim_end().to_string(), ahead));
+                if out.write_all(reply.as_bytes()).is_err() || cmd == "QUIT" {
+                    break;
+                }
+            }
+        }
+        seen
+    })
+}
+
+/// RFC 2920 towards the next hop: the first recipient of a transaction goes out with its MAIL
+/// in one write when the next hop offers PIPELINING, after MAIL's reply when it does not; a MAIL
+/// the next hop refuses is answered as before (its reply to the pipelined RCPT is read, not
+/// passed on) and the session's next transaction goes through.
+#[test]
+fn first_recipient_goes_with_mail_only_when_the_next_hop_offers_pipelining() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    for (pipelining, first_mail) in [
+        (true, "250 2.1.0 Ok"),
+        (false, "250 2.1.0 Ok"),
+        (true, "550 5.7.1 sender refused here"),
+    ] {
+        let case = format!("pipelining {pipelining}, first MAIL {first_mail:?}");
+        let net = crate::support::Net::new();
+        let pki = crate::support::Pki::generate();
+        let listener = std::net::TcpListener::bind((net.ip(2), 0)).expect("bind hop");
+        let addr = listener.local_addr().expect("hop addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let hop = pipelining_probe_hop(listener, pipelining, first_mail, stop.clone());
+        let gw = crate::support::Gateway::start(
+            net.gateway_ip(),
+            &pki,
+            crate::support::GatewaySpec::new(addr, json!({"inbound": [], "outbound": []})),
+        );
+        let (mut c, _) = SmtpConn::connect(gw.smtp, Some(net.client(0)));
+        c.cmd("EHLO client.example.net");
+        let rcpts = ["bob@example.org", "carol@example.org"];
+        let first = c.send_mail("s1@example.net", &rcpts, &message(ALICE, BOB, "one", &[]));
+        if !first_mail.starts_with('2') {
+            // The refusal answers the recipient it came with; the next recipient tries again
+            // (a new connection, MAIL again), as without pipelining.
+            let r: Vec<String> = first
+                .replies_to("RCPT")
+                .iter()
+                .map(|r| r.summary())
+                .collect();
+            assert_eq!(
+                r,
+                ["550 5.7.1 sender refused here", "250 2.1.5 Ok"],
+                "{case}"
+            );
+        }
+        assert_eq!(first.data_end().map(|r| r.code), Some(250), "{case}");
+        c.send_mail("s2@example.net", &rcpts, &message(ALICE, BOB, "two", &[]))
+            .assert_delivered(&case);
+        c.quit();
+        drop(gw);
+        stop.store(true, Ordering::SeqCst);
+        let seen = hop.join().expect("hop thread");
+        let mails: Vec<(String, bool)> = seen
+            .iter()
+            .filter(|(c, _)| c.starts_with("MAIL"))
+            .cloned()
+            .collect();
+        assert!(mails.len() >= 2, "{case}: {seen:?}");
+        for (m, ahead) in &mails {
+            assert_eq!(
+                *ahead, pipelining,
+                "{case}: RCPT before MAIL's reply for {m}: {seen:?}"
+            );
+        }
+        // Every transaction's commands in order: MAIL, its RCPTs, DATA (when MAIL was accepted).
+        let cmds: Vec<String> = seen
+            .iter()
+            .map(|(c, _)| c.split(':').next().unwrap_or("").to_string())
+            .filter(|c| {
+                c != "EHLO hop.test" && !c.starts_with("EHLO") && c != "QUIT" && c != "RSET"
+            })
+            .collect();
+        let mut want = vec!["MAIL FROM", "RCPT TO", "RCPT TO", "DATA"];
+        if !first_mail.starts_with('2') {
+            // The refused MAIL and the pipelined RCPT it answered with 503.
+            want.splice(0..0, ["MAIL FROM", "RCPT TO"]);
+            want.remove(3);
+        }
+        want.extend(["MAIL FROM", "RCPT TO", "RCPT TO", "DATA"]);
+        assert_eq!(cmds, want, "{case}: {seen:?}");
+    }
 }
