@@ -109,9 +109,9 @@ async fn exchange(hop: &mut HopConnection, label: &str, cmd: &str, what: &str) -
 /// MAIL, then the first RCPT on the same connection: in one write when the next hop offers
 /// PIPELINING (RFC 2920; the client's RCPT is answered with the next hop's RCPT reply, so only
 /// MAIL can go ahead of it), one after the other otherwise. `Ok` is the RCPT's answer, MAIL
-/// having been accepted; `Err` is MAIL's answer when it was not. A pipelined RCPT's reply is
-/// then read and dropped (the next hop refuses it for want of MAIL), so the connection stays in
-/// step for the caller's QUIT.
+/// having been accepted; `Err` is MAIL's answer when it was not. Every caller closes a
+/// connection whose MAIL was not accepted, so a pipelined RCPT's reply is not waited for (a
+/// next hop that never answers it would hold the client's reply for the whole timeout).
 async fn mail_then_rcpt(
     hop: &mut HopConnection,
     label: &str,
@@ -131,11 +131,7 @@ async fn mail_then_rcpt(
     };
     match m {
         Answer::Accepted(_) => Ok(answer(hop.read_reply().await, label, "RCPT")),
-        Answer::Refused(_) => {
-            let _ = hop.read_reply().await;
-            Err(m)
-        }
-        Answer::Protocol(_) | Answer::Lost(_) => Err(m),
+        Answer::Refused(_) | Answer::Protocol(_) | Answer::Lost(_) => Err(m),
     }
 }
 
