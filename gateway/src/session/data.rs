@@ -520,7 +520,7 @@ mod tests {
 
     use super::super::{Session, SessionCtx};
     use crate::data::{Action, DataFilter};
-    use crate::live_config::{ConfigPaths, LiveConfig, load};
+    use crate::live_config::LiveConfig;
     use crate::metrics::Metrics;
 
     /// The client: every read returns (at most) the next chunk, so the chunks are the
@@ -617,27 +617,11 @@ mod tests {
     }
 
     fn config(dir: &std::path::Path, hop: std::net::SocketAddr) -> Arc<LiveConfig> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
-            .unwrap()
-            .self_signed(&key)
-            .unwrap();
-        std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
-        std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
-        let fleet = serde_json::json!({
-            "hostname": "gw.test",
-            "serverCertificate": {"certFile": "c.pem", "keyFile": "k.pem"},
-            "acceptedDomains": ["example.org"],
-            "upstream": {"host": hop.ip().to_string(), "port": hop.port(), "tls": "None"},
-        });
-        std::fs::write(dir.join("fleet.json"), fleet.to_string()).unwrap();
-        std::fs::write(dir.join("connectors.json"), "{}").unwrap();
-        Arc::new(
-            load(&ConfigPaths {
-                fleet: dir.join("fleet.json"),
-                connectors: dir.join("connectors.json"),
-            })
-            .unwrap(),
+        super::super::test_config::live_config(
+            dir,
+            serde_json::json!({
+                "upstream": {"host": hop.ip().to_string(), "port": hop.port(), "tls": "None"},
+            }),
         )
     }
 

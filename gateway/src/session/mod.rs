@@ -356,13 +356,16 @@ fn parse_error_reply(e: smtp_proto::Error) -> Reply {
     }
 }
 
+/// The loaded config the session's unit tests (here and in data.rs) run on.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::live_config::{ConfigPaths, load};
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+pub(super) mod test_config {
+    use std::sync::Arc;
 
-    fn live_config(dir: &std::path::Path) -> Arc<LiveConfig> {
+    use crate::live_config::{ConfigPaths, LiveConfig, load};
+
+    /// A config loaded from `dir`: a fresh self-signed certificate for gw.test, accepted domain
+    /// example.org, no connectors, and `fleet`'s top-level keys on top.
+    pub fn live_config(dir: &std::path::Path, fleet: serde_json::Value) -> Arc<LiveConfig> {
         let key = rcgen::KeyPair::generate().unwrap();
         let cert = rcgen::CertificateParams::new(vec!["gw.test".to_string()])
             .unwrap()
@@ -370,13 +373,15 @@ mod tests {
             .unwrap();
         std::fs::write(dir.join("c.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("k.pem"), key.serialize_pem()).unwrap();
-        std::fs::write(
-            dir.join("fleet.json"),
-            r#"{"hostname":"gw.test","serverCertificate":{"certFile":"c.pem","keyFile":"k.pem"},
-                "acceptedDomains":["example.org"],"limits":{"maxErrors":4,"maxMessageSize":1000},
-                "upstream":{"host":"127.0.0.1","port":1,"tls":"None"}}"#,
-        )
-        .unwrap();
+        let mut base = serde_json::json!({
+            "hostname": "gw.test",
+            "serverCertificate": {"certFile": "c.pem", "keyFile": "k.pem"},
+            "acceptedDomains": ["example.org"],
+        });
+        if let (Some(b), serde_json::Value::Object(extra)) = (base.as_object_mut(), fleet) {
+            b.extend(extra);
+        }
+        std::fs::write(dir.join("fleet.json"), base.to_string()).unwrap();
         std::fs::write(dir.join("connectors.json"), "{}").unwrap();
         Arc::new(
             load(&ConfigPaths {
@@ -384,6 +389,22 @@ mod tests {
                 connectors: dir.join("connectors.json"),
             })
             .unwrap(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn live_config(dir: &std::path::Path) -> Arc<LiveConfig> {
+        test_config::live_config(
+            dir,
+            serde_json::json!({
+                "limits": {"maxErrors": 4, "maxMessageSize": 1000},
+                "upstream": {"host": "127.0.0.1", "port": 1, "tls": "None"},
+            }),
         )
     }
 

@@ -48,91 +48,130 @@ fn zone(ip_mx: std::net::Ipv4Addr, ip_https: std::net::Ipv4Addr, cache_id: u32) 
     vec![Zone::unsigned("sts.test", &refs)]
 }
 
-#[test]
-fn mta_sts_enforce_testing_cache_and_modes() {
-    let net = Net::new();
-    let pki = Pki::generate();
-    let partner = PartnerPki::generate();
-    let org = Sink::start(net.sink_ip());
-    let (ip_mx, ip_https) = (net.ip(30), net.ip(40));
-    let mut dns = DnsServer::start(net.ip(53), zone(ip_mx, ip_https, 1));
+/// The world of the sts.test tests: Knot serving `zone`, one partner Postfix MX for every
+/// sts.test domain (its certificate names every MX host but mx.badcert.sts.test), the policy
+/// server with a policy for each domain of [`DOMAINS`] but `open` (plus a redirect and an
+/// over-long one), and a gateway with the Opportunistic connector `partners/sts` (those
+/// domains) and the Mandatory `partners/sts-mandatory` (nopolicy, redirect, huge).
+struct Sts {
+    net: Net,
+    pki: Pki,
+    partner: PartnerPki,
+    org: Sink,
+    ip_mx: std::net::Ipv4Addr,
+    ip_https: std::net::Ipv4Addr,
+    dns: DnsServer,
+    mx: crate::support::Postfix,
+    web: PolicyServer,
+    all: Vec<String>,
+}
 
-    // The MX's certificate names every MX host but mx.badcert.sts.test.
-    let mx_cert = partner.server(
-        "mx",
-        &[
-            "mx.enf.sts.test",
-            "mx.notlisted.sts.test",
-            "mx.testing.sts.test",
-            "mx.cache.sts.test",
-            "mx.open.sts.test",
-            "mx.nopolicy.sts.test",
-        ],
-    );
-    let all: Vec<String> = DOMAINS
-        .iter()
-        .chain(["nopolicy"].iter())
-        .map(|d| format!("{d}.sts.test"))
-        .collect();
-    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let mx = partner_mx(ip_mx, "mx.enf.sts.test", &all_refs, mx_cert);
-
-    let https_names: Vec<String> = DOMAINS
-        .iter()
-        .chain(["redirect", "huge"].iter())
-        .map(|d| format!("mta-sts.{d}.sts.test"))
-        .collect();
-    let https_refs: Vec<&str> = https_names.iter().map(String::as_str).collect();
-    let web = PolicyServer::start(ip_https, &partner.server("mta-sts", &https_refs));
-    web.set_policy("enf.sts.test", &policy("enforce", &["mx.enf.sts.test"]));
-    web.set_policy(
-        "notlisted.sts.test",
-        &policy("enforce", &["mx9.notlisted.sts.test"]),
-    );
-    web.set_policy(
-        "badcert.sts.test",
-        &policy("enforce", &["*.badcert.sts.test"]),
-    );
-    web.set_policy(
-        "testing.sts.test",
-        &policy("testing", &["other.testing.sts.test"]),
-    );
-    web.set_policy("cache.sts.test", &policy("enforce", &["mx.cache.sts.test"]));
-    // http.server answers a directory requested without a trailing slash with a 301.
-    std::fs::create_dir_all(
-        web.root
-            .path()
-            .join("mta-sts.redirect.sts.test/.well-known/mta-sts.txt"),
-    )
-    .expect("mkdir");
-    let mut huge = policy("enforce", &["mx.enf.sts.test"]);
-    while huge.len() <= 64 * 1024 {
-        huge.push_str(
-            "x-padding: an extension key, ignored but counted against the size limit\r\n",
+impl Sts {
+    fn start() -> Sts {
+        let net = Net::new();
+        let pki = Pki::generate();
+        let partner = PartnerPki::generate();
+        let org = Sink::start(net.sink_ip());
+        let (ip_mx, ip_https) = (net.ip(30), net.ip(40));
+        let dns = DnsServer::start(net.ip(53), zone(ip_mx, ip_https, 1));
+        let mx_cert = partner.server(
+            "mx",
+            &[
+                "mx.enf.sts.test",
+                "mx.notlisted.sts.test",
+                "mx.testing.sts.test",
+                "mx.cache.sts.test",
+                "mx.open.sts.test",
+                "mx.nopolicy.sts.test",
+            ],
         );
-    }
-    web.set_policy("huge.sts.test", &huge);
+        let all: Vec<String> = DOMAINS
+            .iter()
+            .chain(["nopolicy"].iter())
+            .map(|d| format!("{d}.sts.test"))
+            .collect();
+        let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mx = partner_mx(ip_mx, "mx.enf.sts.test", &all_refs, mx_cert);
 
-    let connectors = |generation: u32| {
+        let https_names: Vec<String> = DOMAINS
+            .iter()
+            .chain(["redirect", "huge"].iter())
+            .map(|d| format!("mta-sts.{d}.sts.test"))
+            .collect();
+        let https_refs: Vec<&str> = https_names.iter().map(String::as_str).collect();
+        let web = PolicyServer::start(ip_https, &partner.server("mta-sts", &https_refs));
+        web.set_policy("enf.sts.test", &policy("enforce", &["mx.enf.sts.test"]));
+        web.set_policy(
+            "notlisted.sts.test",
+            &policy("enforce", &["mx9.notlisted.sts.test"]),
+        );
+        web.set_policy(
+            "badcert.sts.test",
+            &policy("enforce", &["*.badcert.sts.test"]),
+        );
+        web.set_policy(
+            "testing.sts.test",
+            &policy("testing", &["other.testing.sts.test"]),
+        );
+        web.set_policy("cache.sts.test", &policy("enforce", &["mx.cache.sts.test"]));
+        // http.server answers a directory requested without a trailing slash with a 301.
+        std::fs::create_dir_all(
+            web.root
+                .path()
+                .join("mta-sts.redirect.sts.test/.well-known/mta-sts.txt"),
+        )
+        .expect("mkdir");
+        let mut huge = policy("enforce", &["mx.enf.sts.test"]);
+        while huge.len() <= 64 * 1024 {
+            huge.push_str(
+                "x-padding: an extension key, ignored but counted against the size limit\r\n",
+            );
+        }
+        web.set_policy("huge.sts.test", &huge);
+        Sts {
+            net,
+            pki,
+            partner,
+            org,
+            ip_mx,
+            ip_https,
+            dns,
+            mx,
+            web,
+            all,
+        }
+    }
+
+    fn connectors(&self, generation: u32) -> serde_json::Value {
         json!({"inbound": [], "outbound": [
             {"name": "partners/sts", "generation": generation,
-             "domains": all[..DOMAINS.len()],
+             "domains": self.all[..DOMAINS.len()],
              "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Opportunistic"},
             {"name": "partners/sts-mandatory", "generation": generation,
              "domains": ["nopolicy.sts.test", "redirect.sts.test", "huge.sts.test"],
              "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Mandatory"},
         ]})
-    };
-    let mut gw = Gateway::start(
-        net.gateway_ip(),
-        &pki,
-        GatewaySpec::new(org.addr, connectors(1)).fleet(fleet(
-            &net.cidr(),
-            &dns,
-            pki.ca.parent().expect("pki dir"),
-            Some(&partner.ca),
-        )),
-    );
+    }
+
+    fn gateway(&self) -> Gateway {
+        Gateway::start(
+            self.net.gateway_ip(),
+            &self.pki,
+            GatewaySpec::new(self.org.addr, self.connectors(1)).fleet(fleet(
+                &self.net.cidr(),
+                &self.dns,
+                self.pki.ca.parent().expect("pki dir"),
+                Some(&self.partner.ca),
+            )),
+        )
+    }
+}
+
+#[test]
+fn mta_sts_enforce_testing_cache_and_modes() {
+    let mut w = Sts::start();
+    let mut gw = w.gateway();
+    let (net, mx, web, org) = (w.net, &w.mx, &w.web, &w.org);
     let c =
         |gw: &Gateway, policy: &str, result: &str| policy_count(gw, "partners/sts", policy, result);
 
@@ -191,7 +230,7 @@ fn mta_sts_enforce_testing_cache_and_modes() {
         let text = t.first_failure().map(|r| r.text()).unwrap_or_default();
         assert!(text.contains(why), "{text}");
         assert!(
-            !received_from(&mx, from),
+            !received_from(mx, from),
             "nothing from {from} reached the MX"
         );
     }
@@ -222,8 +261,8 @@ fn mta_sts_enforce_testing_cache_and_modes() {
     // The TXT answer itself is in the DNS resolver's cache for its TTL; a config reload
     // builds a new resolver (and keeps the process-wide policy cache, as the enf.sts.test
     // count below shows).
-    dns.replace_zones(zone(ip_mx, ip_https, 2));
-    gw.rewrite_connectors(&connectors(2));
+    w.dns.replace_zones(zone(w.ip_mx, w.ip_https, 2));
+    gw.rewrite_connectors(&w.connectors(2));
     gw.wait_config_hash(&gw.expected_hash());
     send(&gw, &net, "enf2@example.org", "a@enf.sts.test").assert_delivered("cached after reload");
     mx.wait_received("enf2@example.org");
@@ -238,7 +277,7 @@ fn mta_sts_enforce_testing_cache_and_modes() {
         "cache3@example.org",
     ] {
         assert!(
-            !received_from(&mx, from),
+            !received_from(mx, from),
             "nothing from {from} reached the MX"
         );
     }
@@ -415,76 +454,9 @@ fn mta_sts_hosted_mx_and_testing_failures() {
 /// message for exactly the recipients the gateway acknowledged.
 #[test]
 fn recipients_of_one_transaction_under_different_policies() {
-    let net = Net::new();
-    let pki = Pki::generate();
-    let partner = PartnerPki::generate();
-    let org = Sink::start(net.sink_ip());
-    let (ip_mx, ip_https) = (net.ip(30), net.ip(40));
-    let dns = DnsServer::start(net.ip(53), zone(ip_mx, ip_https, 1));
-    // Every MX host but mx.badcert.sts.test is named by the certificate.
-    let mx_cert = partner.server(
-        "mx",
-        &[
-            "mx.enf.sts.test",
-            "mx.notlisted.sts.test",
-            "mx.testing.sts.test",
-            "mx.nopolicy.sts.test",
-        ],
-    );
-    let all: Vec<String> = DOMAINS
-        .iter()
-        .chain(["nopolicy"].iter())
-        .map(|d| format!("{d}.sts.test"))
-        .collect();
-    let all_refs: Vec<&str> = all.iter().map(String::as_str).collect();
-    let mx = partner_mx(ip_mx, "mx.enf.sts.test", &all_refs, mx_cert);
-    let web = PolicyServer::start(
-        ip_https,
-        &partner.server(
-            "mta-sts",
-            &[
-                "mta-sts.enf.sts.test",
-                "mta-sts.notlisted.sts.test",
-                "mta-sts.badcert.sts.test",
-                "mta-sts.testing.sts.test",
-            ],
-        ),
-    );
-    web.set_policy("enf.sts.test", &policy("enforce", &["mx.enf.sts.test"]));
-    web.set_policy(
-        "notlisted.sts.test",
-        &policy("enforce", &["mx9.notlisted.sts.test"]),
-    );
-    web.set_policy(
-        "badcert.sts.test",
-        &policy("enforce", &["*.badcert.sts.test"]),
-    );
-    web.set_policy(
-        "testing.sts.test",
-        &policy("testing", &["other.testing.sts.test"]),
-    );
-    let gw = Gateway::start(
-        net.gateway_ip(),
-        &pki,
-        GatewaySpec::new(
-            org.addr,
-            json!({"inbound": [], "outbound": [
-                {"name": "partners/sts", "generation": 1,
-                 "domains": all[..DOMAINS.len()],
-                 "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Opportunistic"},
-                {"name": "partners/sts-mandatory", "generation": 1,
-                 "domains": ["nopolicy.sts.test"],
-                 "useMX": true, "tls": "EncryptionOnly", "mtaSts": "Mandatory"},
-            ]}),
-        )
-        .fleet(fleet(
-            &net.cidr(),
-            &dns,
-            pki.ca.parent().expect("pki dir"),
-            Some(&partner.ca),
-        )),
-    );
-
+    let w = Sts::start();
+    let gw = w.gateway();
+    let (net, mx, org) = (w.net, &w.mx, &w.org);
     let (mut c, _) = crate::support::SmtpConn::connect(gw.smtp, Some(net.client(0)));
     c.cmd("EHLO relay.example.org");
     let rcpt_replies = |t: &crate::support::Transcript| -> Vec<String> {

@@ -84,8 +84,8 @@ impl Plan {
 
 /// Whether a condition transition gives an Event, and of which type; `before` is the
 /// condition's (status, reason) before it, `None` when the status did not have it yet, and
-/// `same_generation` says the old status was computed from the generation this one is and no
-/// condition other than Programmed and Ready is failing.
+/// `pending_is_regression` says the old status was computed from the generation this one is
+/// and no condition other than Programmed and Ready is failing.
 ///
 /// A failure is always a Warning. The normal path of a connector (conditions appearing True,
 /// Programmed=False/Pending while the gateways load it) is one Normal `Ready` Event when it
@@ -97,11 +97,11 @@ impl Plan {
 fn event_type(
     t: &conditions::Transition,
     before: Option<(&str, &str)>,
-    same_generation: bool,
+    pending_is_regression: bool,
 ) -> Option<EventType> {
     if t.reason == reason::PENDING {
         let was_true = before.is_some_and(|(status, _)| status == "True");
-        return (was_true && same_generation).then_some(EventType::Warning);
+        return (was_true && pending_is_regression).then_some(EventType::Warning);
     }
     if t.status != "True" {
         return Some(EventType::Warning);
@@ -159,22 +159,20 @@ pub fn plan(
                 ),
             });
         }
+        // Pending is a regression of its own only at a generation that was already computed
+        // and when nothing else failed: a connector left out of the config for a failing
+        // condition has that condition's Warning.
+        let pending_is_regression = old.is_some_and(|o| {
+            o.observed_generation.is_some() && o.observed_generation == status.observed_generation
+        }) && status.conditions.iter().all(|c| {
+            c.status == "True" || c.type_ == condition::PROGRAMMED || c.type_ == condition::READY
+        });
         for t in conditions::transitions(old, &status) {
             let before = old.and_then(|s| s.conditions.iter().find(|c| c.type_ == t.type_));
-            // Pending is a regression of its own only when nothing else failed: a connector
-            // left out of the config for a failing condition has that condition's Warning.
-            let same_generation = old.is_some_and(|o| {
-                o.observed_generation.is_some()
-                    && o.observed_generation == status.observed_generation
-            }) && status.conditions.iter().all(|c| {
-                c.status == "True"
-                    || c.type_ == condition::PROGRAMMED
-                    || c.type_ == condition::READY
-            });
             let Some(type_) = event_type(
                 &t,
                 before.map(|c| (c.status.as_str(), c.reason.as_str())),
-                same_generation,
+                pending_is_regression,
             ) else {
                 continue;
             };
